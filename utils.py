@@ -1,0 +1,455 @@
+"""Config loading and validation, user-facing errors, atomic file writes, logging.
+
+One schema (SCHEMA below) describes every section and key of config.txt: its
+type, its allowed range or choices, and its default (keys without a default are
+required). `load_config` validates the whole file up front, so a typo stops a
+script in its first second with one sentence, not an hour into training.
+
+Paths in the config are resolved relative to the config file's folder, so no
+script depends on the current directory.
+"""
+import configparser
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+REQUIRED = object()
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence, never a traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+# ----------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------
+
+class Key:
+    """One config key: kind is str, path, int, float, bool, choice, ints, floats or stats."""
+
+    def __init__(self, kind, default=REQUIRED, lo=None, hi=None, choices=None, help=""):
+        self.kind, self.default, self.lo, self.hi = kind, default, lo, hi
+        self.choices, self.help = choices, help
+
+
+SCHEMA = {
+    "preprocess": {
+        "ImageNet_folder": Key("path", help="dataset root (train/ and val/ folders, or train.txt/val.txt lists)"),
+        "path_to_save": Key("path", help="where preprocess.py writes the per-scale resize cache <path_to_save>/<S>/"),
+        "num_workers": Key("int", 0, lo=0, help="worker processes for offline scripts; 0 = one per CPU core"),
+    },
+    "preprocess_val": {
+        "ImageNet_folder": Key("path", help="dataset root holding the validation split"),
+        "path_to_save": Key("path", help="where preprocess_val.py writes the uint8 validation views"),
+        "N": Key("int", lo=0, help="expected number of validation images (50000 for ImageNet); 0 = accept what is found"),
+        "views_50": Key("bool", False, help="also store the original code's 5-scale set for --views 50"),
+    },
+    "get_mu_sigma": {
+        "path_to_save": Key("path", help="folder where get_mu_sigma.py writes mu_sigma.json"),
+        "max_images": Key("int", 0, lo=0, help="use a random subset of this many training images; 0 = all"),
+    },
+    "train": {
+        "buffer_folder": Key("path", help="folder of ready batch files shared by producer and trainer (RAM disk or SSD)"),
+        "path_for_saving": Key("path", help="run folders are created here: <path_for_saving>/<run>/<epoch>/"),
+        "N": Key("int", lo=0, help="number of training images (1281167 for ImageNet); 0 = accept what is found"),
+        "sgd_momentum": Key("float", lo=0.0, hi=1.0),
+        "buffer_size": Key("int", lo=1, help="maximum number of batches kept ready in the buffer"),
+        "sleep_time": Key("float", lo=0.0, help="seconds the trainer sleeps between checks for a missing batch"),
+        "wait_timeout": Key("float", 900.0, lo=0.0, help="seconds without a producer heartbeat before the trainer gives up"),
+        "seed": Key("int", 0, lo=0, help="seeds the data order, augmentation and initialisation"),
+        "deterministic": Key("bool", False, help="TF op determinism (slower); batches are deterministic regardless"),
+    },
+    "batch_renorm": {
+        "moving_avgs_momentum": Key("float", lo=0.0, hi=1.0),
+        "rmax_max": Key("float", lo=1.0),
+        "dmax_max": Key("float", lo=0.0),
+        "start_relaxing_rmax": Key("int", lo=0),
+        "reach_rmax_max": Key("int", lo=0),
+        "start_relaxing_dmax": Key("int", lo=0),
+        "reach_dmax_max": Key("int", lo=0),
+        "epsilon": Key("float", 1e-3, lo=0.0),
+        "sync_replicas": Key("bool", False, help="synchronise batch statistics across replicas"),
+    },
+    "runtime_preprocessing": {
+        "sleep_time": Key("float", lo=0.0, help="seconds the producer sleeps when the buffer needs no refill"),
+        "num_of_threads": Key("int", lo=1, help="worker processes building batches in parallel"),
+        "refill_threshold": Key("float", 0.8, lo=0.0, hi=1.0,
+                                help="refill when fewer than this fraction of buffer_size batches are ready ahead"),
+    },
+    "utils": {
+        **{f"mu_{c}": Key("stats", help="channel mean of pixels in [0,1]; 'auto' = read get_mu_sigma.py's output")
+           for c in range(3)},
+        **{f"sigma_{c}": Key("stats", help="channel std of pixels in [0,1]; 'auto' = read get_mu_sigma.py's output")
+           for c in range(3)},
+    },
+    "l2": {
+        "l2_penalty": Key("float", lo=0.0, help="weight decay coefficient: loss += l2_penalty/2 * sum(w^2) over kernels"),
+    },
+    "images": {
+        "crop_size": Key("int", 224, lo=8, help="training and evaluation crop side"),
+        "scale_min": Key("int", 256, lo=8, help="smallest shorter side of the scale augmentation"),
+        "scale_max": Key("int", 480, lo=8, help="largest shorter side of the scale augmentation"),
+        "scale_step": Key("int", 7, lo=1, help="scales are scale_min, scale_min+step, ..., scale_max"),
+        "eval_resize": Key("int", 256, lo=8, help="shorter side for the 10-crop and centre-crop evaluation"),
+        "eval_scales_50": Key("ints", (224, 256, 384, 480, 640), help="shorter sides of the 50-view protocol"),
+        "pca_std": Key("float", 0.1, lo=0.0, help="std of the AlexNet-style PCA lighting coefficients; 0 = off"),
+    },
+    "model": {
+        "arch": Key("choice", "resnet50", choices=("resnet50",)),
+        "num_classes": Key("int", 0, lo=0, help="0 = number of classes found in the dataset"),
+        "width_multiplier": Key("float", 1.0, lo=0.01),
+        "variant": Key("choice", "standard", choices=("standard", "original"),
+                       help="standard He et al. ResNet-50, or the original author's (ELU, parameter-free shortcuts, conv biases)"),
+        "stride_on": Key("choice", "3x3", choices=("3x3", "1x1"), help="3x3 = ResNet v1.5, 1x1 = v1"),
+        "zero_init_last_gamma": Key("bool", False),
+    },
+}
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _kind_text(key):
+    if key.kind == "choice":
+        return "one of " + ", ".join(key.choices)
+    if key.kind == "stats":
+        return "a number or 'auto'"
+    text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
+            "path": "a path", "ints": "a comma-separated list of integers",
+            "floats": "a comma-separated list of numbers"}[key.kind]
+    if key.lo is not None and key.hi is not None:
+        text += f" in [{key.lo}, {key.hi}]"
+    elif key.lo is not None:
+        text += f" >= {key.lo}"
+    elif key.hi is not None:
+        text += f" <= {key.hi}"
+    return text
+
+
+def _parse(key, raw, base_dir):
+    raw = raw.strip()
+    kind = key.kind
+    if kind == "path":
+        if not raw:
+            raise ValueError
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(raw)))
+    if kind == "str":
+        return raw
+    if kind == "choice":
+        if raw not in key.choices:
+            raise ValueError
+        return raw
+    if kind == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError
+    if kind == "stats":
+        return "auto" if raw.lower() == "auto" else float(raw)
+    if kind in ("ints", "floats"):
+        cast = int if kind == "ints" else float
+        values = tuple(cast(v) for v in raw.replace(" ", "").split(",") if v)
+        for v in values:
+            _check_range(key, v)
+        return values
+    value = int(raw) if kind == "int" else float(raw)
+    if value != value:  # NaN
+        raise ValueError
+    _check_range(key, value)
+    return value
+
+
+def _check_range(key, value):
+    if (key.lo is not None and value < key.lo) or (key.hi is not None and value > key.hi):
+        raise ValueError
+
+
+class Config(types.SimpleNamespace):
+    """Sections as attributes: cfg.train.buffer_folder. `path` is the config file."""
+
+    def as_dict(self):
+        return {name: dict(vars(section)) for name, section in vars(self).items() if name != "path"}
+
+    def resolved_text(self):
+        """INI text of every resolved value (defaults filled in, paths absolute)."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        for name, values in self.as_dict().items():
+            parser[name] = {k: _format(v) for k, v in values.items()}
+        import io
+        out = io.StringIO()
+        out.write(f"# resolved from {self.path}\n")
+        parser.write(out)
+        return out.getvalue()
+
+
+def _format(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def load_config(path, schema=None):
+    """Read and validate an INI config; raise ConfigError naming section, key, expected and received."""
+    schema = SCHEMA if schema is None else schema
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path} does not exist; pass --config PATH or copy config.txt.")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # keys are case-sensitive: ImageNet_folder, N
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as e:
+        first_line = str(e).splitlines()[0]
+        raise ConfigError(f"Config file {path} is not valid INI ({first_line}); fix its syntax.") from None
+    base_dir = os.path.dirname(path)
+    for section in parser.sections():
+        if section not in schema:
+            raise ConfigError(f"{path}: unknown section [{section}]; expected one of "
+                              f"{', '.join('[' + s + ']' for s in schema)}.")
+        for name in parser[section]:
+            if name not in schema[section]:
+                raise ConfigError(f"{path}: unknown key '{name}' in [{section}]; expected one of "
+                                  f"{', '.join(schema[section])}.")
+    sections = {}
+    for section, keys in schema.items():
+        values = {}
+        for name, key in keys.items():
+            if parser.has_option(section, name):
+                raw = parser[section][name]
+                try:
+                    values[name] = _parse(key, raw, base_dir)
+                except ValueError:
+                    raise ConfigError(f"{path}: [{section}] {name} must be {_kind_text(key)}, "
+                                      f"received '{raw.strip()}'.") from None
+            elif key.default is REQUIRED:
+                raise ConfigError(f"{path}: missing key '{name}' in [{section}]; add it ({_kind_text(key)}).")
+            else:
+                values[name] = key.default
+        sections[section] = types.SimpleNamespace(**values)
+    cfg = Config(path=path, **sections)
+    _check_cross_keys(cfg)
+    return cfg
+
+
+def _check_cross_keys(cfg):
+    im = cfg.images
+    if im.scale_min > im.scale_max:
+        raise ConfigError(f"{cfg.path}: [images] scale_min ({im.scale_min}) must not exceed scale_max ({im.scale_max}).")
+    if im.crop_size > im.scale_min:
+        raise ConfigError(f"{cfg.path}: [images] crop_size ({im.crop_size}) must not exceed scale_min "
+                          f"({im.scale_min}), or the random crop would not fit.")
+    if im.crop_size > im.eval_resize:
+        raise ConfigError(f"{cfg.path}: [images] crop_size ({im.crop_size}) must not exceed eval_resize ({im.eval_resize}).")
+    br = cfg.batch_renorm
+    for what in ("rmax", "dmax"):
+        start, reach = getattr(br, f"start_relaxing_{what}"), getattr(br, f"reach_{what}_max")
+        if reach < start:
+            raise ConfigError(f"{cfg.path}: [batch_renorm] reach_{what}_max ({reach}) must be >= "
+                              f"start_relaxing_{what} ({start}).")
+
+
+def scales(cfg):
+    """The shorter sides of the scale augmentation: 256, 263, ..., 480 by default."""
+    im = cfg.images
+    return list(range(im.scale_min, im.scale_max + 1, im.scale_step))
+
+
+MU_SIGMA_FILE = "mu_sigma.json"
+
+
+def mu_sigma(cfg):
+    """(mu, sigma) as two 3-tuples of floats, resolving 'auto' from get_mu_sigma.py's output."""
+    raw = [getattr(cfg.utils, f"mu_{c}") for c in range(3)] + [getattr(cfg.utils, f"sigma_{c}") for c in range(3)]
+    if any(v == "auto" for v in raw):
+        stats_path = os.path.join(cfg.get_mu_sigma.path_to_save, MU_SIGMA_FILE)
+        try:
+            with open(stats_path) as f:
+                stats = json.load(f)
+            computed = list(stats["mu"]) + list(stats["sigma"])
+        except FileNotFoundError:
+            raise ConfigError(f"[utils] asks for mu/sigma 'auto' but {stats_path} does not exist; "
+                              f"run get_mu_sigma.py first or write the numbers into the config.") from None
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{stats_path} is not a valid mu/sigma file; delete it and rerun get_mu_sigma.py.") from None
+        raw = [c if v == "auto" else v for v, c in zip(raw, computed)]
+    mu, sigma = tuple(float(v) for v in raw[:3]), tuple(float(v) for v in raw[3:])
+    if min(sigma) <= 0:
+        raise ConfigError(f"[utils] sigma must be positive, received {sigma}.")
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes: a file or folder appears under its final name only when complete
+# ----------------------------------------------------------------------------
+
+TMP_PREFIX = ".tmp-"
+
+
+def _tmp_name(path):
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(3).hex()}")
+
+
+def is_temp_name(name):
+    return os.path.basename(name).startswith(TMP_PREFIX)
+
+
+def disk_full_error(path, bytes_needed=None):
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    need = f" needs about {_human(bytes_needed)}" if bytes_needed else ""
+    has = f", {_human(free)} free" if free is not None else ""
+    return UserError(f"Disk full writing {os.path.basename(path)} in {folder} (write{need}{has}); "
+                     f"free space there or point the config at a larger disk, then rerun to resume.")
+
+
+def _human(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+
+
+@contextlib.contextmanager
+def atomic_path(path, bytes_needed=None):
+    """Yield a temporary path in the same folder; on success rename it to `path`.
+
+    On any failure the temporary file is removed, so a reader never sees a
+    partial `path`. ENOSPC becomes a UserError naming the folder.
+    """
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise disk_full_error(path, bytes_needed) from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    with contextlib.suppress(OSError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path, len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path, array):
+    import numpy as np
+    with atomic_path(path, array.nbytes + 128) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder; on success it is renamed to `path` (which must not exist)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(path)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise disk_full_error(path) from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def remove_stale_temps(folder):
+    """Delete temp files/folders left by killed writers. Only call when no writer is active."""
+    if not os.path.isdir(folder):
+        return 0
+    removed = 0
+    for name in os.listdir(folder):
+        if is_temp_name(name):
+            _remove(os.path.join(folder, name))
+            removed += 1
+    return removed
+
+
+# ----------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------
+
+def git_hash():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def setup_logging(log_file=None, level=logging.INFO):
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+
+
+def run_main(main):
+    """Run a script's main(); print a UserError as one sentence and exit 2, Ctrl-C as exit 130."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was kept. Rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)
+
+
+def add_config_arg(parser):
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.txt"),
+                        help="INI config file (default: config.txt next to the scripts)")
+
+
+def quiet_tensorflow():
+    """Silence TF's C++ start-up chatter; call before importing tensorflow."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
