@@ -1,0 +1,253 @@
+"""The dataset index: which files form a split, in which order, with which labels.
+
+Accepted layouts under the dataset root (checked in this order, per split):
+  lists:   <split>.txt with lines 'relpath label' (paths relative to the root, labels
+           0..K-1); classes from synsets.txt (one wnid per line) when present.
+  folders: train/<wnid>/*.JPEG, and val/<wnid>/*.JPEG.
+  kaggle:  train/<wnid>/*.JPEG, and a flat val/ with LOC_val_solution.csv
+           (ImageId,PredictionString; the first token is the wnid). The Kaggle
+           download root (ILSVRC/Data/CLS-LOC/{train,val} beside the CSV) works too.
+Classes are the sorted folder names of train/ (the lists layout: synsets.txt, or
+label numbers). Files are taken by extension (.jpeg/.jpg/.png, any case) and
+decoded later by content; unreadable ones are skipped by the scripts, not here,
+so indexing 1.28M files costs only directory listings.
+
+Order: folders by (class, file name); flat val by file name; lists in file order.
+"""
+import csv
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from data.images import IMAGE_EXTENSIONS
+from utils import UserError
+
+SPLITS = ("train", "val")
+KAGGLE_CSV = "LOC_val_solution.csv"
+KAGGLE_SUBDIR = os.path.join("ILSVRC", "Data", "CLS-LOC")
+EXPECTED_LAYOUTS = ("expected one of: train/<wnid>/*.JPEG with val/<wnid>/*.JPEG; train/<wnid>/ with a flat "
+                    f"val/ plus {KAGGLE_CSV}; or list files train.txt/val.txt ('relpath label' per line)")
+COUNT_KEY = {"train": "[train] N", "val": "[preprocess_val] N"}
+
+
+@dataclasses.dataclass
+class DatasetIndex:
+    paths: list          # absolute paths, index order
+    labels: np.ndarray   # int64, one per path
+    classes: list        # class names (wnids), label k is classes[k]
+    layout: str          # 'folders', 'kaggle' or 'lists'
+    root: str = ""
+    split: str = ""
+
+    def __len__(self):
+        return len(self.paths)
+
+    def relpaths(self):
+        return [os.path.relpath(p, self.root) for p in self.paths]
+
+    def fingerprint(self):
+        """Hash of classes, relative paths and labels: names this exact dataset split, wherever it lives."""
+        h = hashlib.sha256()
+        h.update(("\n".join(self.classes) + "\x00").encode())
+        for rel, label in zip(self.relpaths(), self.labels.tolist()):
+            h.update(f"{rel}\t{label}\n".encode())
+        return h.hexdigest()[:32]
+
+
+def load_index(root, split, expected_count=0):
+    """Index one split of the dataset at `root`; raise UserError for any unrecognised layout."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val', received {split!r}")
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise UserError(f"Dataset folder {root} does not exist; set ImageNet_folder in the config.")
+    if os.path.isfile(os.path.join(root, f"{split}.txt")):
+        index = _from_list(root, split)
+    else:
+        data_root = _data_root(root)
+        classes = _train_classes(root, data_root)
+        if split == "train":
+            index = _from_class_folders(root, os.path.join(data_root, "train"), classes, classes, "folders")
+        else:
+            index = _val_from_folders(root, data_root, classes)
+    index.root, index.split = root, split
+    if len(index) == 0:
+        raise UserError(f"No images found for the {split} split in {root}; {EXPECTED_LAYOUTS}.")
+    if expected_count and len(index) != expected_count:
+        raise UserError(f"Found {len(index)} {split} images in {root} but the config expects {expected_count}; "
+                        f"fix the dataset or set {COUNT_KEY[split]} = {len(index)} (0 accepts any count).")
+    return index
+
+
+# ----------------------------------------------------------------------------
+# Folder layouts
+# ----------------------------------------------------------------------------
+
+def _data_root(root):
+    """The folder holding train/ and val/: the root itself, or the Kaggle download's ILSVRC/Data/CLS-LOC."""
+    if not os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, KAGGLE_SUBDIR, "train")):
+        return os.path.join(root, KAGGLE_SUBDIR)
+    return root
+
+
+def _is_image(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(folder):
+    """(sorted subfolder names, sorted image file names) of one folder."""
+    dirs, images = [], []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif _is_image(entry.name):
+                images.append(entry.name)
+    return sorted(dirs), sorted(images)
+
+
+def _train_classes(root, data_root):
+    train = os.path.join(data_root, "train")
+    if not os.path.isdir(train):
+        raise UserError(f"{root} has no train/ folder and no train.txt; {EXPECTED_LAYOUTS}.")
+    dirs, images = _scan(train)
+    if images:
+        raise UserError(f"{train} holds images directly ({images[0]}, ...); training images must sit in one "
+                        f"folder per class, train/<wnid>/; {EXPECTED_LAYOUTS}.")
+    if not dirs:
+        raise UserError(f"{train} has no class folders; {EXPECTED_LAYOUTS}.")
+    return dirs
+
+
+def _from_class_folders(root, folder, folder_names, classes, layout):
+    label_of = {c: k for k, c in enumerate(classes)}
+    paths, labels = [], []
+    for name in folder_names:
+        if name not in label_of:
+            raise UserError(f"{os.path.join(folder, name)} is a class that train/ does not have; "
+                            f"val class folders must match the train class folders.")
+        sub = os.path.join(folder, name)
+        dirs, images = _scan(sub)
+        if not images:
+            raise UserError(f"Class folder {sub} holds no images (.JPEG/.jpg/.png); remove it or restore its files.")
+        paths.extend(os.path.join(sub, f) for f in images)
+        labels.extend([label_of[name]] * len(images))
+    return DatasetIndex(paths, np.asarray(labels, np.int64), list(classes), layout)
+
+
+def _val_from_folders(root, data_root, classes):
+    val = os.path.join(data_root, "val")
+    if not os.path.isdir(val):
+        raise UserError(f"{root} has no val/ folder and no val.txt; {EXPECTED_LAYOUTS}.")
+    dirs, images = _scan(val)
+    if dirs and images:
+        raise UserError(f"{val} mixes class folders and loose images ({images[0]}, ...); use one or the other; "
+                        f"{EXPECTED_LAYOUTS}.")
+    if dirs:
+        return _from_class_folders(root, val, dirs, classes, "folders")
+    csv_path = next((p for p in (os.path.join(root, KAGGLE_CSV), os.path.join(data_root, KAGGLE_CSV))
+                     if os.path.isfile(p)), None)
+    if csv_path is None:
+        raise UserError(f"{val} is a flat folder of images without labels (no {KAGGLE_CSV} and no val.txt); "
+                        f"{EXPECTED_LAYOUTS}.")
+    return _val_from_kaggle_csv(val, images, csv_path, classes)
+
+
+def _val_from_kaggle_csv(val, images, csv_path, classes):
+    label_of = {c: k for k, c in enumerate(classes)}
+    wnid_of = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise UserError(f"{csv_path} must start with the header 'ImageId,PredictionString', received {header}.")
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            tokens = row[1].split() if len(row) > 1 else []
+            if not tokens:
+                raise UserError(f"{csv_path} line {line_no} has no class in PredictionString; "
+                                f"expected 'ImageId,<wnid> x y x y ...'.")
+            if tokens[0] not in label_of:
+                raise UserError(f"{csv_path} line {line_no} names class {tokens[0]}, which train/ does not have.")
+            wnid_of[row[0].strip()] = tokens[0]
+    paths, labels = [], []
+    for name in images:
+        stem = os.path.splitext(name)[0]
+        if stem not in wnid_of:
+            raise UserError(f"{os.path.join(val, name)} has no row in {csv_path}; every val image needs a label.")
+        paths.append(os.path.join(val, name))
+        labels.append(label_of[wnid_of.pop(stem)])
+    if wnid_of:
+        missing = sorted(wnid_of)
+        raise UserError(f"{len(missing)} images listed in {csv_path} are missing from {val} ({missing[0]}, ...); "
+                        f"restore them or remove their rows.")
+    return DatasetIndex(paths, np.asarray(labels, np.int64), list(classes), "kaggle")
+
+
+# ----------------------------------------------------------------------------
+# List files
+# ----------------------------------------------------------------------------
+
+def _read_list(root, split):
+    """[(abs path, label)] from <root>/<split>.txt."""
+    list_path = os.path.join(root, f"{split}.txt")
+    entries = []
+    with open(list_path) as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            rel, _, label = line.rpartition(" ")
+            rel = rel.strip()
+            if not rel or not label.lstrip("-").isdigit():
+                raise UserError(f"{list_path} line {line_no} must be 'relpath label', received '{line}'.")
+            entries.append((_safe_join(root, rel, list_path, line_no), int(label)))
+    return list_path, entries
+
+
+def _safe_join(root, rel, list_path, line_no):
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise UserError(f"{list_path} line {line_no}: path '{rel}' must be relative to {root}.")
+    path = os.path.normpath(os.path.join(root, rel))
+    if os.path.commonpath([root, path]) != root:
+        raise UserError(f"{list_path} line {line_no}: path '{rel}' leaves the dataset folder {root}; "
+                        f"list files may only name files inside it.")
+    return path
+
+
+def _list_classes(root):
+    synsets = os.path.join(root, "synsets.txt")
+    if os.path.isfile(synsets):
+        with open(synsets) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+        if len(set(names)) != len(names):
+            raise UserError(f"{synsets} lists a class twice; it must hold one distinct wnid per line.")
+        return names
+    if not os.path.isfile(os.path.join(root, "train.txt")):
+        raise UserError(f"{root} has val.txt but no train.txt to define the classes; {EXPECTED_LAYOUTS}.")
+    _, entries = _read_list(root, "train")
+    count = max((label for _, label in entries), default=-1) + 1
+    return [f"class_{k:04d}" for k in range(count)]
+
+
+def _from_list(root, split):
+    classes = _list_classes(root)
+    list_path, entries = _read_list(root, split)
+    for line_no, (path, label) in enumerate(entries, start=1):
+        if not 0 <= label < len(classes):
+            raise UserError(f"{list_path}: label {label} of {path} is outside 0..{len(classes) - 1} "
+                            f"(the classes in synsets.txt/train.txt).")
+        if not _is_image(os.path.basename(path)):
+            raise UserError(f"{list_path}: {path} is not a .JPEG/.jpg/.png file.")
+    missing = [p for p, _ in entries if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} files listed in {list_path} do not exist ({missing[0]}, ...); "
+                        f"paths must be relative to {root}.")
+    paths = [p for p, _ in entries]
+    labels = np.asarray([label for _, label in entries], np.int64)
+    return DatasetIndex(paths, labels, classes, "lists")

@@ -1,0 +1,35 @@
+"""Worker processes with a tqdm bar, shared by the offline scripts.
+
+Processes, not threads: decoding and resizing hold the GIL long enough that
+threads do not scale. With one worker everything runs in-process, which keeps
+tests fast and tracebacks readable.
+"""
+import multiprocessing
+import os
+
+from tqdm import tqdm
+
+
+def resolve_workers(num_workers):
+    """0 means one worker per CPU core."""
+    return num_workers if num_workers > 0 else (os.cpu_count() or 1)
+
+
+def imap_progress(func, items, num_workers=0, desc="", unit="img", disable=False, chunksize=None):
+    """Yield func(item) for each item, in order, with a progress bar showing items/s."""
+    items = list(items)
+    workers = min(resolve_workers(num_workers), max(len(items), 1))
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.05)
+    try:
+        if workers == 1:
+            for item in items:
+                yield func(item)
+                bar.update(1)
+            return
+        chunksize = chunksize or max(1, min(64, len(items) // (workers * 8)))
+        with multiprocessing.Pool(workers) as pool:
+            for result in pool.imap(func, items, chunksize=chunksize):
+                yield result
+                bar.update(1)
+    finally:
+        bar.close()
