@@ -101,7 +101,7 @@ SCHEMA = {
         "reach_rmax_max": Key("int", lo=0),
         "start_relaxing_dmax": Key("int", lo=0),
         "reach_dmax_max": Key("int", lo=0),
-        "epsilon": Key("float", 1e-3, lo=0.0),
+        "epsilon": Key("float", 1e-3, lo=1e-12, help="added to the batch variance once, inside sigma_B"),
         "sync_replicas": Key("bool", False, help="synchronise batch statistics across replicas"),
     },
     "runtime_preprocessing": {
@@ -134,8 +134,11 @@ SCHEMA = {
         "width_multiplier": Key("float", 1.0, lo=0.01),
         "variant": Key("choice", "standard", choices=("standard", "original"),
                        help="standard He et al. ResNet-50, or the original author's (ELU, parameter-free shortcuts, conv biases)"),
-        "stride_on": Key("choice", "3x3", choices=("3x3", "1x1"), help="3x3 = ResNet v1.5, 1x1 = v1"),
-        "zero_init_last_gamma": Key("bool", False),
+        "stride_on": Key("choice", "auto", choices=("auto", "3x3", "1x1"),
+                         help="3x3 = ResNet v1.5, 1x1 = v1; auto = 3x3 for standard, 1x1 for original"),
+        "zero_init_last_gamma": Key("bool", False, help="start the last batch renorm gamma of each block at 0"),
+        "compute_dtype": Key("choice", "float32", choices=("float32", "float16", "bfloat16"),
+                             help="mixed precision: convs in this dtype; variables, statistics and logits float32"),
     },
 }
 
