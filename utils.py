@@ -137,8 +137,6 @@ SCHEMA = {
         "stride_on": Key("choice", "auto", choices=("auto", "3x3", "1x1"),
                          help="3x3 = ResNet v1.5, 1x1 = v1; auto = 3x3 for standard, 1x1 for original"),
         "zero_init_last_gamma": Key("bool", False, help="start the last batch renorm gamma of each block at 0"),
-        "compute_dtype": Key("choice", "float32", choices=("float32", "float16", "bfloat16"),
-                             help="mixed precision: convs in this dtype; variables, statistics and logits float32"),
     },
 }
 
