@@ -1,0 +1,57 @@
+"""Validation accuracy of a run's saved epochs (top-1 and top-5), waiting for epochs still training.
+
+    python check_accuracy.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 [--views 10|1|50]
+
+Each image's views (from preprocess_val.py) go through the epoch's SavedModel; the softmax
+probabilities are averaged over the views and ranked. Results print as the seed's
+`Epoch# e  Top 1 accuracy: x%  Top 5 accuracy: y%`, and go to <run>/accuracy.csv and
+<run>/accuracy.png. The library code is engine/evaluate.py.
+"""
+import argparse
+
+import utils
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving (or a path)")
+    p.add_argument("--epoch_start", required=True, type=_epoch_start,
+                   help="first epoch to evaluate, or 'auto' = the first without a row in accuracy.csv")
+    p.add_argument("--epoch_end", required=True, type=int, help="evaluate epochs up to this one, exclusive")
+    p.add_argument("--views", type=int, default=10, choices=(10, 1, 50),
+                   help="10 = 4 corners + centre, each flipped (default); 1 = centre crop; "
+                        "50 = 5 scales x 10 (needs [preprocess_val] views_50 = true)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="give up after waiting this many seconds for a missing epoch (default: wait forever)")
+    p.add_argument("--batch_images", type=int, default=None,
+                   help="images per forward call (default: about 256 views' worth)")
+    utils.add_config_arg(p)
+    args = p.parse_args(argv)
+    if args.batch_images is not None and args.batch_images < 1:
+        p.error(f"--batch_images must be >= 1, received {args.batch_images}")
+    if args.timeout is not None and args.timeout < 0:
+        p.error(f"--timeout must be >= 0, received {args.timeout}")
+    return args
+
+
+def _epoch_start(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', received '{text}'") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.quiet_tensorflow()
+    cfg = utils.load_config(args.config)
+    from engine.evaluate import check_accuracy
+    check_accuracy(cfg, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
+                   timeout=args.timeout, batch_images=args.batch_images)
+    return 0
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

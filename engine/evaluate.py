@@ -1,0 +1,384 @@
+"""Validation accuracy of saved epochs: the seed's check_accuracy, batched and overlapped.
+
+Protocols (number of views per image, all from preprocess_val.py's store):
+  10  resize the shorter side to [images] eval_resize, 4 corner crops + centre crop, each also
+      flipped (the seed's README protocol, the default);
+   1  the single centre crop at eval_resize (seed 003's single-crop figure);
+  50  5 scales ([images] eval_scales_50) x 5 crops x 2 flips (what the original code ran).
+For each image the SOFTMAX PROBABILITIES of its views are averaged (not the logits), then
+ranked: top-1 is the best class, top-5 any of the best five. Ties rank the lower class index
+first, so a result never depends on sort internals.
+
+Speed: many images' views go to the model in one call, and a background thread reads and
+stacks the next batches while the model runs (TensorFlow releases the GIL while it computes).
+
+Outputs per epoch: the seed's `Epoch# e  Top 1 accuracy: x%  Top 5 accuracy: y%` line, one row
+in <run>/accuracy.csv keyed by (epoch, protocol) (re-running replaces it), and <run>/accuracy.png.
+"""
+import contextlib
+import csv
+import fcntl
+import functools
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from utils import UserError, atomic_write_text
+
+log = logging.getLogger("evaluate")
+
+PROTOCOLS = (10, 1, 50)
+CSV_NAME = "accuracy.csv"
+PNG_NAME = "accuracy.png"
+CSV_FIELDS = ("epoch", "protocol", "top1", "top5", "images")
+DEFAULT_VIEWS_PER_CALL = 256  # views per forward call when --batch_images is not given
+LOAD_RETRIES = 3  # a complete folder that fails to load is retried this often, then reported
+
+# Flushed, so the lines show up in order when stdout is a pipe (the launcher, the demo).
+say_flushed = functools.partial(print, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Run folder layout (train.py writes <path_for_saving>/<run>/<epoch>/saved_model)
+# ----------------------------------------------------------------------------
+
+def run_dir(cfg, run_folder):
+    return os.path.join(cfg.train.path_for_saving, run_folder)
+
+
+def saved_model_dir(run_path, epoch):
+    return os.path.join(run_path, str(epoch), "saved_model")
+
+
+# ----------------------------------------------------------------------------
+# Waiting for and loading a model
+# ----------------------------------------------------------------------------
+
+def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=300.0):
+    """Return the loaded SavedModel of `epoch`, waiting until its folder appears.
+
+    train.py renames each epoch folder into place only when it is complete, so its
+    existence means the model is whole; a load error is still retried a few times
+    (a copy from another machine, say, may be mid-flight). timeout=None waits forever.
+    """
+    if load is None:
+        import tensorflow as tf
+        load = tf.saved_model.load
+    path = saved_model_dir(run_path, epoch)
+    start = time.monotonic()
+    next_reminder = start
+    failures = 0
+    while True:
+        if os.path.isdir(path):
+            try:
+                return load(path)
+            except Exception as e:  # noqa: BLE001 - any load failure is retried, then reported
+                failures += 1
+                if failures >= LOAD_RETRIES:
+                    raise UserError(f"Could not load the model of epoch {epoch} from {path} "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                    f"delete that epoch folder and retrain it.") from None
+                say(f"Model folder {path} did not load ({type(e).__name__}); retrying.")
+        now = time.monotonic()
+        waited = now - start
+        if timeout is not None and waited >= timeout:
+            raise UserError(f"Timed out after {timeout:g} s waiting for {path}; start or resume train.py "
+                            f"for that epoch, or raise --timeout.")
+        if failures == 0 and now >= next_reminder:
+            say(f"Waiting for {path} (epoch {epoch} is not saved yet; waited {waited:.0f} s).")
+            next_reminder = now + remind_every
+        sleep = poll if timeout is None else max(0.0, min(poll, timeout - waited))
+        time.sleep(sleep)
+
+
+class SavedModelPredictor:
+    """Calls a SavedModel's 'serving_default' (uint8 images in, {'logits','probabilities'} out)."""
+
+    def __init__(self, loaded):
+        try:
+            fn = loaded.signatures["serving_default"]
+        except (AttributeError, KeyError):
+            raise UserError("The saved model has no 'serving_default' signature; re-export it with "
+                            "model.export.export_saved_model.") from None
+        _, kwargs = fn.structured_input_signature
+        if len(kwargs) != 1:
+            raise UserError(f"Expected a 'serving_default' signature with one image input, "
+                            f"received inputs {sorted(kwargs)}.")
+        self._fn = fn
+        self._input = next(iter(kwargs))
+
+    def __call__(self, images):
+        return self._fn(**{self._input: images})["probabilities"]
+
+
+# ----------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------
+
+def average_views(probabilities, views):
+    """[n*V, C] per-view probabilities -> [n, C] mean over each image's V views (float64)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return probabilities.reshape(-1, views, probabilities.shape[-1]).mean(axis=1)
+
+
+def topk_hits(scores, labels, ks=(1, 5)):
+    """Number of images whose label is among the k best scores, for each k.
+
+    A stable sort of the negated scores ranks equal scores by class index, so
+    ties resolve the same way on every machine.
+    """
+    order = np.argsort(-np.asarray(scores), axis=1, kind="stable")[:, :max(ks)]
+    hits = order == np.asarray(labels).reshape(-1, 1)
+    return {k: int(hits[:, :k].any(axis=1).sum()) for k in ks}
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    protocol: int
+    top1: float  # percent
+    top5: float  # percent
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self):
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------
+# The overlapped loop
+# ----------------------------------------------------------------------------
+
+_DONE = object()
+
+
+def prefetch(iterable, depth=3, convert=None):
+    """Iterate `iterable` in a background thread, `depth` items ahead; `convert` runs there too.
+
+    An exception in the thread is re-raised in the consumer. Leaving the loop
+    early stops the thread at its next item.
+    """
+    items = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put(convert(item) if convert else item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed over to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, name="eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _flatten(batch):
+    views, labels = batch
+    views = np.asarray(views)
+    n, v = views.shape[:2]
+    return np.ascontiguousarray(views.reshape((n * v,) + views.shape[2:])), v, np.asarray(labels)
+
+
+def score(predict, batches, num_classes=None, progress=None):
+    """Top-1/top-5 hit counts over `batches` of (views [n,V,h,w,3] uint8, labels [n]).
+
+    predict: callable [n*V,h,w,3] uint8 -> [n*V,C] probabilities (tensor or array).
+    Returns (hits1, hits5, images).
+    """
+    hits1 = hits5 = images = 0
+    for flat, views, labels in prefetch(batches, convert=_flatten):
+        probabilities = np.asarray(predict(flat))
+        if num_classes is not None and probabilities.shape[-1] != num_classes:
+            raise UserError(f"The model predicts {probabilities.shape[-1]} classes but the validation set has "
+                            f"{num_classes}; evaluate with the config the model was trained with.")
+        hits = topk_hits(average_views(probabilities, views), labels)
+        hits1 += hits[1]
+        hits5 += hits[5]
+        images += len(labels)
+        if progress is not None:
+            progress(len(labels))
+    return hits1, hits5, images
+
+
+def images_per_call(protocol, batch_images=None):
+    """Images per forward call: --batch_images, or about DEFAULT_VIEWS_PER_CALL views."""
+    if batch_images:
+        return int(batch_images)
+    return max(1, DEFAULT_VIEWS_PER_CALL // protocol)
+
+
+def check_protocol(store, protocol):
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--views must be one of {', '.join(map(str, PROTOCOLS))}, received {protocol}.")
+    available = getattr(store, "protocols", None)
+    if available is not None and protocol not in available:
+        raise UserError(f"The validation store at {getattr(store, 'path', '?')} has no {protocol}-view data "
+                        f"(it holds protocols {sorted(available)}); set [preprocess_val] views_50 = true and "
+                        f"rerun preprocess_val.py, or use --views 10.")
+
+
+def evaluate_epoch(predict, store, protocol, epoch, batch_images=None, show_progress=True):
+    """Evaluate one model on the whole store with one protocol; returns EpochResult."""
+    check_protocol(store, protocol)
+    n = images_per_call(protocol, batch_images)
+    bar = _progress_bar(len(store), f"epoch {epoch}, {protocol} views") if show_progress else None
+    start = time.perf_counter()
+    try:
+        hits1, hits5, images = score(predict, store.iter_batches(protocol, n), num_classes=len(store.classes),
+                                     progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    seconds = time.perf_counter() - start
+    if images == 0:
+        raise UserError(f"The validation store at {getattr(store, 'path', '?')} holds no images; "
+                        f"rerun preprocess_val.py.")
+    return EpochResult(epoch=epoch, protocol=protocol, top1=100.0 * hits1 / images, top5=100.0 * hits5 / images,
+                       images=images, seconds=seconds)
+
+
+def _progress_bar(total, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=None, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------
+# accuracy.csv and accuracy.png
+# ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(folder):
+    """Serialise read-modify-write of the CSV between concurrent evaluators of one run.
+
+    The lock is held on the run folder itself, so no lock file is left behind.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_rows(csv_path):
+    """Rows of accuracy.csv as dicts (epoch, protocol, images int; top1, top5 float); [] if absent."""
+    if not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CSV_FIELDS:
+            raise UserError(f"{csv_path} has columns {reader.fieldnames}, expected {list(CSV_FIELDS)}; "
+                            f"move it away and rerun.")
+        try:
+            return [{"epoch": int(r["epoch"]), "protocol": int(r["protocol"]), "top1": float(r["top1"]),
+                     "top5": float(r["top5"]), "images": int(r["images"])} for r in reader]
+        except (TypeError, ValueError):
+            raise UserError(f"{csv_path} holds a malformed row; move it away and rerun.") from None
+
+
+def upsert_row(rows, result):
+    """rows with the (epoch, protocol) row of `result` replaced or added, sorted by protocol then epoch."""
+    key = (result.epoch, result.protocol)
+    kept = [r for r in rows if (r["epoch"], r["protocol"]) != key]
+    kept.append({"epoch": result.epoch, "protocol": result.protocol, "top1": round(result.top1, 4),
+                 "top5": round(result.top5, 4), "images": result.images})
+    return sorted(kept, key=lambda r: (r["protocol"], r["epoch"]))
+
+
+def write_rows(csv_path, rows):
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, out.getvalue())
+
+
+def record(run_path, result):
+    """Put `result` into <run>/accuracy.csv (replacing its epoch/protocol row) and redraw accuracy.png."""
+    from engine.plot import plot_accuracy
+    os.makedirs(run_path, exist_ok=True)
+    csv_path = os.path.join(run_path, CSV_NAME)
+    png_path = os.path.join(run_path, PNG_NAME)
+    with _locked(run_path):
+        rows = upsert_row(read_rows(csv_path), result)
+        write_rows(csv_path, rows)
+        plot_accuracy(rows, png_path, title=f"Validation accuracy: {os.path.basename(os.path.normpath(run_path))}")
+    return csv_path, png_path
+
+
+def first_missing_epoch(run_path, protocol, epoch_end):
+    """For --epoch_start auto: the first epoch below epoch_end without a row for `protocol`."""
+    done = {r["epoch"] for r in read_rows(os.path.join(run_path, CSV_NAME)) if r["protocol"] == protocol}
+    return next((e for e in range(epoch_end) if e not in done), epoch_end)
+
+
+# ----------------------------------------------------------------------------
+# The whole check_accuracy.py run
+# ----------------------------------------------------------------------------
+
+def result_line(result):
+    return (f"Epoch# {result.epoch}  Top 1 accuracy: {result.top1:.2f}%  Top 5 accuracy: {result.top5:.2f}%  "
+            f"({result.protocol} views, {result.images} images, {result.images_per_second:.0f} images/s)")
+
+
+def check_accuracy(cfg, run_folder, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
+                   poll=2.0, say=say_flushed):
+    """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
+    from data.val_store import open_val_store
+
+    path = run_dir(cfg, run_folder)
+    if epoch_start == "auto":
+        epoch_start = first_missing_epoch(path, views, epoch_end)
+        if epoch_start == epoch_end:
+            say(f"Nothing to do: every epoch below {epoch_end} already has a {views}-view row in "
+                f"{os.path.join(path, CSV_NAME)}.")
+            return []
+    if epoch_start < 0 or epoch_end <= epoch_start:
+        raise UserError(f"Expected 0 <= --epoch_start < --epoch_end, received {epoch_start} and {epoch_end}.")
+    store = open_val_store(cfg.preprocess_val.path_to_save)
+    check_protocol(store, views)
+    expected = cfg.preprocess_val.N
+    say(f"Evaluating {path} epochs {epoch_start}..{epoch_end - 1} with the {views}-view protocol on "
+        f"{len(store)} validation images.")
+    results = []
+    for epoch in range(epoch_start, epoch_end):
+        predictor = SavedModelPredictor(wait_for_model(path, epoch, timeout=timeout, poll=poll, say=say))
+        result = evaluate_epoch(predictor, store, views, epoch, batch_images)
+        say(result_line(result))
+        if expected and result.images != expected:
+            say(f"warning: evaluated {result.images} images but [preprocess_val] N = {expected}; "
+                f"the accuracy is not comparable with a full validation run.")
+        csv_path, png_path = record(path, result)
+        results.append(result)
+    say(f"Results: {csv_path}  Plot: {png_path}")
+    return results

@@ -1,0 +1,256 @@
+"""Run the producer (runtime_preprocessing.py) and the trainer (train.py) together, as two processes.
+
+    python tools/launch.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 --batch_size=64 \\
+        [--config config.txt] [--max_producer_restarts 5] [any other train.py flag, e.g. --learning_rate=0.01]
+
+This is what a user does by hand in two terminals (which keeps working exactly as the seed
+describes); the launcher adds supervision:
+- the producer runs in the background, the trainer in the foreground (its output is shown as is);
+- a producer that dies with an error while the trainer runs is restarted (at most
+  --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;
+- Ctrl-C, SIGTERM or SIGHUP stop both cleanly: each child runs in its own process group, gets
+  SIGINT (so it exits through its normal interrupt path), then the whole group is SIGKILLed
+  after a grace period; children also die with the launcher if it is SIGKILLed (PDEATHSIG);
+- when the trainer fails, the launcher exits non-zero and repeats the last lines of the
+  failing process's stderr.
+Flags the launcher does not know are passed to train.py unchanged.
+"""
+import argparse
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import utils  # noqa: E402
+
+GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
+TAIL_LINES = 20  # stderr lines repeated when a process fails
+POLL_SECONDS = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def say(message):
+    print(f"[launch] {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent(parent_pid):
+    """preexec_fn: the child gets SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
+    def setup():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os._exit(1)
+    return setup
+
+
+class Child:
+    """One supervised script: own process group, stderr teed to ours with a tail kept for errors."""
+
+    def __init__(self, name, argv):
+        self.name = name
+        self.argv = argv
+        self._tail = collections.deque(maxlen=200)
+        self._killed = False
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+        self._pump = threading.Thread(target=self._copy_stderr, name=f"{name}-stderr", daemon=True)
+        self._pump.start()
+
+    def _copy_stderr(self):
+        # Raw chunks, not lines, so progress bars that redraw with '\r' still render live.
+        partial = b""
+        out = sys.stderr.buffer
+        while True:
+            chunk = self.proc.stderr.read1(65536)
+            if not chunk:
+                break
+            try:
+                out.write(chunk)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+            *complete, partial = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
+            self._tail.extend(line for line in complete if line.strip())
+        if partial.strip():
+            self._tail.append(partial)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def last_lines(self, n=TAIL_LINES):
+        self._pump.join(timeout=2)
+        return [line.decode("utf-8", "replace") for line in list(self._tail)[-n:]]
+
+    def interrupt(self):
+        if self.proc.poll() is None:
+            _signal(self.proc.pid, signal.SIGINT, group=False)
+
+    def kill_group(self):
+        """SIGKILL whatever is left of the child's group (its stray workers too); once only."""
+        if not self._killed:
+            self._killed = True
+            _signal(self.proc.pid, signal.SIGKILL, group=True)
+            self.proc.wait()
+            self._pump.join(timeout=2)
+        return self.proc.returncode
+
+
+def stop_all(children, grace=GRACE_SECONDS):
+    """SIGINT every child (each exits through its own interrupt path), wait up to `grace` s,
+    then SIGKILL each group. A second Ctrl-C or SIGTERM meanwhile skips the wait."""
+    children = [c for c in children if c is not None]
+    for child in children:
+        child.interrupt()
+    deadline = time.monotonic() + grace
+    try:
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"{child.name} did not stop within {grace:g} s; killing it.")
+    except (KeyboardInterrupt, Stop):
+        say("interrupted again; killing both processes now.")
+    finally:
+        for child in children:
+            child.kill_group()
+
+
+def _signal(pid, sig, group):
+    try:
+        if group:
+            os.killpg(pid, sig)  # the child is its group's leader: pgid == pid
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Stop(Exception):
+    """Raised from the SIGTERM/SIGHUP handler so the same cleanup runs as for Ctrl-C."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving")
+    p.add_argument("--epoch_start", required=True, help="first epoch (an integer, or 'auto' if the scripts accept it)")
+    p.add_argument("--epoch_end", required=True, type=int, help="train up to this epoch, exclusive")
+    p.add_argument("--batch_size", required=True, type=int, help="the same for producer and trainer")
+    p.add_argument("--max_producer_restarts", type=int, default=5,
+                   help="restarts allowed for a producer that dies with an error (default 5)")
+    p.add_argument("--producer_epoch_start", default=None,
+                   help="epoch_start for restarted producers (default: 'auto' if the producer accepts it, "
+                        "else --epoch_start)")
+    utils.add_config_arg(p)
+    args, passthrough = p.parse_known_args(argv)
+    if passthrough and passthrough[0] == "--":
+        passthrough = passthrough[1:]
+    return args, passthrough
+
+
+def common_flags(args, epoch_start):
+    return [f"--epoch_start={epoch_start}", f"--epoch_end={args.epoch_end}", f"--batch_size={args.batch_size}",
+            f"--config={os.path.abspath(args.config)}"]
+
+
+def producer_argv(args, epoch_start):
+    return [sys.executable, os.path.join(ROOT, "runtime_preprocessing.py")] + common_flags(args, epoch_start)
+
+
+def trainer_argv(args, passthrough):
+    return ([sys.executable, os.path.join(ROOT, "train.py"), f"--run_folder={args.run_folder}"]
+            + common_flags(args, args.epoch_start) + passthrough)
+
+
+def _restart_epoch_start(args):
+    """Where a restarted producer starts: it must pick up the trainer's position, not epoch_start."""
+    if args.producer_epoch_start is not None:
+        return args.producer_epoch_start
+    return "auto" if _accepts_auto(os.path.join(ROOT, "runtime_preprocessing.py")) else args.epoch_start
+
+
+def _accepts_auto(script):
+    try:
+        with open(script, encoding="utf-8") as f:
+            return "auto" in f.read()
+    except OSError:
+        return False
+
+
+def supervise(args, passthrough):
+    """Run both processes to the end; returns the exit code for the launcher."""
+    producer = Child("producer", producer_argv(args, args.epoch_start))
+    trainer = None
+    try:
+        trainer = Child("trainer", trainer_argv(args, passthrough))
+        say(f"producer pid {producer.proc.pid}, trainer pid {trainer.proc.pid} (run {args.run_folder}, "
+            f"epochs {args.epoch_start}..{args.epoch_end - 1}, batch size {args.batch_size}).")
+        restarts = 0
+        while True:
+            code = trainer.poll()
+            if code is not None:
+                return _trainer_finished(trainer, producer, code)
+            code = producer.poll()
+            if code not in (None, 0):
+                stop_all([producer])
+                if restarts >= args.max_producer_restarts:
+                    say(f"producer failed (exit code {code}) after {restarts} restarts; stopping the trainer.")
+                    _print_tail(producer)
+                    return 1
+                restarts += 1
+                start = _restart_epoch_start(args)
+                say(f"producer exited with code {code}; restart {restarts}/{args.max_producer_restarts} "
+                    f"with --epoch_start={start}. Its last lines:")
+                _print_tail(producer, n=5)
+                producer = Child("producer", producer_argv(args, start))
+            time.sleep(POLL_SECONDS)
+    finally:
+        stop_all([trainer, producer])
+
+
+def _trainer_finished(trainer, producer, code):
+    stop_all([producer])
+    if code == 0:
+        say("trainer finished; producer stopped.")
+        return 0
+    say(f"trainer failed (exit code {code}); producer stopped. Last lines of the trainer's stderr:")
+    _print_tail(trainer)
+    return code if 0 < code < 256 else 1
+
+
+def _print_tail(child, n=TAIL_LINES):
+    for line in child.last_lines(n):
+        print(f"    {child.name}: {line}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args, passthrough = parse_args(argv)
+    if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
+        raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
+                              f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
+    utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, _raise_stop)
+    try:
+        return supervise(args, passthrough)
+    except Stop as e:
+        say(f"received {e}; both processes stopped.")
+        return 143
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
