@@ -48,6 +48,7 @@ SCHEMA = {
         "ImageNet_folder": Key("path", help="dataset root (train/ and val/ folders, or train.txt/val.txt lists)"),
         "path_to_save": Key("path", help="where preprocess.py writes the per-scale resize cache <path_to_save>/<S>/"),
         "num_workers": Key("int", 0, lo=0, help="worker processes for offline scripts; 0 = one per CPU core"),
+        "jpeg_quality": Key("int", 95, lo=1, hi=100, help="JPEG quality of the resized images in <path_to_save>/<S>/"),
     },
     "preprocess_val": {
         "ImageNet_folder": Key("path", help="dataset root holding the validation split"),
