@@ -110,6 +110,11 @@ SCHEMA = {
         "num_of_threads": Key("int", lo=1, help="worker processes building batches in parallel"),
         "refill_threshold": Key("float", 0.8, lo=0.0, hi=1.0,
                                 help="refill when fewer than this fraction of buffer_size batches are ready ahead"),
+        "heartbeat_interval": Key("float", 2.0, lo=0.05,
+                                  help="seconds between the producer's heartbeat writes (the trainer's liveness check)"),
+        "decoder": Key("choice", "auto", choices=("auto", "turbojpeg", "pil"),
+                       help="JPEG window decoder: auto = libjpeg-turbo crop+scale decode when installed, else PIL"),
+        "use_scale_cache": Key("bool", True, help="read preprocess.py's resized images when complete for a scale"),
     },
     "utils": {
         **{f"mu_{c}": Key("stats", help="channel mean of pixels in [0,1]; 'auto' = read get_mu_sigma.py's output")
