@@ -55,6 +55,7 @@ SCHEMA = {
         "path_to_save": Key("path", help="where preprocess_val.py writes the uint8 validation views"),
         "N": Key("int", lo=0, help="expected number of validation images (50000 for ImageNet); 0 = accept what is found"),
         "views_50": Key("bool", False, help="also store the original code's 5-scale set for --views 50"),
+        "chunk_images": Key("int", 5000, lo=1, help="images per packed file; an interrupted run redoes at most one chunk"),
     },
     "get_mu_sigma": {
         "path_to_save": Key("path", help="folder where get_mu_sigma.py writes mu_sigma.json"),
