@@ -1,0 +1,109 @@
+"""What the trainer writes for people: the epoch CSV, the batch-id log, TensorBoard, the bar.
+
+- <run>/log.csv: one row per epoch (CSV_FIELDS), rewritten atomically. A row for
+  epoch e drops the rows of epochs >= e, which belong to an older timeline
+  (a rerun with --overwrite, or epochs trained after the checkpoint we resumed from).
+  `steps` is the global step count at the end of the epoch; `lr` the rate of the
+  epoch's last step; `wait_seconds` the time the training loop stood still waiting
+  for the next batch, `wait_fraction` that over `wall_seconds`.
+- <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
+  per line, so after a kill it shows exactly which batches were trained on.
+- <run>/tensorboard/: scalars every [train] log_every steps and per epoch.
+"""
+import csv
+import io
+import logging
+import os
+
+from utils import atomic_write_text
+
+CSV_NAME = "log.csv"
+BATCH_LOG_NAME = "batches.log"
+TENSORBOARD_DIR = "tensorboard"
+CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
+              "wait_fraction", "wall_seconds")
+WAIT_WARN_FRACTION = 0.05
+
+log = logging.getLogger("train")
+
+
+def read_csv(run_path):
+    path = os.path.join(run_path, CSV_NAME)
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_epoch_row(run_path, row):
+    rows = [r for r in read_csv(run_path) if int(r["epoch"]) < int(row["epoch"])]
+    rows.append({k: _fmt(row[k]) for k in CSV_FIELDS})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue())
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def wait_advice(wait_fraction, num_of_threads):
+    """A sentence when the trainer waited too long for the producer, else None."""
+    if wait_fraction <= WAIT_WARN_FRACTION:
+        return None
+    return (f"the trainer waited for the buffer {100 * wait_fraction:.1f}% of the epoch "
+            f"(more than {100 * WAIT_WARN_FRACTION:.0f}%): the producer is the bottleneck; raise "
+            f"[runtime_preprocessing] num_of_threads (now {num_of_threads}) if CPU cores are free, "
+            f"or use the preprocess.py scale cache.")
+
+
+class BatchLog:
+    """Appends "epoch batch" per trained step; line-flushed."""
+
+    def __init__(self, run_path, enabled=True):
+        self.file = open(os.path.join(run_path, BATCH_LOG_NAME), "a", buffering=1) if enabled else None
+
+    def write(self, epoch, batch):
+        if self.file:
+            self.file.write(f"{epoch} {batch}\n")
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class TensorBoard:
+    """tf.summary scalars under <run>/tensorboard; a no-op when disabled (non-chief workers)."""
+
+    def __init__(self, run_path, enabled=True):
+        import tensorflow as tf
+        self.tf = tf
+        self.writer = tf.summary.create_file_writer(os.path.join(run_path, TENSORBOARD_DIR)) if enabled else None
+
+    def scalars(self, step, values, prefix=""):
+        if not self.writer:
+            return
+        with self.writer.as_default():
+            for name, value in values.items():
+                if value is not None:
+                    self.tf.summary.scalar(prefix + name, float(value), step=int(step))
+
+    def flush(self):
+        if self.writer:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def progress_bar(epoch, total, enabled=True):
+    from tqdm import tqdm
+    # One bar per epoch on stderr; refreshed at most twice a second, so the bar
+    # never prints more than it has to.
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=0.5,
+                disable=not enabled, leave=True)

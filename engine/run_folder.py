@@ -1,0 +1,136 @@
+"""The run folder: <path_for_saving>/<run>/.
+
+    <run>/<epoch>/saved_model/   SavedModel (check_accuracy.py, inference; model.export)
+    <run>/<epoch>/checkpoint/    tf.train.Checkpoint: weights, moving statistics, optimizer
+                                 slots, loss scale, step counter, epoch
+    <run>/<epoch>/config.txt     resolved config, command line and git hash
+    <run>/log.csv                one row per epoch (engine.logs)
+    <run>/batches.log            "epoch batch" per optimizer step, appended
+    <run>/tensorboard/           TensorBoard events
+    <run>/train.log              the trainer's log
+
+An epoch folder is built under a '.tmp-' name and renamed when all three parts
+are written, so a reader (check_accuracy.py, a resume) never sees a partial one;
+a killed save leaves only a temp folder, removed by the next train.py on the run.
+A lock file keeps two trainers off one run folder.
+"""
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+
+from utils import UserError, atomic_dir, is_temp_name, remove_stale_temps, _tmp_name
+
+PARTS = ("saved_model", "checkpoint", "config.txt")
+CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
+LOCK_NAME = "train.lock"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def run_dir(path_for_saving, run):
+    if not _RUN_NAME.match(run or ""):
+        raise UserError(f"--run_folder must be a plain folder name (letters, digits, '.', '_', '-'), "
+                        f"received '{run}'; runs are created under [train] path_for_saving.")
+    return os.path.join(path_for_saving, run)
+
+
+def epoch_dir(run_path, epoch):
+    return os.path.join(run_path, str(epoch))
+
+
+def checkpoint_prefix(epoch_path):
+    return os.path.join(epoch_path, "checkpoint", CHECKPOINT_PREFIX)
+
+
+def is_complete(epoch_path):
+    return (os.path.isdir(os.path.join(epoch_path, "saved_model"))
+            and os.path.isfile(checkpoint_prefix(epoch_path) + ".index")
+            and os.path.isfile(os.path.join(epoch_path, "config.txt")))
+
+
+def complete_epochs(run_path):
+    """Sorted epoch numbers whose folder holds all three parts."""
+    if not os.path.isdir(run_path):
+        return []
+    epochs = [int(n) for n in os.listdir(run_path) if n.isdigit() and not is_temp_name(n)]
+    return sorted(e for e in epochs if is_complete(epoch_dir(run_path, e)))
+
+
+def resolve_epoch_start(run_path, epoch_start):
+    """'auto' -> one past the last complete epoch (0 for a new run); else the integer."""
+    if epoch_start == "auto":
+        done = complete_epochs(run_path)
+        return done[-1] + 1 if done else 0
+    try:
+        value = int(epoch_start)
+    except ValueError:
+        raise UserError(f"--epoch_start must be an integer >= 0 or 'auto', received '{epoch_start}'.") from None
+    if value < 0:
+        raise UserError(f"--epoch_start must be an integer >= 0 or 'auto', received '{epoch_start}'.")
+    return value
+
+
+def check_plan(run_path, epoch_start, epoch_end, overwrite):
+    """Fail before any training if the epochs cannot be written or the resume source is missing."""
+    if epoch_end <= epoch_start:
+        raise UserError(f"--epoch_end ({epoch_end}) must be greater than --epoch_start ({epoch_start}); "
+                        f"epochs epoch_start..epoch_end-1 are trained.")
+    existing = [e for e in range(epoch_start, epoch_end) if os.path.exists(epoch_dir(run_path, e))]
+    if existing and not overwrite:
+        raise UserError(f"{run_path} already holds epoch folder(s) {', '.join(map(str, existing))}; "
+                        f"pass --overwrite to replace them, --epoch_start=auto to continue after the last "
+                        f"complete epoch, or choose another --run_folder.")
+    if epoch_start > 0:
+        source = epoch_dir(run_path, epoch_start - 1)
+        if not is_complete(source):
+            done = complete_epochs(run_path)
+            hint = f"the last complete epoch is {done[-1]}" if done else "the run has no complete epoch"
+            raise UserError(f"cannot resume at epoch {epoch_start}: {source} with saved_model/, checkpoint/ and "
+                            f"config.txt does not exist ({hint}); use --epoch_start=auto.")
+        return checkpoint_prefix(source)
+    return None
+
+
+@contextlib.contextmanager
+def locked(run_path):
+    """Hold an exclusive lock on the run folder; stale temp folders of killed saves are removed."""
+    os.makedirs(run_path, exist_ok=True)
+    with open(os.path.join(run_path, LOCK_NAME), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another train.py is using {run_path}; wait for it to finish or stop it.") from None
+        remove_stale_temps(run_path)
+        yield
+
+
+def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True):
+    """Build <run>/<epoch>/ with write_parts(tmp_folder), then rename it into place.
+
+    With overwrite, the old folder is moved aside only after the new one is complete
+    (a kill between the two renames leaves both under temp names: rerun that epoch).
+    Non-chief workers of a multi-worker run write to a private scratch folder that
+    is deleted, because every worker must take part in saving mirrored variables.
+    """
+    if not chief:
+        scratch = tempfile.mkdtemp(prefix="worker-save-")
+        try:
+            write_parts(scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return None
+    final = epoch_dir(run_path, epoch)
+    aside = None
+    with atomic_dir(final) as tmp:
+        write_parts(tmp)
+        if os.path.exists(final):
+            if not overwrite:
+                raise UserError(f"{final} appeared while this epoch was being saved; another writer is using the "
+                                f"run folder.")
+            aside = _tmp_name(final)
+            os.rename(final, aside)
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+    return final
