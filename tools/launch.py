@@ -10,7 +10,8 @@ describes); the launcher adds supervision:
   --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;
 - Ctrl-C, SIGTERM or SIGHUP stop both cleanly: each child runs in its own process group, gets
   SIGINT (so it exits through its normal interrupt path), then the whole group is SIGKILLed
-  after a grace period; children also die with the launcher if it is SIGKILLed (PDEATHSIG);
+  after a grace period; a small keeper process leads each group and kills it if the launcher
+  itself is SIGKILLed (PDEATHSIG), so no worker process is ever left behind;
 - when the trainer fails, the launcher exits non-zero and repeats the last lines of the
   failing process's stderr.
 Flags the launcher does not know are passed to train.py unchanged.
@@ -54,6 +55,30 @@ def _die_with_parent(parent_pid):
     return setup
 
 
+def keeper(argv):
+    """`launch.py --keeper CMD...`: the leader of one child's process group.
+
+    The launcher starts each script through a keeper so that even a SIGKILLed
+    launcher leaves nothing behind: the keeper gets SIGTERM when the launcher
+    dies (PDEATHSIG) and then SIGKILLs its whole group, the script's own worker
+    processes included. SIGINT is relayed to the script for a clean stop. The
+    keeper exits with the script's exit code (128 + signal if it was killed).
+    """
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def relay(signum, frame):
+        if signum == signal.SIGINT:
+            _signal(child.pid, signal.SIGINT, group=False)
+        else:
+            os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGINT, relay)
+    signal.signal(signal.SIGTERM, relay)
+    signal.signal(signal.SIGHUP, relay)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
 class Child:
     """One supervised script: own process group, stderr teed to ours with a tail kept for errors."""
 
@@ -62,7 +87,8 @@ class Child:
         self.argv = argv
         self._tail = collections.deque(maxlen=200)
         self._killed = False
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        keeper_argv = [sys.executable, os.path.abspath(__file__), "--keeper"] + argv
+        self.proc = subprocess.Popen(keeper_argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         self._pump = threading.Thread(target=self._copy_stderr, name=f"{name}-stderr", daemon=True)
         self._pump.start()
@@ -155,6 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--producer_epoch_start", default=None,
                    help="epoch_start for restarted producers (default: 'auto' if the producer accepts it, "
                         "else --epoch_start)")
+    # Stand-ins for the two scripts, for the launcher's own tests.
+    p.add_argument("--producer_script", default=os.path.join(ROOT, "runtime_preprocessing.py"), help=argparse.SUPPRESS)
+    p.add_argument("--trainer_script", default=os.path.join(ROOT, "train.py"), help=argparse.SUPPRESS)
     utils.add_config_arg(p)
     args, passthrough = p.parse_known_args(argv)
     if passthrough and passthrough[0] == "--":
@@ -168,11 +197,11 @@ def common_flags(args, epoch_start):
 
 
 def producer_argv(args, epoch_start):
-    return [sys.executable, os.path.join(ROOT, "runtime_preprocessing.py")] + common_flags(args, epoch_start)
+    return [sys.executable, args.producer_script] + common_flags(args, epoch_start)
 
 
 def trainer_argv(args, passthrough):
-    return ([sys.executable, os.path.join(ROOT, "train.py"), f"--run_folder={args.run_folder}"]
+    return ([sys.executable, args.trainer_script, f"--run_folder={args.run_folder}"]
             + common_flags(args, args.epoch_start) + passthrough)
 
 
@@ -180,7 +209,7 @@ def _restart_epoch_start(args):
     """Where a restarted producer starts: it must pick up the trainer's position, not epoch_start."""
     if args.producer_epoch_start is not None:
         return args.producer_epoch_start
-    return "auto" if _accepts_auto(os.path.join(ROOT, "runtime_preprocessing.py")) else args.epoch_start
+    return "auto" if _accepts_auto(args.producer_script) else args.epoch_start
 
 
 def _accepts_auto(script):
@@ -238,6 +267,9 @@ def _print_tail(child, n=TAIL_LINES):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--keeper"]:
+        return keeper(argv[1:])
     args, passthrough = parse_args(argv)
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "

@@ -1,0 +1,162 @@
+"""tools/launch.py (what `make demo` trains with): supervision of the producer and trainer.
+
+Stand-in scripts replace runtime_preprocessing.py and train.py, so these tests
+exercise the process handling (restart, failure report, clean stop, no stray
+process) in a second or two each, without TensorFlow.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "tools", "launch.py")
+
+FAKE = textwrap.dedent('''
+    import os, subprocess, sys, time
+    role = sys.argv[1]
+    d = os.environ["FAKE_DIR"]
+    mode = os.environ.get("FAKE_" + role.upper(), "forever")
+    with open(os.path.join(d, role + ".starts"), "a") as f:
+        f.write(" ".join(sys.argv[2:]) + "\\n")
+    starts = len(open(os.path.join(d, role + ".starts")).read().splitlines())
+    # a grandchild, as a worker pool would have: it must not outlive the launcher
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(os.path.join(d, "pids"), "a") as f:
+        f.write(f"{os.getpid()}\\n{worker.pid}\\n")
+    print(f"{role} started ({mode}, start {starts})", file=sys.stderr, flush=True)
+    if mode == "ok":
+        time.sleep(1.0)
+        sys.exit(0)
+    if mode == "fail":
+        time.sleep(0.5)
+        print("Traceback: something broke\\nValueError: the trainer's real error", file=sys.stderr, flush=True)
+        sys.exit(5)
+    if mode == "crash_once" and starts == 1:
+        print("producer crashed: worker died", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if mode == "always_crash":
+        sys.exit(4)
+    while True:
+        time.sleep(0.05)
+''')
+
+
+@pytest.fixture
+def fake(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    for role in ("producer", "trainer"):
+        (tmp_path / f"{role}.py").write_text(
+            f"import runpy, sys\nsys.argv = [sys.argv[0], '{role}'] + sys.argv[1:]\n"
+            f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+    shutil.copy(os.path.join(ROOT, "configs", "demo.txt"), tmp_path / "demo.txt")
+    yield tmp_path
+    for pid in _pids(tmp_path):  # never leave anything behind, even when a test fails
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pids(d):
+    path = d / "pids"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def _launch(d, producer="forever", trainer="ok", extra=(), wait=True):
+    env = dict(os.environ, FAKE_DIR=str(d), FAKE_PRODUCER=producer, FAKE_TRAINER=trainer)
+    argv = [sys.executable, LAUNCH, "--run_folder=r", "--epoch_start=0", "--epoch_end=2", "--batch_size=8",
+            f"--config={d / 'demo.txt'}", f"--producer_script={d / 'producer.py'}",
+            f"--trainer_script={d / 'trainer.py'}", *extra]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def _wait_for(predicate, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _all_gone(d):
+    return _wait_for(lambda: not any(_alive(p) for p in _pids(d)), timeout=5)
+
+
+def test_trainer_success_stops_the_producer_and_leaves_no_process(fake):
+    code, _, err = _launch(fake, trainer="ok", extra=["--learning_rate=0.05"])
+    assert code == 0, err
+    assert "trainer finished" in err
+    assert len(_pids(fake)) == 4
+    assert _all_gone(fake)
+    trainer_args = (fake / "trainer.starts").read_text()
+    assert "--run_folder=r" in trainer_args and "--learning_rate=0.05" in trainer_args
+    producer_args = (fake / "producer.starts").read_text()
+    assert "--batch_size=8" in producer_args and "--learning_rate" not in producer_args
+
+
+def test_trainer_failure_exits_nonzero_with_its_last_stderr_lines(fake):
+    code, _, err = _launch(fake, trainer="fail")
+    assert code == 5
+    assert "trainer failed (exit code 5)" in err
+    assert "trainer: ValueError: the trainer's real error" in err
+    assert _all_gone(fake)
+
+
+def test_a_dead_producer_is_restarted_and_logged(fake):
+    code, _, err = _launch(fake, producer="crash_once", trainer="ok")
+    assert code == 0, err
+    assert "producer exited with code 3; restart 1/5" in err
+    assert len((fake / "producer.starts").read_text().splitlines()) == 2
+    assert _all_gone(fake)
+
+
+def test_producer_restarts_are_bounded(fake):
+    code, _, err = _launch(fake, producer="always_crash", trainer="forever", extra=["--max_producer_restarts=2"])
+    assert code == 1
+    assert "after 2 restarts" in err
+    assert len((fake / "producer.starts").read_text().splitlines()) == 3
+    assert _all_gone(fake)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_launcher_stops_both_process_groups(fake, sig):
+    proc = _launch(fake, trainer="forever", wait=False)
+    try:
+        assert _wait_for(lambda: len(_pids(fake)) == 4)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode in (130, 143), err
+    assert _all_gone(fake)
+
+
+def test_children_and_their_workers_die_with_a_killed_launcher(fake):
+    proc = _launch(fake, trainer="forever", wait=False)
+    try:
+        assert _wait_for(lambda: len(_pids(fake)) == 4)
+        proc.kill()  # SIGKILL: no cleanup code runs in the launcher itself
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert _all_gone(fake)
