@@ -266,3 +266,104 @@ def test_result_line_keeps_the_seeds_format():
     line = evaluate.result_line(_result(4, 10, 51.234, top5=75.5))
     assert line.startswith("Epoch# 4  Top 1 accuracy: 51.23%  Top 5 accuracy: 75.50%")
     assert "10 views" in line and "images/s" in line
+
+
+# ----------------------------------------------------------------------------
+# With the real validation store (preprocess_val's format) and a real exported model
+# ----------------------------------------------------------------------------
+
+CROP, EVAL_RESIZE = 16, 20
+
+
+def _coordinate_image(h, w):
+    """Red = 8*row, green = 8*column: every pixel says where it came from."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([yy * 8, xx * 8, np.full_like(yy, 50)], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def coded_dataset(tmp_path_factory):
+    """A 3-class folders dataset whose 2 val images already have shorter side EVAL_RESIZE (no resampling)."""
+    from data.index import load_index
+    root = tmp_path_factory.mktemp("coded")
+    images = {"n00000001": _coordinate_image(EVAL_RESIZE, 28), "n00000002": _coordinate_image(30, EVAL_RESIZE)}
+    for k in range(3):
+        wnid = f"n{k:08d}"
+        (root / "train" / wnid).mkdir(parents=True)
+        Image.fromarray(_coordinate_image(24, 24)).save(root / "train" / wnid / "a.png")
+        if wnid in images:
+            (root / "val" / wnid).mkdir(parents=True)
+            Image.fromarray(images[wnid]).save(root / "val" / wnid / "v.png")  # PNG: lossless
+    return load_index(str(root), "val"), images
+
+
+def _hand_views(arr):
+    h, w = arr.shape[:2]
+    b, r = h - CROP, w - CROP
+    crops = [arr[0:CROP, 0:CROP], arr[0:CROP, r:], arr[b:, 0:CROP], arr[b:, r:],
+             arr[b // 2:b // 2 + CROP, r // 2:r // 2 + CROP]]
+    return np.stack([v for c in crops for v in (c, c[:, ::-1])])
+
+
+def test_the_10_views_reaching_the_model_are_the_corner_and_centre_crops_and_flips(coded_dataset, tmp_path):
+    from data.val_store import build_store, open_val_store
+    index, images = coded_dataset
+    build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, views_50=True, scales_50=(16, 20, 24, 28, 32),
+                num_workers=1, progress=False, say=lambda m: None)
+    store = open_val_store(str(tmp_path / "store"))
+    seen = []
+
+    def recorder(batch):
+        seen.append(np.array(batch))
+        return np.full((len(batch), 3), 1.0 / 3, np.float32)
+
+    expected = [_hand_views(images[store.classes[label]]) for label in store.labels]
+    evaluate.evaluate_epoch(recorder, store, 10, epoch=0, batch_images=2, show_progress=False)
+    np.testing.assert_array_equal(seen[0], np.concatenate(expected))
+    seen.clear()
+    evaluate.evaluate_epoch(recorder, store, 1, epoch=0, show_progress=False)
+    np.testing.assert_array_equal(seen[0], np.stack([e[8] for e in expected]))  # the unflipped centre crop
+    seen.clear()
+    evaluate.evaluate_epoch(recorder, store, 50, epoch=0, batch_images=1, show_progress=False)
+    assert [s.shape for s in seen] == [(50, CROP, CROP, 3)] * 2
+    np.testing.assert_array_equal(seen[0][10:20], expected[0])  # scale 20 = the stored eval_resize image
+
+
+def _write_config(tmp_path, store):
+    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt")).read()
+    text = text.replace("path_to_save = ../demo_data/val_views", f"path_to_save = {store}")
+    text = text.replace("path_for_saving = ../demo_runs", f"path_for_saving = {tmp_path / 'runs'}")
+    text = text.replace("N = 0\n", "N = 5\n", 1)  # [preprocess_val] N: the store holds 2 -> a warning
+    path = tmp_path / "eval.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, table_model_dir, capsys):
+    import check_accuracy
+    from data.val_store import build_store
+    from model import build_model, export_saved_model
+    index, _ = coded_dataset
+    build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, num_workers=1, progress=False, say=lambda m: None)
+    config = _write_config(tmp_path, tmp_path / "store")
+    run = tmp_path / "runs" / "tiny"
+    net = build_model(width_multiplier=0.0625, num_classes=3)
+    export_saved_model(net, str(run / "0" / "saved_model"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    shutil.copytree(table_model_dir, run / "1" / "saved_model")
+    argv = ["--run_folder=tiny", "--epoch_start=0", "--epoch_end=2", f"--config={config}", "--timeout=5"]
+    assert check_accuracy.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Epoch# 0  Top 1 accuracy:" in out and "Epoch# 1  Top 1 accuracy:" in out
+    assert "warning: evaluated 2 images but [preprocess_val] N = 5" in out
+    rows = evaluate.read_rows(str(run / "accuracy.csv"))
+    assert [(r["epoch"], r["protocol"], r["images"]) for r in rows] == [(0, 10, 2), (1, 10, 2)]
+    # The table model reads red = 8 * (the crop's top row) in each view's corner, i.e. 0 or >= 16, never its
+    # table rows 1-3: all logits are 0, every class ties, class 0 wins; labels are 1 and 2 -> 0% top-1, 100% top-5.
+    assert (rows[1]["top1"], rows[1]["top5"]) == (0.0, 100.0)
+    with open(run / "accuracy.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # 'auto' resumes after the rows already written: nothing left to do.
+    assert check_accuracy.main(argv[:1] + ["--epoch_start=auto"] + argv[2:]) == 0
+    assert "Nothing to do" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no 50-view data"):
+        check_accuracy.main(argv + ["--views=50"])
