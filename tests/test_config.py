@@ -1,0 +1,107 @@
+"""Config validation: every kind of bad value stops loading with one sentence naming the problem."""
+import configparser
+import json
+import os
+
+import pytest
+
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.txt")
+
+
+def write_config(tmp_path, edit=None, text=None, name="config.txt"):
+    """Write configs/demo.txt, changed by edit(parser), into tmp_path; return its path."""
+    path = tmp_path / name
+    if text is None:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        parser.read(DEMO)
+        if edit:
+            edit(parser)
+        with open(path, "w") as f:
+            parser.write(f)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def load_error(tmp_path, edit=None, text=None):
+    with pytest.raises(utils.ConfigError) as e:
+        utils.load_config(write_config(tmp_path, edit, text))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_shipped_configs_load():
+    full = utils.load_config(os.path.join(ROOT, "config.txt"))
+    demo = utils.load_config(DEMO)
+    assert full.train.N == 1281167 and full.preprocess_val.N == 50000
+    assert utils.scales(full)[0] == 256 and utils.scales(full)[-1] == 480 and len(utils.scales(full)) == 33
+    assert demo.images.crop_size <= demo.images.scale_min
+
+
+def test_paths_are_relative_to_the_config_folder(tmp_path, monkeypatch):
+    path = write_config(tmp_path, lambda p: p.set("preprocess", "ImageNet_folder", "data/imagenet"))
+    monkeypatch.chdir("/")
+    cfg = utils.load_config(path)
+    assert cfg.preprocess.ImageNet_folder == str(tmp_path / "data" / "imagenet")
+
+
+def test_missing_key(tmp_path):
+    message = load_error(tmp_path, lambda p: p.remove_option("train", "sgd_momentum"))
+    assert "missing key 'sgd_momentum'" in message and "[train]" in message
+
+
+def test_unknown_key(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("train", "sgd_momentun", "0.9"))
+    assert "unknown key 'sgd_momentun'" in message and "[train]" in message
+
+
+def test_unknown_section(tmp_path):
+    message = load_error(tmp_path, lambda p: p.add_section("trian"))
+    assert "unknown section [trian]" in message
+
+
+def test_wrong_type(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("train", "buffer_size", "ten"))
+    assert "[train] buffer_size" in message and "an integer" in message and "'ten'" in message
+
+
+def test_out_of_range(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("train", "sgd_momentum", "1.5"))
+    assert "[train] sgd_momentum" in message and "'1.5'" in message
+
+
+def test_bad_value_in_my_sections(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("preprocess", "jpeg_quality", "101"))
+    assert "[preprocess] jpeg_quality" in message
+    message = load_error(tmp_path, lambda p: p.set("preprocess_val", "chunk_images", "0"))
+    assert "[preprocess_val] chunk_images" in message
+    message = load_error(tmp_path, lambda p: p.set("get_mu_sigma", "max_images", "-1"))
+    assert "[get_mu_sigma] max_images" in message
+
+
+def test_bad_cross_key(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("images", "crop_size", "80"))
+    assert "crop_size (80)" in message and "scale_min" in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(utils.ConfigError, match="does not exist"):
+        utils.load_config(str(tmp_path / "nope.txt"))
+
+
+def test_not_ini(tmp_path):
+    assert "not valid INI" in load_error(tmp_path, text="this is not ini\n")
+
+
+def test_auto_mu_sigma_needs_the_stats_file(tmp_path):
+    cfg = utils.load_config(write_config(tmp_path, lambda p: p.set("get_mu_sigma", "path_to_save", "stats")))
+    with pytest.raises(utils.ConfigError, match="run get_mu_sigma.py first"):
+        utils.mu_sigma(cfg)
+    os.makedirs(tmp_path / "stats")
+    (tmp_path / "stats" / utils.MU_SIGMA_FILE).write_text(json.dumps({"mu": [0.5, 0.4, 0.3], "sigma": [0.2] * 3}))
+    assert utils.mu_sigma(cfg) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
