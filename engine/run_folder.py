@@ -17,7 +17,6 @@ A lock file keeps two trainers off one run folder.
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import tempfile
 
@@ -26,14 +25,14 @@ from utils import UserError, atomic_dir, is_temp_name, remove_stale_temps, _tmp_
 PARTS = ("saved_model", "checkpoint", "config.txt")
 CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
 LOCK_NAME = "train.lock"
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def run_dir(path_for_saving, run):
-    if not _RUN_NAME.match(run or ""):
-        raise UserError(f"--run_folder must be a plain folder name (letters, digits, '.', '_', '-'), "
-                        f"received '{run}'; runs are created under [train] path_for_saving.")
-    return os.path.join(path_for_saving, run)
+    """<path_for_saving>/<run>; an absolute --run_folder is used as is (as check_accuracy.py does)."""
+    if not run or not run.strip() or os.path.basename(os.path.normpath(run)) in ("", ".", ".."):
+        raise UserError(f"--run_folder must name a folder, received '{run}'; runs are created under "
+                        f"[train] path_for_saving.")
+    return os.path.normpath(os.path.join(path_for_saving, run))
 
 
 def epoch_dir(run_path, epoch):

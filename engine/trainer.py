@@ -1,0 +1,327 @@
+"""The training loop: batches from the buffer -> one tf.function step each -> an epoch folder per epoch.
+
+One step is one forward pass (the original ran three): logits = net(x, training=True),
+loss = mean softmax cross-entropy from the logits + net.regularization_loss()
+(L2 on conv and dense kernels, which here does reach the gradients), one
+optimizer update, net.train_step += 1. The global step lives in the model
+(net.train_step) and drives the batch-renorm ramp and the learning-rate
+schedule; the checkpoint restores it with the weights, moving statistics,
+optimizer slots and loss scale, so a resumed run continues exactly.
+
+Where the time goes is measured, not guessed: `wait_seconds` is the time the
+loop stood still waiting for the next batch (the reading thread prefetches one
+batch ahead, so a healthy producer costs no waiting at all).
+
+Determinism ([train] deterministic = true): seeds Python, numpy and TF
+(keras.utils.set_random_seed) and enables TF op determinism, so a run and its
+resumed twin give bit-identical weights. Cost: some GPU kernels (cuDNN
+convolution autotuning, scatter/segment reductions) fall back to slower
+deterministic versions, typically 5-30% on GPU; on CPU the difference is small.
+Batches are deterministic regardless (the producer's draws derive from the seed).
+"""
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from engine import logs, run_folder, schedules
+from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
+from utils import UserError, git_hash, mu_sigma
+
+log = logging.getLogger("train")
+
+PREFETCH_DEPTH = 2
+
+
+class Prefetcher:
+    """Reads an epoch's batches in order on a background thread, `depth` batches ahead."""
+
+    def __init__(self, reader, epoch, num_batches, depth=PREFETCH_DEPTH):
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(reader, epoch, num_batches), daemon=True,
+                                       name=f"prefetch-epoch-{epoch}")
+        self.thread.start()
+
+    def _run(self, reader, epoch, num_batches):
+        try:
+            for b in range(num_batches):
+                item = (b, reader.read(epoch, b))
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # re-raised in the training thread
+            self.queue.put((None, e))
+
+    def get(self):
+        """(batch_index, batch, seconds the caller waited)."""
+        start = time.perf_counter()
+        b, item = self.queue.get()
+        waited = time.perf_counter() - start
+        if b is None:
+            raise item
+        return b, item, waited
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+class Trainer:
+    """Builds the strategy, model, optimizer and checkpoint; trains epochs; saves epoch folders."""
+
+    def __init__(self, cfg, reader, run_path, batch_size, num_classes, learning_rate=None, epoch_end=None,
+                 overwrite=False, command=""):
+        import tensorflow as tf
+        self.tf = tf
+        self.cfg, self.reader, self.run_path = cfg, reader, run_path
+        self.batch_size, self.overwrite, self.command = batch_size, overwrite, command
+        self.chief = is_chief()
+        # The strategy first: MultiWorkerMirroredStrategy must exist before other TF state.
+        self.strategy = make_strategy(cfg.train.distribute)
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.per_replica = check_divisible(batch_size, self.replicas)
+        if cfg.train.jit_compile and self.replicas > 1:
+            raise UserError(f"[train] jit_compile = true works on one device only; this run has {self.replicas} "
+                            f"replicas: set jit_compile = false or distribute = one_device.")
+        self._seed(cfg.train)
+        self.mu, self.sigma = mu_sigma(cfg)
+        self.steps_per_epoch = reader.num_batches(0)
+        self.schedule = schedules.from_config(cfg.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
+        from model import build_model, model_kwargs
+        with self.strategy.scope():
+            self.net = build_model(**model_kwargs(cfg, num_classes))
+            self.optimizer = self._make_optimizer(cfg.train)
+            self.optimizer.build(self.net.trainable_variables)
+            self.epoch_var = tf.Variable(-1, dtype=tf.int64, trainable=False, name="epoch")
+            self.checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer, epoch=self.epoch_var)
+        self._train_step = self._make_train_step()
+        self.tensorboard = logs.TensorBoard(run_path, enabled=self.chief)
+        self.batch_log = logs.BatchLog(run_path, enabled=self.chief)
+
+    # ------------------------------------------------------------------ setup
+
+    def _seed(self, train_cfg):
+        import keras
+        keras.utils.set_random_seed(train_cfg.seed)
+        if train_cfg.deterministic:
+            self.tf.config.experimental.enable_op_determinism()
+
+    def _make_optimizer(self, train_cfg):
+        import keras
+        lr = self.schedule(0)
+        if train_cfg.optimizer == "sgd":
+            opt = keras.optimizers.SGD(learning_rate=lr, momentum=train_cfg.sgd_momentum)
+        else:
+            opt = keras.optimizers.RMSprop(learning_rate=lr, rho=0.9, epsilon=1e-8)
+        self.loss_scaling = train_cfg.mixed_precision == "mixed_float16"
+        if self.loss_scaling:
+            # Dynamic loss scaling; Keras 3 unscales the gradients inside apply_gradients.
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        return opt
+
+    def _make_train_step(self):
+        tf, net, opt, strategy = self.tf, self.net, self.optimizer, self.strategy
+        from data.device import to_model_input
+        from model import COMPUTE_DTYPE_OF_POLICY
+        compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.cfg.train.mixed_precision])
+        mu, sigma = self.mu, self.sigma
+        global_batch, replicas, per_replica = self.batch_size, self.replicas, self.per_replica
+        loss_scaling = self.loss_scaling
+
+        def forward_backward(images, labels, lighting):
+            with tf.GradientTape() as tape:
+                logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)
+                per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=labels, logits=tf.cast(logits, tf.float32))
+                cross_entropy = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                l2 = net.regularization_loss()
+                # Gradients are summed over replicas, so each contributes 1/replicas of the L2 term.
+                loss = cross_entropy + l2 / replicas
+                target = opt.scale_loss(loss) if loss_scaling else loss
+            grads = tape.gradient(target, net.trainable_variables)
+            hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
+                                         tf.float32))
+            return grads, cross_entropy, l2, hits
+
+        if self.cfg.train.jit_compile:
+            forward_backward = tf.function(forward_backward, jit_compile=True)
+
+        def replica_step(images, labels, lighting):
+            grads, cross_entropy, l2, hits = forward_backward(images, labels, lighting)
+            opt.apply_gradients(zip(grads, net.trainable_variables))
+            return cross_entropy, l2, hits
+
+        @tf.function
+        def train_step(images, labels, lighting, lr):
+            opt.learning_rate.assign(lr)
+            parts = split_batch(strategy, (images, labels, lighting), per_replica)
+            cross_entropy, l2, hits = strategy.run(replica_step, args=parts)
+            net.train_step.assign_add(1)
+            total = tf.distribute.ReduceOp.SUM
+            return (strategy.reduce(total, cross_entropy, axis=None),
+                    strategy.reduce(tf.distribute.ReduceOp.MEAN, l2, axis=None),
+                    strategy.reduce(total, hits, axis=None))
+
+        return train_step
+
+    # ----------------------------------------------------------------- resume
+
+    def restore(self, prefix, expected_epoch):
+        try:
+            status = self.checkpoint.read(prefix)
+            status.assert_consumed()
+        except (AssertionError, ValueError, self.tf.errors.OpError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"the checkpoint {prefix} does not match the model and optimizer built from this config "
+                            f"([model], [train] optimizer or mixed_precision changed?): {first}") from None
+        restored = int(self.epoch_var.numpy())
+        if restored != expected_epoch:
+            raise UserError(f"the checkpoint {prefix} holds epoch {restored}, expected {expected_epoch}; "
+                            f"the epoch folder was renamed or copied: restore it or use --epoch_start=auto.")
+        log.info("resumed from %s: epoch %d done, global step %d", prefix, restored, self.global_step())
+
+    def global_step(self):
+        return int(self.net.train_step.numpy())
+
+    # ------------------------------------------------------------------- loop
+
+    def train(self, epoch_start, epoch_end):
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s",
+                 epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
+                 self.schedule.describe())
+        try:
+            for epoch in range(epoch_start, epoch_end):
+                summary = self.train_epoch(epoch)
+                self.save(epoch)
+                self.finish_epoch(epoch, summary)
+        finally:
+            self.batch_log.close()
+            self.tensorboard.close()
+
+    def train_epoch(self, epoch):
+        tf, reader = self.tf, self.reader
+        num_batches = reader.num_batches(epoch)
+        log_every = self.cfg.train.log_every
+        step = self.global_step()
+        window = _Window()
+        totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
+        bar = logs.progress_bar(epoch, num_batches, enabled=self.chief)
+        prefetch = Prefetcher(reader, epoch, num_batches)
+        started = time.perf_counter()
+        lr = self.schedule(step)
+        try:
+            for _ in range(num_batches):
+                b, batch, waited = prefetch.get()
+                lr = self.schedule(step)
+                outputs = self._train_step(tf.constant(batch.images), tf.constant(batch.labels),
+                                           tf.constant(batch.lighting), tf.constant(lr, tf.float32))
+                step += 1
+                self.batch_log.write(epoch, b)
+                reader.report_progress(epoch, b + 1)
+                window.add(outputs, len(batch.labels), waited)
+                bar.update(1)
+                if window.steps >= log_every or b == num_batches - 1:
+                    self._flush_window(window, totals, bar, step, lr)
+        finally:
+            prefetch.close()
+            bar.close()
+        wall = time.perf_counter() - started
+        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / max(totals["images"], 1),
+                "train_top1": totals["hits"] / max(totals["images"], 1), "lr": lr,
+                "images_per_sec": totals["images"] / wall, "wait_seconds": totals["wait"],
+                "wait_fraction": totals["wait"] / wall, "wall_seconds": wall}
+
+    def _flush_window(self, window, totals, bar, step, lr):
+        # The only host-device sync in the loop: once per log_every steps.
+        values = window.drain()
+        totals["loss"] += values["loss_sum"]
+        totals["hits"] += values["hits"]
+        totals["images"] += values["images"]
+        totals["wait"] += values["wait"]
+        loss, top1 = values["loss_sum"] / values["images"], values["hits"] / values["images"]
+        img_s = values["images"] / values["seconds"]
+        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
+        rmax, dmax = self._renorm_limits()
+        self.tensorboard.scalars(step, {"loss": loss, "l2_loss": values["l2"], "top1": top1, "learning_rate": lr,
+                                        "rmax": rmax, "dmax": dmax, "images_per_sec": img_s,
+                                        "buffer_wait_fraction": values["wait"] / values["seconds"]}, "train/")
+
+    def _renorm_limits(self):
+        renorm = getattr(self.net, "renorm", None)
+        if renorm is None or not hasattr(renorm, "clip_limits"):
+            return None, None
+        rmax, dmax = renorm.clip_limits(self.net.train_step)
+        return float(rmax), float(dmax)
+
+    def finish_epoch(self, epoch, summary):
+        if not self.chief:
+            return
+        logs.write_epoch_row(self.run_path, summary)
+        self.tensorboard.scalars(summary["steps"], {k: summary[k] for k in (
+            "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction")}, "epoch/")
+        self.tensorboard.flush()
+        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s",
+                 epoch, summary["train_loss"], summary["train_top1"], summary["lr"], summary["images_per_sec"],
+                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"])
+        advice = logs.wait_advice(summary["wait_fraction"], self.cfg.runtime_preprocessing.num_of_threads)
+        if advice:
+            log.warning(advice)
+
+    # ------------------------------------------------------------------- save
+
+    def save(self, epoch):
+        import os
+        from model import export_saved_model
+        from utils import atomic_write_text
+        self.epoch_var.assign(epoch)
+
+        def write_parts(folder):
+            export_saved_model(self.net, os.path.join(folder, "saved_model"), self.mu, self.sigma)
+            self.checkpoint.write(run_folder.checkpoint_prefix(folder))
+            atomic_write_text(os.path.join(folder, "config.txt"), self.config_text(epoch))
+
+        path = run_folder.save_epoch(self.run_path, epoch, write_parts, overwrite=self.overwrite, chief=self.chief)
+        if path:
+            log.info("saved %s", path)
+
+    def config_text(self, epoch):
+        header = [f"# epoch {epoch} of run {self.run_path}, global step {self.global_step()}",
+                  f"# git {git_hash()}", f"# command: {self.command}",
+                  f"# schedule: {self.schedule.describe()}",
+                  f"# {self.replicas} replica(s), global batch {self.batch_size}"]
+        return "\n".join(header) + "\n" + self.cfg.resolved_text()
+
+
+class _Window:
+    """Step outputs since the last flush, kept as tensors so the loop does not sync every step."""
+
+    def __init__(self):
+        self.outputs, self.sizes, self.wait = [], [], 0.0
+        self.started = time.perf_counter()
+
+    @property
+    def steps(self):
+        return len(self.outputs)
+
+    def add(self, outputs, images, waited):
+        self.outputs.append(outputs)
+        self.sizes.append(images)
+        self.wait += waited
+
+    def drain(self):
+        # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count.
+        values = np.array([[float(t) for t in o] for o in self.outputs], dtype=np.float64)
+        sizes = np.array(self.sizes, dtype=np.float64)
+        result = {"loss_sum": float((values[:, 0] * sizes).sum()), "l2": float(values[-1, 1]),
+                  "hits": float(values[:, 2].sum()), "images": int(sizes.sum()), "wait": self.wait,
+                  "seconds": max(time.perf_counter() - self.started, 1e-9)}
+        self.__init__()
+        return result

@@ -1,0 +1,75 @@
+"""Train the ResNet on batches from the buffer that runtime_preprocessing.py fills.
+
+    python train.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 --batch_size=64 --learning_rate=0.01
+
+Saves <path_for_saving>/<run>/<epoch>/ after every epoch (saved_model/, checkpoint/,
+config.txt; the folder appears only when complete). --epoch_start=E > 0 resumes
+from epoch E-1's checkpoint (weights, moving statistics, momentum, loss scale,
+global step); --epoch_start=auto continues after the last complete epoch. Start the
+producer with the same --epoch_start, --epoch_end and --batch_size. Without
+--learning_rate the [schedule] section sets the rate as a function of the global step.
+Logs: <run>/log.csv (one row per epoch), <run>/tensorboard/, <run>/train.log, <run>/batches.log.
+"""
+import argparse
+import os
+import shlex
+import sys
+
+import utils
+from engine import run_folder
+from engine.distribute import is_chief
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run_folder", required=True, help="run name; epochs go to <path_for_saving>/<run>/<epoch>/")
+    p.add_argument("--epoch_start", required=True,
+                   help="first epoch to train (E > 0 resumes from epoch E-1), or 'auto' = after the last complete one")
+    p.add_argument("--epoch_end", required=True, type=int, help="train up to this epoch, exclusive")
+    p.add_argument("--batch_size", required=True, type=int,
+                   help="global batch size; must equal runtime_preprocessing.py's (split across replicas)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="constant learning rate for this invocation (the seed's meaning); default: [schedule]")
+    p.add_argument("--overwrite", action="store_true", help="replace epoch folders that already exist")
+    utils.add_config_arg(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = utils.load_config(args.config)
+    if args.batch_size < 1:
+        raise utils.UserError(f"--batch_size must be a positive integer, received {args.batch_size}.")
+    run_path = run_folder.run_dir(cfg.train.path_for_saving, args.run_folder)
+    epoch_start = run_folder.resolve_epoch_start(run_path, args.epoch_start)
+    chief = is_chief()
+    if not chief:  # only the chief writes the run folder
+        return train(cfg, args, run_path, epoch_start, chief)
+    # Everything a user can get wrong is checked before TensorFlow starts.
+    run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
+    with run_folder.locked(run_path):
+        utils.setup_logging(os.path.join(run_path, "train.log"))
+        return train(cfg, args, run_path, epoch_start, chief)
+
+
+def train(cfg, args, run_path, epoch_start, chief):
+    from data.buffer import BufferReader
+    resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
+    if not chief:
+        utils.setup_logging()
+    reader = BufferReader(cfg, args.batch_size)
+    reader.check_manifest()
+    utils.quiet_tensorflow()
+    from engine.trainer import Trainer
+    trainer = Trainer(cfg, reader, run_path, args.batch_size, reader.num_classes,
+                      learning_rate=args.learning_rate, epoch_end=args.epoch_end, overwrite=args.overwrite,
+                      command=shlex.join([os.path.basename(sys.executable), *sys.argv]))
+    if resume:
+        trainer.restore(resume, expected_epoch=epoch_start - 1)
+    trainer.train(epoch_start, args.epoch_end)
+    return 0
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
