@@ -103,7 +103,7 @@ SCHEMA = {
         "reach_rmax_max": Key("int", lo=0),
         "start_relaxing_dmax": Key("int", lo=0),
         "reach_dmax_max": Key("int", lo=0),
-        "epsilon": Key("float", 1e-3, lo=1e-12, help="added to the batch variance once, inside sigma_B"),
+        "epsilon": Key("float", 1e-3, lo=1.001e-5, help="added to the batch variance once, inside sigma_B"),
         "sync_replicas": Key("bool", False, help="synchronise batch statistics across replicas"),
     },
     "runtime_preprocessing": {
