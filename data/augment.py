@@ -1,0 +1,455 @@
+"""Training augmentation: the scale/crop/flip/colour recipe of seed 001, decoding only what the crop needs.
+
+Where each step runs (the one place this is stated):
+
+  step (seed 001 order)                      where                          how
+  1. shorter side S from utils.scales(cfg)   producer CPU (this module)     drawn per image
+  2. resize so the shorter side is S         producer CPU                   only the crop window is resampled
+  3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
+  5. horizontal flip, p = 0.5                producer CPU                   on the uint8 crop
+  6. PCA lighting coefficients               producer CPU                   float32 [3] shift per image (`lighting`)
+  4. x/255, (x - mu)/sigma                   trainer device (data/device.py) affine, on the GPU
+  6. + lighting shift                        trainer device (data/device.py) added after normalising
+
+Images travel uint8 through the buffer (150,528 B per 224 crop); normalisation
+and the colour shift are affine per image, so applying them on the device gives
+the same numbers as the original's float16 files at a quarter of the bytes.
+
+Random draws. Epoch e's order is `epoch_permutation(seed, e, N)`; the image at
+position p of that order (p = batch * batch_size + slot) draws everything from
+np.random.default_rng([seed, e, p]) in a fixed order: scale index, crop
+position (two uniforms), flip, three lighting coefficients. No stream is shared
+between images or workers, so a batch is byte-identical whatever the number of
+workers and however often the producer restarts.
+
+Geometry. resize_shorter maps an h x w image to H x W (data.images.resized_size);
+the crop's top-left corner in that resized image is (floor(u_top*(H-c+1)),
+floor(u_left*(W-c+1))). The fast path maps this window back to the source
+(size c*w/W by c*h/H pixels), decodes just that region (libjpeg-turbo crop
+decode, or PIL), using DCT scaling by k in {2, 4, 8} when the window is at
+least k times the crop, and resamples only the window with PIL's
+resize(box=...), the same bilinear antialiased filter as resize_shorter. With
+k = 1 this equals full resize then crop up to edge rounding. When preprocess.py
+cached the image at S, the window is cut from the cached image without
+resampling. `augment_reference` is the slow reference (full resize, then crop).
+
+PCA lighting (AlexNet-style, per image, as the original): the 3x3 covariance of
+the crop's own normalised pixels is eigendecomposed (eigh: eigenvalues lam_i,
+eigenvectors v_i); with alpha_i ~ N(0, pca_std^2) the shift sum_i alpha_i lam_i v_i
+(lam is a variance, not a std) is added to every normalised pixel.
+"""
+import ctypes
+import dataclasses
+import glob
+import io
+import logging
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from data import images
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------
+# Random draws
+# ----------------------------------------------------------------------------
+
+def epoch_permutation(seed, epoch, n):
+    """The order in which epoch `epoch` visits the n training images."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws:
+    scale: int          # shorter side S
+    u_top: float        # crop position, uniform in [0, 1)
+    u_left: float
+    flip: bool
+    alpha: tuple        # 3 lighting coefficients ~ N(0, pca_std^2)
+
+
+def image_draws(seed, epoch, position, scales, pca_std):
+    """Every random choice for the image at `position` of epoch `epoch`."""
+    rng = np.random.default_rng([int(seed), int(epoch), int(position)])
+    scale = int(scales[rng.integers(len(scales))])
+    u_top, u_left = rng.random(2)
+    flip = bool(rng.random() < 0.5)
+    alpha = rng.normal(0.0, 1.0, 3) * pca_std
+    return Draws(scale, float(u_top), float(u_left), flip, tuple(float(a) for a in alpha))
+
+
+# ----------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------
+
+def crop_origin(resized_w, resized_h, crop, draws):
+    """(top, left) of the crop in the image resized to shorter side draws.scale."""
+    top = min(int(draws.u_top * (resized_h - crop + 1)), resized_h - crop)
+    left = min(int(draws.u_left * (resized_w - crop + 1)), resized_w - crop)
+    return top, left
+
+
+def source_box(width, height, crop, draws):
+    """The crop window in source pixel coordinates: (x0, y0, x1, y1), floats."""
+    rw, rh = images.resized_size(width, height, draws.scale)
+    top, left = crop_origin(rw, rh, crop, draws)
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+
+
+def dct_factor(box, crop):
+    """Largest k in {1, 2, 4, 8} with the window at least k times the crop on both axes."""
+    side = min(box[2] - box[0], box[3] - box[1])
+    k = 1
+    while k < 8 and side >= 2 * k * crop:
+        k *= 2
+    return k
+
+
+def resample_window(img, box, crop):
+    """Resample `box` of a PIL image to crop x crop (bilinear, antialiased as resize_shorter)."""
+    return img.resize((crop, crop), Image.BILINEAR, box=box)
+
+
+def augment_reference(img, draws, crop):
+    """Slow reference: resize the whole PIL image to S, cut the crop, flip. Returns uint8 HWC."""
+    resized = np.asarray(images.resize_shorter(img, draws.scale))
+    top, left = crop_origin(resized.shape[1], resized.shape[0], crop, draws)
+    out = resized[top:top + crop, left:left + crop]
+    return np.ascontiguousarray(out[:, ::-1] if draws.flip else out)
+
+
+# ----------------------------------------------------------------------------
+# PCA lighting
+# ----------------------------------------------------------------------------
+
+def lighting_shift(crop_uint8, alpha, mu, sigma):
+    """sum_i alpha_i lam_i v_i for the covariance of the crop's normalised pixels (float32 [3]).
+
+    The covariance of (x/255 - mu)/sigma is cov(x) / (255^2 sigma sigma^T); cov(x)
+    (ddof=1, as np.cov) comes from float64 sums, which are exact for uint8 pixels.
+    """
+    alpha = np.asarray(alpha, np.float64)
+    if not alpha.any():
+        return np.zeros(3, np.float32)
+    planes = crop_uint8.reshape(-1, 3).T
+    n = planes.shape[1]
+    # One Gram product of [r; g; b; 1] gives the pixel sums and the sums of products
+    # (strided per-channel reductions over the HWC layout are several times slower).
+    rows = np.ones((4, n), np.float64)
+    rows[:3] = planes
+    gram = rows @ rows.T
+    mean = gram[:3, 3] / n
+    cov = (gram[:3, :3] - n * np.outer(mean, mean)) / (n - 1)
+    scale = 255.0 * np.asarray(sigma, np.float64)
+    cov /= np.outer(scale, scale)
+    lam, vecs = np.linalg.eigh(cov)
+    return (vecs @ (alpha * lam)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Window decoders
+# ----------------------------------------------------------------------------
+
+class _Region(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_int), ("w", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+class _Scaling(ctypes.Structure):
+    _fields_ = [("num", ctypes.c_int), ("denom", ctypes.c_int)]
+
+
+class TurboJPEG:
+    """libjpeg-turbo 3's TurboJPEG API through ctypes: header, crop region, DCT scaling, decode.
+
+    The shared library comes from the `turbojpeg` wheel (pinned in requirements.txt),
+    which bundles it, so no system package is needed. One handle per process.
+    """
+    _INIT_DECOMPRESS = 1
+    _PARAM = {"subsamp": 4, "width": 5, "height": 6, "colorspace": 8}
+    _CS_CMYK, _CS_YCCK = 3, 4
+    _PF_RGB = 0
+    _MCU_WIDTH = (8, 16, 16, 8, 8, 32, 8)  # tjMCUWidth by subsampling (444, 422, 420, gray, 440, 411, 441)
+
+    def __init__(self, lib_path):
+        lib = ctypes.CDLL(lib_path)
+        vp, cp, sz, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int
+        self._sig(lib.tj3Init, vp, [i])
+        self._sig(lib.tj3DecompressHeader, i, [vp, cp, sz])
+        self._sig(lib.tj3Get, i, [vp, i])
+        self._sig(lib.tj3SetCroppingRegion, i, [vp, _Region])
+        self._sig(lib.tj3SetScalingFactor, i, [vp, _Scaling])
+        self._sig(lib.tj3Decompress8, i, [vp, cp, sz, vp, i, i])
+        self._sig(lib.tj3GetErrorStr, cp, [vp])
+        self._lib = lib
+        self._handle = lib.tj3Init(self._INIT_DECOMPRESS)
+        if not self._handle:
+            raise OSError("tj3Init failed")
+
+    @staticmethod
+    def _sig(fn, restype, argtypes):
+        fn.restype, fn.argtypes = restype, argtypes
+
+    def header(self, data):
+        """(width, height, subsampling) of a JPEG this decoder can crop, else None (not JPEG, CMYK, odd)."""
+        lib, h = self._lib, self._handle
+        if lib.tj3DecompressHeader(h, data, len(data)) != 0:
+            return None
+        get = lambda name: lib.tj3Get(h, self._PARAM[name])  # noqa: E731
+        subsamp = get("subsamp")
+        if get("colorspace") in (self._CS_CMYK, self._CS_YCCK) or not 0 <= subsamp < len(self._MCU_WIDTH):
+            return None
+        return get("width"), get("height"), subsamp
+
+    def decode_region(self, data, subsamp, k, region):
+        """Decode region (x, y, w, h, in 1/k-scaled pixels; x already aligned) to RGB uint8, or None on error."""
+        lib, h = self._lib, self._handle
+        x, y, w, hh = region
+        if lib.tj3SetScalingFactor(h, _Scaling(1, k)) != 0 or lib.tj3SetCroppingRegion(h, _Region(x, y, w, hh)) != 0:
+            return None
+        out = np.empty((hh, w, 3), np.uint8)
+        if lib.tj3Decompress8(h, data, len(data), out.ctypes.data, 0, self._PF_RGB) != 0:
+            return None  # corrupt or truncated: the PIL path decides whether the file is usable
+        return out
+
+    def mcu_width(self, subsamp, k):
+        return -(-self._MCU_WIDTH[subsamp] // k)
+
+
+_turbo = {}  # pid -> TurboJPEG or None: ctypes handles are not shared across fork
+
+
+def turbojpeg_library():
+    """Path of the libturbojpeg bundled with the `turbojpeg` wheel, or None when it is not installed."""
+    try:
+        import turbojpeg
+    except ImportError:
+        return None
+    found = sorted(glob.glob(os.path.join(os.path.dirname(turbojpeg.__file__), "turbojpeg.libs", "libturbojpeg*")))
+    return found[0] if found else None
+
+
+def get_turbojpeg():
+    pid = os.getpid()
+    if pid not in _turbo:
+        path = turbojpeg_library()
+        try:
+            _turbo[pid] = TurboJPEG(path) if path else None
+        except (OSError, AttributeError) as e:
+            log.warning("libturbojpeg at %s unusable (%s); decoding with PIL", path, e)
+            _turbo[pid] = None
+    return _turbo[pid]
+
+
+def resolve_decoder(choice):
+    """'turbojpeg' or 'pil' for a config value auto/turbojpeg/pil."""
+    if choice == "pil":
+        return "pil"
+    if get_turbojpeg() is not None:
+        return "turbojpeg"
+    if choice == "turbojpeg":
+        from utils import UserError
+        raise UserError("[runtime_preprocessing] decoder = turbojpeg but the turbojpeg wheel is not installed; "
+                        "run `pip install -r requirements.txt` or set decoder = auto.")
+    return "pil"
+
+
+def _filter_margin(scale):
+    """Source pixels the bilinear filter reaches beyond the box, plus 2 for libjpeg's edge upsampling."""
+    return int(math.ceil(max(scale, 1.0))) + 2
+
+
+def _window_turbo(tj, data, crop, draws):
+    """The resampled window via libjpeg-turbo's crop (and DCT-scaled) decode, or None if unsupported."""
+    head = tj.header(data)
+    if head is None:
+        return None
+    width, height, subsamp = head
+    box = source_box(width, height, crop, draws)
+    k = dct_factor(box, crop)
+    sw, sh = -(-width // k), -(-height // k)
+    box = tuple(v / k for v in box)
+    margin = _filter_margin((box[2] - box[0]) / crop)
+    align = tj.mcu_width(subsamp, k)
+    x0 = max(0, int(box[0]) - margin) // align * align
+    y0 = max(0, int(box[1]) - margin)
+    x1 = min(sw, int(math.ceil(box[2])) + margin)
+    y1 = min(sh, int(math.ceil(box[3])) + margin)
+    region = tj.decode_region(data, subsamp, k, (x0, y0, x1 - x0, y1 - y0))
+    if region is None:
+        return None
+    local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    return resample_window(Image.fromarray(region), local, crop)
+
+
+def _window_pil(path, data, crop, draws):
+    """The resampled window via PIL: DCT-scaled decode (draft) for large plain JPEGs, else decode_rgb."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        plain_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
+    except Exception:  # not an image PIL can even identify: decode_rgb raises the proper BadImageError
+        plain_jpeg = False
+    if plain_jpeg:
+        width, height = img.size
+        box = source_box(width, height, crop, draws)
+        k = dct_factor(box, crop)
+        if k > 1:
+            img.draft(img.mode, (width // k, height // k))
+        try:
+            img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError):
+            img = images.decode_rgb(path)  # truncated or corrupt: raises BadImageError
+        k = max(1, round(width / img.width))  # DCT scaling maps x to x/k exactly; the size is rounded up
+        return resample_window(img, tuple(v / k for v in box), crop)
+    img = images.decode_rgb(path)
+    return resample_window(img, source_box(img.width, img.height, crop, draws), crop)
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise images.BadImageError(f"cannot read: {e.strerror or e}") from None
+
+
+def augment_crop(path, crop, draws, decoder="turbojpeg", cached_path=None):
+    """The uint8 [crop, crop, 3] training crop of one image (flipped if drawn), by the fast path.
+
+    `cached_path` is preprocess.py's copy of this image at draws.scale, when valid.
+    Raises data.images.BadImageError for unreadable files.
+    """
+    out = None
+    if cached_path is not None:
+        out = _cut_cached(cached_path, crop, draws, decoder)
+    if out is None:
+        data = _read_bytes(path)
+        tj = get_turbojpeg() if decoder == "turbojpeg" else None
+        img = _window_turbo(tj, data, crop, draws) if tj is not None else None
+        if img is None:
+            img = _window_pil(path, data, crop, draws)
+        out = np.asarray(img)
+    if draws.flip:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def _cut_cached(cached_path, crop, draws, decoder):
+    """The crop cut without resampling from an image already resized to S, or None if it is unusable."""
+    try:
+        data = _read_bytes(cached_path)
+    except images.BadImageError:
+        return None
+    tj = get_turbojpeg() if decoder == "turbojpeg" else None
+    head = tj.header(data) if tj is not None else None
+    if head is not None:
+        width, height, subsamp = head
+        if min(width, height) != draws.scale:
+            return None
+        top, left = crop_origin(width, height, crop, draws)
+        margin = _filter_margin(1.0)  # keeps libjpeg's region-edge upsampling out of the crop
+        x0 = max(0, left - margin) // tj.mcu_width(subsamp, 1) * tj.mcu_width(subsamp, 1)
+        y0 = max(0, top - margin)
+        x1, y1 = min(width, left + crop + margin), min(height, top + crop + margin)
+        region = tj.decode_region(data, subsamp, 1, (x0, y0, x1 - x0, y1 - y0))
+        if region is not None:
+            return region[top - y0:top - y0 + crop, left - x0:left - x0 + crop]
+    try:
+        arr = np.asarray(images.decode_rgb(cached_path))
+    except images.BadImageError:
+        return None
+    if min(arr.shape[:2]) != draws.scale:
+        return None
+    top, left = crop_origin(arr.shape[1], arr.shape[0], crop, draws)
+    return arr[top:top + crop, left:left + crop]
+
+
+# ----------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Recipe:
+    """Everything that determines a batch's bytes besides the images themselves."""
+    seed: int
+    batch_size: int
+    crop: int
+    scales: tuple
+    pca_std: float
+    mu: tuple
+    sigma: tuple
+    decoder: str = "turbojpeg"          # resolved: 'turbojpeg' or 'pil'
+    cache_root: str = None              # preprocess.py's cache when valid for this index
+    cached_scales: frozenset = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg, batch_size, cache_scales=()):
+        import utils
+        mu, sigma = utils.mu_sigma(cfg)
+        rp = cfg.runtime_preprocessing
+        return cls(seed=cfg.train.seed, batch_size=int(batch_size), crop=cfg.images.crop_size,
+                   scales=tuple(utils.scales(cfg)), pca_std=cfg.images.pca_std, mu=mu, sigma=sigma,
+                   decoder=resolve_decoder(rp.decoder),
+                   cache_root=cfg.preprocess.path_to_save if cache_scales else None,
+                   cached_scales=frozenset(cache_scales))
+
+
+class BatchBuilder:
+    """Builds batch (epoch, b) of a dataset: uint8 images, int32 labels, float32 lighting.
+
+    Unreadable images are replaced by the next readable one in the epoch's order
+    (deterministically), and logged once per process.
+    """
+
+    def __init__(self, paths, labels, recipe):
+        self.paths, self.labels, self.recipe = list(paths), np.asarray(labels), recipe
+        self._perm_epoch, self._perm = None, None
+        self.skipped = images.SkipList("training image")
+
+    def permutation(self, epoch):
+        if self._perm_epoch != epoch:
+            self._perm = epoch_permutation(self.recipe.seed, epoch, len(self.paths))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def num_batches(self):
+        return len(self.paths) // self.recipe.batch_size
+
+    def build(self, epoch, batch):
+        r = self.recipe
+        perm = self.permutation(epoch)
+        out = np.empty((r.batch_size, r.crop, r.crop, 3), np.uint8)
+        labels = np.empty(r.batch_size, np.int32)
+        lighting = np.empty((r.batch_size, 3), np.float32)
+        for slot in range(r.batch_size):
+            position = batch * r.batch_size + slot
+            draws = image_draws(r.seed, epoch, position, r.scales, r.pca_std)
+            index = self._readable_crop(out, slot, perm, position, draws)
+            labels[slot] = self.labels[index]
+            lighting[slot] = lighting_shift(out[slot], draws.alpha, r.mu, r.sigma)
+        return out, labels, lighting
+
+    def _readable_crop(self, out, slot, perm, position, draws):
+        n = len(self.paths)
+        for step in range(n):
+            index = int(perm[(position + step) % n])
+            path = self.paths[index]
+            try:
+                out[slot] = augment_crop(path, self.recipe.crop, draws, self.recipe.decoder, self._cached(index, draws))
+                return index
+            except images.BadImageError as e:
+                self.skipped.add(path, str(e))
+        from utils import UserError
+        raise UserError(f"None of the {n} training images can be decoded; check the dataset folder.")
+
+    def _cached(self, index, draws):
+        r = self.recipe
+        if r.cache_root is None or draws.scale not in r.cached_scales:
+            return None
+        from data import scale_cache
+        path = scale_cache.cached_image_path(r.cache_root, draws.scale, index)
+        return path if os.path.exists(path) else None

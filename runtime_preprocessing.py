@@ -1,0 +1,66 @@
+"""Keep a buffer of ready training batches ahead of train.py (seed 001's runtime preprocessing).
+
+    python runtime_preprocessing.py --epoch_start=0 --epoch_end=30 --batch_size=64 [--config config.txt]
+
+Fills [train] buffer_folder with up to buffer_size batches (uint8 crops, labels and
+PCA lighting shifts), follows the trainer through training_progress.txt, deletes
+what it consumed and refills when less than refill_threshold of the buffer is left.
+Safe to kill and rerun with the same command: it continues where the buffer stands.
+The protocol is described in data/buffer.py, the augmentation in data/augment.py.
+"""
+import os
+
+# One worker process per core: BLAS threads inside each would only fight over the cores.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import utils  # noqa: E402
+
+
+def epoch_start_arg(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', received '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an epoch >= 0, received {value}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    utils.add_config_arg(p)
+    p.add_argument("--epoch_start", type=epoch_start_arg, required=True,
+                   help="first epoch to produce, or 'auto' to follow training_progress.txt from wherever it is")
+    p.add_argument("--epoch_end", type=int, required=True, help="produce epochs up to epoch_end - 1")
+    p.add_argument("--batch_size", type=int, required=True, help="images per batch; must match train.py's")
+    p.add_argument("--clear_buffer", action="store_true",
+                   help="delete batches of another run (different batch size, crop, seed or dataset) instead of refusing")
+    p.add_argument("--once", action="store_true", help="fill the buffer once and exit (pre-filling, benchmarks)")
+    p.add_argument("--num_workers", type=int, default=0, help="override [runtime_preprocessing] num_of_threads")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.setup_logging()
+    cfg = utils.load_config(args.config)
+    # SIGTERM unwinds like Ctrl-C, so the workers stop and the heartbeat says 'stopped'.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    from data.buffer import Producer
+    producer = Producer(cfg, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
+                        num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once)
+    produced = producer.run()
+    print(f"produced {produced} batches into {cfg.train.buffer_folder}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
