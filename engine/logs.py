@@ -77,11 +77,20 @@ class BatchLog:
 
 
 class TensorBoard:
-    """tf.summary scalars under <run>/tensorboard; a no-op when disabled (non-chief workers)."""
+    """Scalar events under <run>/tensorboard; a no-op when disabled (non-chief workers).
+
+    Written with the core tf.summary.write and the 'scalars' plugin tag that
+    tensorboard's own scalar summary uses, so TensorBoard shows them as scalars
+    without the tensorboard package being installed here (tensorflow-cpu 2.21
+    does not pull it in).
+    """
 
     def __init__(self, run_path, enabled=True):
         import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
         self.tf = tf
+        self.metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""))
         self.writer = tf.summary.create_file_writer(os.path.join(run_path, TENSORBOARD_DIR)) if enabled else None
 
     def scalars(self, step, values, prefix=""):
@@ -90,7 +99,8 @@ class TensorBoard:
         with self.writer.as_default():
             for name, value in values.items():
                 if value is not None:
-                    self.tf.summary.scalar(prefix + name, float(value), step=int(step))
+                    self.tf.summary.write(prefix + name, self.tf.constant(float(value), self.tf.float32),
+                                          step=int(step), metadata=self.metadata)
 
     def flush(self):
         if self.writer:
@@ -99,6 +109,19 @@ class TensorBoard:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+def read_scalars(run_path):
+    """{tag: [(step, value), ...]} from <run>/tensorboard (for tests and plots)."""
+    import glob
+    import tensorflow as tf
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run_path, TENSORBOARD_DIR, "events.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return out
 
 
 def progress_bar(epoch, total, enabled=True):
