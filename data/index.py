@@ -45,14 +45,15 @@ class DatasetIndex:
         return len(self.paths)
 
     def relpaths(self):
-        return [os.path.relpath(p, self.root) for p in self.paths]
+        prefix = len(self.root) + 1
+        return [p[prefix:] if p.startswith(self.root + os.sep) else os.path.relpath(p, self.root)
+                for p in self.paths]
 
     def fingerprint(self):
         """Hash of classes, relative paths and labels: names this exact dataset split, wherever it lives."""
         h = hashlib.sha256()
         h.update(("\n".join(self.classes) + "\x00").encode())
-        for rel, label in zip(self.relpaths(), self.labels.tolist()):
-            h.update(f"{rel}\t{label}\n".encode())
+        h.update("\n".join(f"{rel}\t{label}" for rel, label in zip(self.relpaths(), self.labels.tolist())).encode())
         return h.hexdigest()[:32]
 
 
@@ -214,13 +215,14 @@ def _safe_join(root, rel, list_path, line_no):
     if os.path.isabs(rel) or rel.startswith("~"):
         raise UserError(f"{list_path} line {line_no}: path '{rel}' must be relative to {root}.")
     path = os.path.normpath(os.path.join(root, rel))
-    if os.path.commonpath([root, path]) != root:
+    if not path.startswith(root + os.sep):
         raise UserError(f"{list_path} line {line_no}: path '{rel}' leaves the dataset folder {root}; "
                         f"list files may only name files inside it.")
     return path
 
 
-def _list_classes(root):
+def _list_classes(root, split_entries=None):
+    """Class names: synsets.txt, else label numbers up to the largest label in train.txt."""
     synsets = os.path.join(root, "synsets.txt")
     if os.path.isfile(synsets):
         with open(synsets) as f:
@@ -228,16 +230,17 @@ def _list_classes(root):
         if len(set(names)) != len(names):
             raise UserError(f"{synsets} lists a class twice; it must hold one distinct wnid per line.")
         return names
-    if not os.path.isfile(os.path.join(root, "train.txt")):
-        raise UserError(f"{root} has val.txt but no train.txt to define the classes; {EXPECTED_LAYOUTS}.")
-    _, entries = _read_list(root, "train")
-    count = max((label for _, label in entries), default=-1) + 1
+    if split_entries is None:
+        if not os.path.isfile(os.path.join(root, "train.txt")):
+            raise UserError(f"{root} has val.txt but no train.txt to define the classes; {EXPECTED_LAYOUTS}.")
+        _, split_entries = _read_list(root, "train")
+    count = max((label for _, label in split_entries), default=-1) + 1
     return [f"class_{k:04d}" for k in range(count)]
 
 
 def _from_list(root, split):
-    classes = _list_classes(root)
     list_path, entries = _read_list(root, split)
+    classes = _list_classes(root, entries if split == "train" else None)
     for line_no, (path, label) in enumerate(entries, start=1):
         if not 0 <= label < len(classes):
             raise UserError(f"{list_path}: label {label} of {path} is outside 0..{len(classes) - 1} "
