@@ -2,10 +2,13 @@
 
 Every pixel of every image counts once, at the image's decoded size (the
 original took one random 224 crop per pre-resized image instead; at ImageNet
-scale the two agree to about 1e-3). Pixels are in [0, 1]. Each image gives
-(count, mean, sum of squared deviations) in float64 and the per-image results
-are merged in index order with Chan et al.'s pairwise update, which is
-numerically stable and gives the same bits whatever the number of workers.
+scale the two agree to about 1e-3). Pixels are in [0, 1].
+
+Exact arithmetic: per image, the channel sums of the uint8 values and of their
+squares are integers (exact in float64 up to 2^53, i.e. any image), and the
+totals are accumulated as Python integers. The variance n*S2 - S1^2 is then
+formed exactly, so there is no cancellation however many images are summed,
+and the result is the same bits whatever the number of workers.
 """
 import numpy as np
 
@@ -13,24 +16,21 @@ from data import images
 from data.pool import imap_progress
 
 
-def image_moments(path):
-    """(pixel count, channel means [3], channel sums of squared deviations [3]) of one image, or a skip reason."""
+def image_sums(path):
+    """(pixel count, channel sums [3], channel sums of squares [3]) as ints, or the reason it is unreadable."""
     try:
         img = images.decode_rgb(path)
     except images.BadImageError as e:
         return str(e)
-    x = np.asarray(img, np.float64).reshape(-1, 3) / 255.0
-    mean = x.mean(axis=0)
-    return x.shape[0], mean, ((x - mean) ** 2).sum(axis=0)
+    x = np.asarray(img, np.float64).reshape(-1, 3)
+    return x.shape[0], [int(v) for v in x.sum(axis=0)], [int(v) for v in np.einsum("ij,ij->j", x, x)]
 
 
-def merge(a, b):
-    """Combine two (count, mean, M2) triples (Chan, Golub, LeVeque)."""
-    n_a, mean_a, m2_a = a
-    n_b, mean_b, m2_b = b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta ** 2 * (n_a * n_b / n)
+def moments(count, sums, squares):
+    """(mean [3], std [3]) of pixels/255 from exact integer totals (population std)."""
+    mean = np.array([s / count for s in sums]) / 255.0
+    var = np.array([(count * q - s * s) / (count * count) for s, q in zip(sums, squares)]) / 255.0 ** 2
+    return mean, np.sqrt(var)
 
 
 def choose_subset(count, max_images, seed):
@@ -42,17 +42,18 @@ def choose_subset(count, max_images, seed):
 
 def mu_sigma_of(paths, num_workers=0, progress=True, skip_list=None):
     """(mu [3], sigma [3], images used, pixels) over `paths`; unreadable files go to skip_list."""
-    total = None
-    used = 0
-    for path, result in zip(paths, imap_progress(image_moments, paths, num_workers, desc="mu/sigma",
+    count, sums, squares, used = 0, [0, 0, 0], [0, 0, 0], 0
+    for path, result in zip(paths, imap_progress(image_sums, paths, num_workers, desc="mu/sigma",
                                                  disable=not progress)):
         if isinstance(result, str):
             if skip_list is not None:
                 skip_list.add(path, result)
             continue
-        total = result if total is None else merge(total, result)
+        count += result[0]
+        sums = [a + b for a, b in zip(sums, result[1])]
+        squares = [a + b for a, b in zip(squares, result[2])]
         used += 1
-    if total is None:
+    if used == 0:
         raise ValueError("no readable images")
-    n, mean, m2 = total
-    return mean, np.sqrt(m2 / n), used, int(n)
+    mean, std = moments(count, sums, squares)
+    return mean, std, used, count

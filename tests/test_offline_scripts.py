@@ -162,16 +162,17 @@ def test_mu_sigma_matches_numpy(config, dataset):
     np.testing.assert_allclose(mu, written["mu"]) and np.testing.assert_allclose(sigma, written["sigma"])
 
 
-def test_mu_sigma_merge_is_stable():
+def test_mu_sigma_is_exact():
     rng = np.random.default_rng(0)
-    parts = [1e4 + rng.normal(0, 1e-3, (n, 3)) for n in (5, 700, 13)]  # large offset, tiny spread
-    total = None
-    for p in parts:
-        moments = (len(p), p.mean(axis=0), ((p - p.mean(axis=0)) ** 2).sum(axis=0))
-        total = moments if total is None else stats.merge(total, moments)
-    everything = np.concatenate(parts)
-    np.testing.assert_allclose(total[1], everything.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(np.sqrt(total[2] / total[0]), everything.std(axis=0), rtol=1e-6)
+    # a near-constant channel is where naive float sums of squares lose everything
+    pixels = np.stack([rng.integers(0, 256, 10**6), np.full(10**6, 200), 200 + rng.integers(0, 2, 10**6)], axis=1)
+    sums = [int(v) for v in pixels.sum(axis=0)]
+    squares = [int(v) for v in (pixels.astype(np.int64) ** 2).sum(axis=0)]
+    mean, std = stats.moments(len(pixels), sums, squares)
+    x = pixels.astype(np.float64)  # integer-valued, so numpy's own sums are exact here
+    np.testing.assert_allclose(mean, x.mean(axis=0) / 255.0, rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=0) / 255.0, rtol=1e-9)
+    assert std[1] == 0.0
 
 
 def test_mu_sigma_subset_is_seeded():
