@@ -19,7 +19,7 @@ import numpy as np
 
 import utils
 from data import images
-from data.pool import imap_progress
+from data.pool import imap_progress, single_writer
 
 DATASET_FILE = "dataset.json"
 LABELS_FILE = "labels.npy"
@@ -104,27 +104,35 @@ def build_scale(cache_root, index, shorter_side, num_workers=0, quality=95, prog
     prepare(cache_root, index)
     folder = os.path.join(cache_root, str(int(shorter_side)))
     os.makedirs(folder, exist_ok=True)
-    utils.remove_stale_temps(folder)  # left by a killed run; one writer per scale folder at a time
-    done = {entry.name for entry in os.scandir(folder)}
-    todo = [(i, p) for i, p in enumerate(index.paths) if f"img_{i}.jpg" not in done]
-    known_bad = unreadable_indices(cache_root, shorter_side)
-    if any(i not in known_bad for i, _ in todo):  # files went missing since the scale was marked complete
-        _remove_if_present(os.path.join(folder, COMPLETE_FILE))
+    with single_writer(folder, f"the S={shorter_side} cache"):
+        utils.remove_stale_temps(folder)  # left by a killed run
+        done = {entry.name for entry in os.scandir(folder)}
+        todo = [(i, p) for i, p in enumerate(index.paths) if f"img_{i}.jpg" not in done]
+        known_bad = unreadable_indices(cache_root, shorter_side)
+        if any(i not in known_bad for i, _ in todo):  # files went missing since the scale was marked complete
+            _remove_if_present(os.path.join(folder, COMPLETE_FILE))
+        unreadable = _resize_all(cache_root, index, shorter_side, todo, num_workers, quality, progress)
+        complete = {"shorter_side": int(shorter_side), "count": len(index), "fingerprint": index.fingerprint(),
+                    "jpeg_quality": quality, "unreadable": unreadable}
+        utils.atomic_write_text(os.path.join(folder, COMPLETE_FILE), json.dumps(complete, indent=1) + "\n")
+    return {"written": len(todo) - len(unreadable), "existing": len(index) - len(todo),
+            "unreadable": len(unreadable), "seconds": time.time() - t0}
+
+
+def _resize_all(cache_root, index, shorter_side, todo, num_workers, quality, progress):
+    """Resize the (position, path) pairs in `todo`; returns {position: [relpath, reason]} of unreadable ones."""
     jobs = [(p, cached_image_path(cache_root, shorter_side, i), shorter_side, quality) for i, p in todo]
+    results = imap_progress(_resize_one, jobs, num_workers, desc=f"S={shorter_side}", disable=not progress)
     skipped = images.SkipList()
     unreadable = {}
-    for (i, path), reason in zip(todo, imap_progress(_resize_one, jobs, num_workers, desc=f"S={shorter_side}",
-                                                       disable=not progress)):
+    for (i, path), reason in zip(todo, results):
         if reason is not None:
             skipped.add(path, reason)
             unreadable[str(i)] = [os.path.relpath(path, index.root), reason]
-    if not skipped.save(os.path.join(folder, SKIPPED_FILE)):
-        _remove_if_present(os.path.join(folder, SKIPPED_FILE))
-    complete = {"shorter_side": int(shorter_side), "count": len(index), "fingerprint": index.fingerprint(),
-                "jpeg_quality": quality, "unreadable": unreadable}
-    utils.atomic_write_text(os.path.join(folder, COMPLETE_FILE), json.dumps(complete, indent=1) + "\n")
-    return {"written": len(todo) - len(unreadable), "existing": len(index) - len(todo),
-            "unreadable": len(unreadable), "seconds": time.time() - t0}
+    skipped_file = os.path.join(cache_root, str(int(shorter_side)), SKIPPED_FILE)
+    if not skipped.save(skipped_file):
+        _remove_if_present(skipped_file)
+    return unreadable
 
 
 def _remove_if_present(path):

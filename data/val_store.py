@@ -28,7 +28,7 @@ from PIL import Image
 
 import utils
 from data import images
-from data.pool import imap_progress
+from data.pool import imap_progress, single_writer
 
 FORMAT_VERSION = 1
 SETTINGS_FILE = "settings.json"
@@ -142,16 +142,17 @@ def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), ch
     if meta is not None:
         say(f"{path} is already complete ({meta['images']} images); nothing to do.")
         return meta
-    utils.remove_stale_temps(path)  # left by a killed run; one preprocess_val.py per store at a time
-    num_chunks = -(-len(index) // chunk_images)
-    for k in range(num_chunks):
-        if _chunk_done(path, k, settings["kinds"]):
-            continue
-        positions = range(k * chunk_images, min((k + 1) * chunk_images, len(index)))
-        skipped = _write_chunk(path, k, index, positions, settings, num_workers, progress)
-        for _, rel, reason in skipped:
-            images.log.warning("skipping unreadable validation image %s: %s", rel, reason)
-    return _finish(path, index, settings, num_chunks)
+    with single_writer(path, "the validation store"):
+        utils.remove_stale_temps(path)  # left by a killed run
+        num_chunks = -(-len(index) // chunk_images)
+        skipped = images.SkipList("validation image")
+        for k in range(num_chunks):
+            if _chunk_done(path, k, settings["kinds"]):
+                continue
+            positions = range(k * chunk_images, min((k + 1) * chunk_images, len(index)))
+            for i, _, reason in _write_chunk(path, k, index, positions, settings, num_workers, progress):
+                skipped.add(index.paths[i], reason)
+        return _finish(path, index, settings, num_chunks)
 
 
 def _check_settings(path, settings):

@@ -12,6 +12,7 @@ from PIL import Image
 import utils
 from data import images, scale_cache, stats, val_store
 from data.index import load_index
+from data.pool import single_writer
 from tools.make_demo_dataset import MARKER, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +128,18 @@ def test_preprocess_resumes_identically(tmp_path, dataset):
     after = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
     assert after == before
     assert not any(utils.is_temp_name(n) for n in os.listdir(folder) + os.listdir(root))
+
+
+def test_one_writer_per_scale_folder(tmp_path, dataset):
+    index = load_index(dataset, "train")
+    root = str(tmp_path / "scales")
+    os.makedirs(os.path.join(root, "40"))
+    stale = os.path.join(root, "40", ".tmp-img_0.jpg-1-abcdef")
+    open(stale, "wb").close()
+    with single_writer(os.path.join(root, "40"), "test"):  # as if another preprocess.py were running
+        with pytest.raises(utils.UserError, match="Another process is already writing"):
+            scale_cache.build_scale(root, index, 40, num_workers=1, progress=False)
+    assert os.path.exists(stale)  # the other writer's temp file was left alone
 
 
 def test_preprocess_refuses_another_datasets_cache(tmp_path, dataset):
