@@ -19,6 +19,7 @@ Files in <path_to_save>/, each written atomically:
   labels.npy, positions.npy, meta.json   written at the end; meta.json marks the store complete
 Chunks make the build resumable: a rerun redoes only unfinished chunks.
 """
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +93,7 @@ def _write_chunk(path, k, index, positions, settings, num_workers, progress):
     rows = {kind: [] for kind in kinds}
     skipped = []
     offsets = {kind: 0 for kind in kinds}
-    with _open_blobs(path, k, kinds) as blobs:
+    with _blob_writers(path, k, kinds) as blobs:
         results = imap_progress(_prepare_image, jobs, num_workers, desc=f"val chunk {k}", disable=not progress)
         for i, result in zip(positions, results):
             if isinstance(result, str):
@@ -110,23 +111,15 @@ def _write_chunk(path, k, index, positions, settings, num_workers, progress):
     return skipped
 
 
-class _open_blobs:
-    """One atomically written .bin file per kind for a chunk; all renamed into place on success."""
-
-    def __init__(self, path, k, kinds):
-        self.targets = {kind: _chunk_file(path, k, f"_{kind}.bin") for kind in kinds}
-
-    def __enter__(self):
-        import contextlib
-        self.stack = contextlib.ExitStack()
-        self.files = {}
-        for kind, target in self.targets.items():
-            tmp = self.stack.enter_context(utils.atomic_path(target))
-            self.files[kind] = self.stack.enter_context(open(tmp, "wb"))
-        return self.files
-
-    def __exit__(self, *exc):
-        return self.stack.__exit__(*exc)
+@contextlib.contextmanager
+def _blob_writers(path, k, kinds):
+    """One open temp file per kind for chunk k; each is renamed to chunk_<k>_<kind>.bin only on success."""
+    with contextlib.ExitStack() as stack:
+        files = {}
+        for kind in kinds:
+            tmp = stack.enter_context(utils.atomic_path(_chunk_file(path, k, f"_{kind}.bin")))
+            files[kind] = stack.enter_context(open(tmp, "wb"))
+        yield files
 
 
 def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), chunk_images=5000, num_workers=0,
