@@ -13,6 +13,7 @@ Logs: <run>/log.csv (one row per epoch), <run>/tensorboard/, <run>/train.log, <r
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 import utils
@@ -38,6 +39,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: a save in progress removes its temp folder, no epoch folder is half-written.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     cfg = utils.load_config(args.config)
     if args.batch_size < 1:
         raise utils.UserError(f"--batch_size must be a positive integer, received {args.batch_size}.")
@@ -59,7 +62,8 @@ def train(cfg, args, run_path, epoch_start, chief):
     if not chief:
         utils.setup_logging()
     reader = BufferReader(cfg, args.batch_size)
-    reader.check_manifest()
+    mu, sigma = utils.mu_sigma(cfg)
+    reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
     utils.quiet_tensorflow()
     from engine.trainer import Trainer
     trainer = Trainer(cfg, reader, run_path, args.batch_size, reader.num_classes,
