@@ -208,13 +208,21 @@ class ValStore:
         self.skipped = meta["skipped"]
         self.labels = np.load(os.path.join(self.path, LABELS_FILE), allow_pickle=False).astype(np.int64)
         self.positions = np.load(os.path.join(self.path, POSITIONS_FILE), allow_pickle=False)
-        self._tables = {kind: self._load_tables(kind, meta["num_chunks"]) for kind in meta["kinds"]}
+        try:
+            self._tables = {kind: self._load_tables(kind, meta["num_chunks"]) for kind in meta["kinds"]}
+        except (OSError, ValueError) as e:
+            raise utils.UserError(f"The validation store at {self.path} is damaged ({e}); delete it and rerun "
+                                  f"preprocess_val.py.") from None
         self._blobs = {}
 
     def _load_tables(self, kind, num_chunks):
         parts = []
         for k in range(num_chunks):
             table = np.load(_chunk_file(self.path, k, f"_{kind}.npy"), allow_pickle=False)
+            end = int((table[:, 1] + table[:, 2] * table[:, 3] * 3).max()) if len(table) else 0
+            size = os.path.getsize(_chunk_file(self.path, k, f"_{kind}.bin"))
+            if size != end:
+                raise ValueError(f"chunk_{k:05d}_{kind}.bin has {size} bytes, its index needs {end}")
             parts.append(np.concatenate([np.full((len(table), 1), k, np.int64), table[:, 1:]], axis=1))
         table = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
         if len(table) != len(self.labels):

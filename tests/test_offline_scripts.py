@@ -249,6 +249,10 @@ def test_val_store_skips_unreadable_and_refuses_other_settings(tmp_path):
         val_store.build_store(path, index, crop=32, eval_resize=40, progress=False)
     with pytest.raises(utils.UserError, match="No complete validation store"):
         val_store.open_val_store(str(tmp_path))
+    with open(os.path.join(path, "chunk_00001_eval.bin"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(utils.UserError, match="damaged.*chunk_00001_eval.bin has 100 bytes"):
+        val_store.open_val_store(path)
 
 
 def test_val_storage_per_image_for_a_500x375_photo(tmp_path):
