@@ -30,6 +30,7 @@ KAGGLE_SUBDIR = os.path.join("ILSVRC", "Data", "CLS-LOC")
 EXPECTED_LAYOUTS = ("expected one of: train/<wnid>/*.JPEG with val/<wnid>/*.JPEG; train/<wnid>/ with a flat "
                     f"val/ plus {KAGGLE_CSV}; or list files train.txt/val.txt ('relpath label' per line)")
 COUNT_KEY = {"train": "[train] N", "val": "[preprocess_val] N"}
+FINGERPRINT_SIZES = 4096
 
 
 @dataclasses.dataclass
@@ -50,11 +51,25 @@ class DatasetIndex:
                 for p in self.paths]
 
     def fingerprint(self):
-        """Hash of classes, relative paths and labels: names this exact dataset split, wherever it lives."""
+        """Hash of classes, relative paths, labels and sampled file sizes: names this dataset split.
+
+        The sizes of up to FINGERPRINT_SIZES evenly spaced files make a regenerated
+        set with the same file names (the demo set) count as a different dataset,
+        at a fixed cost whatever the dataset size. Moving the dataset keeps it.
+        """
         h = hashlib.sha256()
         h.update(("\n".join(self.classes) + "\x00").encode())
         h.update("\n".join(f"{rel}\t{label}" for rel, label in zip(self.relpaths(), self.labels.tolist())).encode())
+        step = max(1, len(self.paths) // FINGERPRINT_SIZES)
+        h.update((" ".join(str(_size(p)) for p in self.paths[::step])).encode())
         return h.hexdigest()[:32]
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def load_index(root, split, expected_count=0):

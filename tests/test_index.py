@@ -183,3 +183,12 @@ def test_list_paths_with_spaces(tmp_path):
     (tmp_path / "train.txt").write_text("my imgs/a b.JPEG 0\n")
     index = load_index(str(tmp_path), "train")
     assert index.paths == [str(tmp_path / "my imgs" / "a b.JPEG")] and index.classes == ["class_0000"]
+
+
+def test_fingerprint_survives_a_move_but_not_a_regeneration(tmp_path):
+    make_dataset(tmp_path / "a", **TINY)
+    before = load_index(tmp_path / "a", "train").fingerprint()
+    os.rename(tmp_path / "a", tmp_path / "b")
+    assert load_index(tmp_path / "b", "train").fingerprint() == before
+    make_dataset(tmp_path / "b", **dict(TINY, seed=5))  # same file names, other pixels
+    assert load_index(tmp_path / "b", "train").fingerprint() != before

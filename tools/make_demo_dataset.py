@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER = "demo_dataset.json"
 CLASS_NAMES = ("disc", "ring", "square", "triangle", "cross", "star", "frame", "stripes", "checker", "dots")
 LAYOUTS = ("folders", "kaggle", "lists")
@@ -118,19 +118,23 @@ def _draw_mask(kind, rng, h, w, cx, cy, r):
     return np.asarray(mask, np.float32) / 255.0
 
 
-def _texture(kind, rng, h, w):
-    """Float pattern in [0,1]: 1 where the first texture colour goes."""
+def _texture(kind, rng, h, w, short):
+    """Float pattern in [0,1]: 1 where the first texture colour goes.
+
+    Periods scale with the image so a texture survives the resize to the
+    training scales (at least about 6 px at shorter side 72).
+    """
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a = rng.uniform(0, math.pi)
     u = xx * math.cos(a) + yy * math.sin(a)
     v = -xx * math.sin(a) + yy * math.cos(a)
     if kind == "stripes":
-        period = rng.uniform(6, 11)
+        period = short * rng.uniform(0.08, 0.12)
         return (np.sin(2 * math.pi * u / period) > 0).astype(np.float32)
     if kind == "checker":
-        period = rng.uniform(8, 14)
+        period = short * rng.uniform(0.09, 0.14)
         return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
-    period = rng.uniform(7, 11)  # dots on a rotated grid
+    period = short * rng.uniform(0.09, 0.13)  # dots on a rotated grid
     du, dv = (u % period) - period / 2, (v % period) - period / 2
     return (du * du + dv * dv < (period * rng.uniform(0.25, 0.33)) ** 2).astype(np.float32)
 
@@ -155,7 +159,7 @@ def draw_image(class_id, rng, min_side=80, max_side=160):
     fg = _contrasting_colour(rng, bg_mean)
     if kind in ("stripes", "checker", "dots"):
         second = _contrasting_colour(rng, fg, min_gap=60.0)
-        t = _texture(kind, rng, h, w)[..., None]
+        t = _texture(kind, rng, h, w, short)[..., None]
         fill = fg[None, None, :] * t + second[None, None, :] * (1 - t)
     else:
         fill = fg[None, None, :] * (0.85 + 0.3 * rng.random((h, w, 1), dtype=np.float32))
