@@ -287,8 +287,12 @@ def test_demo_dataset_is_idempotent_and_seeded(tmp_path):
     for rel in files:
         if rel != MARKER:
             assert open(os.path.join(out, rel), "rb").read() == open(os.path.join(same, rel), "rb").read()
-    make_dataset(out, **dict(small, seed=1))  # other arguments: replaced
-    assert json.load(open(os.path.join(out, MARKER)))["args"]["seed"] == 1
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    make_dataset(out, **small, derived=[str(cache)])  # unchanged: derived folders are kept
+    assert cache.exists()
+    make_dataset(out, **dict(small, seed=1), derived=[str(cache)])  # other arguments: replaced, with its derivatives
+    assert json.load(open(os.path.join(out, MARKER)))["args"]["seed"] == 1 and not cache.exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("user data")

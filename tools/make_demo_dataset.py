@@ -253,12 +253,14 @@ def _read_marker(root):
 
 
 def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, seed=0, odd_files=True,
-                 layout="folders", min_side=80, max_side=160, num_workers=1, progress=False):
+                 layout="folders", min_side=80, max_side=160, num_workers=1, progress=False, derived=()):
     """Create the dataset at `root` (idempotent). Returns the marker dict.
 
     If `root` already holds a complete set made with the same arguments, nothing
     is done. A set made with other arguments is replaced; a folder this tool did
-    not make is refused.
+    not make is refused. `derived`: folders made from this dataset (resize cache,
+    validation store, statistics) that are deleted whenever the set is (re)made,
+    since the offline scripts rightly refuse outputs of a different dataset.
     """
     if layout not in LAYOUTS:
         raise utils.UserError(f"layout must be one of {', '.join(LAYOUTS)}, received '{layout}'.")
@@ -279,6 +281,8 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
             raise utils.UserError(f"{root} exists and was not made by make_demo_dataset.py; "
                                   f"choose another --out or delete that folder.")
         shutil.rmtree(root)  # our own set made with other arguments, or an empty folder
+    for folder in derived:
+        shutil.rmtree(folder, ignore_errors=True)
     jobs = _plan(num_classes, train_per_class, val_per_class, seed, layout)
     odd = _odd_kinds(num_classes, odd_files)
     with utils.atomic_dir(root) as tmp:
@@ -315,11 +319,14 @@ def main():
     p.add_argument("--min_side", type=int, default=80, help="smallest shorter side of a generated image")
     p.add_argument("--max_side", type=int, default=160, help="largest shorter side of a generated image")
     p.add_argument("--num_workers", type=int, default=0, help="worker processes; 0 = one per CPU core")
+    p.add_argument("--derived", action="append", default=[], metavar="FOLDER",
+                   help="a folder made from this dataset (cache, store) to delete when the set is (re)made; repeatable")
     a = p.parse_args()
     import time
     t0 = time.time()
     marker = make_dataset(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, not a.no_odd_files,
-                          a.layout, a.min_side, a.max_side, num_workers=a.num_workers, progress=True)
+                          a.layout, a.min_side, a.max_side, num_workers=a.num_workers, progress=True,
+                          derived=a.derived)
     c = marker["counts"]
     print(f"{a.out}: {c['train']} train + {c['val']} val images, {a.classes} classes "
           f"(ready in {time.time() - t0:.1f} s)")
