@@ -7,6 +7,10 @@ Accepted layouts under the dataset root (checked in this order, per split):
   kaggle:  train/<wnid>/*.JPEG, and a flat val/ with LOC_val_solution.csv
            (ImageId,PredictionString; the first token is the wnid). The Kaggle
            download root (ILSVRC/Data/CLS-LOC/{train,val} beside the CSV) works too.
+  tiny:    Tiny ImageNet (recognised by wnids.txt or val/val_annotations.txt):
+           train/<wnid>/images/*.JPEG, flat val/images/ labelled by val/val_annotations.txt
+           (tab-separated: file, wnid, box); wnids.txt, when present, must name the
+           same classes as train/.
 Classes are the sorted folder names of train/ (the lists layout: synsets.txt, or
 label numbers). Files are taken by extension (.jpeg/.jpg/.png, any case) and
 decoded later by content; unreadable ones are skipped by the scripts, not here,
@@ -28,7 +32,12 @@ SPLITS = ("train", "val")
 KAGGLE_CSV = "LOC_val_solution.csv"
 KAGGLE_SUBDIR = os.path.join("ILSVRC", "Data", "CLS-LOC")
 EXPECTED_LAYOUTS = ("expected one of: train/<wnid>/*.JPEG with val/<wnid>/*.JPEG; train/<wnid>/ with a flat "
-                    f"val/ plus {KAGGLE_CSV}; or list files train.txt/val.txt ('relpath label' per line)")
+                    f"val/ plus {KAGGLE_CSV}; or list files train.txt/val.txt ('relpath label' per line); or "
+                    "Tiny ImageNet's wnids.txt, train/<wnid>/images/ and val/val_annotations.txt")
+TINY_WNIDS = "wnids.txt"
+TINY_ANNOTATIONS = os.path.join("val", "val_annotations.txt")
+EXPECTED_TINY = ("expected the Tiny ImageNet layout: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
+                 "val/val_annotations.txt with lines 'file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1'")
 COUNT_KEY = {"train": "[train] N", "val": "[preprocess_val] N"}
 FINGERPRINT_SIZES = 4096
 
@@ -38,7 +47,7 @@ class DatasetIndex:
     paths: list          # absolute paths, index order
     labels: np.ndarray   # int64, one per path
     classes: list        # class names (wnids), label k is classes[k]
-    layout: str          # 'folders', 'kaggle' or 'lists'
+    layout: str          # 'folders', 'kaggle', 'lists' or 'tiny'
     root: str = ""
     split: str = ""
 
@@ -81,6 +90,8 @@ def load_index(root, split, expected_count=0):
         raise UserError(f"Dataset folder {root} does not exist; set ImageNet_folder in the config.")
     if os.path.isfile(os.path.join(root, f"{split}.txt")):
         index = _from_list(root, split)
+    elif _is_tiny(root):
+        index = _from_tiny(root, split)
     else:
         data_root = _data_root(root)
         classes = _train_classes(root, data_root)
@@ -203,6 +214,86 @@ def _val_from_kaggle_csv(val, images, csv_path, classes):
         raise UserError(f"{len(missing)} images listed in {csv_path} are missing from {val} ({missing[0]}, ...); "
                         f"restore them or remove their rows.")
     return DatasetIndex(paths, np.asarray(labels, np.int64), list(classes), "kaggle")
+
+
+# ----------------------------------------------------------------------------
+# Tiny ImageNet
+# ----------------------------------------------------------------------------
+
+def _is_tiny(root):
+    return os.path.isfile(os.path.join(root, TINY_WNIDS)) or os.path.isfile(os.path.join(root, TINY_ANNOTATIONS))
+
+
+def _from_tiny(root, split):
+    train = os.path.join(root, "train")
+    if not os.path.isdir(train):
+        raise UserError(f"{root} has {TINY_WNIDS} or {TINY_ANNOTATIONS} but no train/ folder; {EXPECTED_TINY}.")
+    classes, _ = _scan(train)
+    if not classes:
+        raise UserError(f"{train} has no class folders; {EXPECTED_TINY}.")
+    _check_wnids_file(root, classes)
+    if split == "val":
+        return _tiny_val(root, classes)
+    paths, labels = [], []
+    for label, wnid in enumerate(classes):
+        folder = os.path.join(train, wnid, "images")
+        if not os.path.isdir(folder):
+            raise UserError(f"{os.path.join(train, wnid)} has no images/ folder; {EXPECTED_TINY}.")
+        _, names = _scan(folder)
+        if not names:
+            raise UserError(f"Class folder {folder} holds no images (.JPEG/.jpg/.png); remove the class or restore "
+                            f"its files.")
+        paths.extend(os.path.join(folder, name) for name in names)
+        labels.extend([label] * len(names))
+    return DatasetIndex(paths, np.asarray(labels, np.int64), classes, "tiny")
+
+
+def _check_wnids_file(root, classes):
+    path = os.path.join(root, TINY_WNIDS)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        listed = sorted({line.split()[0] for line in f if line.strip()})
+    if listed != classes:
+        extra = sorted(set(listed) - set(classes)) or sorted(set(classes) - set(listed))
+        raise UserError(f"{path} lists {len(listed)} classes but train/ has {len(classes)} class folders (they "
+                        f"differ in {extra[0]}); restore the missing folders or fix {TINY_WNIDS}.")
+
+
+def _tiny_val(root, classes):
+    label_of = {c: k for k, c in enumerate(classes)}
+    annotations = os.path.join(root, TINY_ANNOTATIONS)
+    folder = os.path.join(root, "val", "images")
+    if not os.path.isfile(annotations) or not os.path.isdir(folder):
+        missing = annotations if not os.path.isfile(annotations) else folder
+        raise UserError(f"{missing} does not exist; {EXPECTED_TINY}.")
+    wnid_of = {}
+    with open(annotations) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = [field.strip() for field in line.split("\t")]
+            if len(fields) < 2 or not fields[0] or not fields[1]:
+                raise UserError(f"{annotations} line {line_no} must be 'file<TAB>wnid<TAB>box...', "
+                                f"received '{line.strip()}'.")
+            name, wnid = fields[0], fields[1]
+            if wnid not in label_of:
+                raise UserError(f"{annotations} line {line_no} names class {wnid}, which train/ does not have.")
+            if wnid_of.setdefault(name, wnid) != wnid:
+                raise UserError(f"{annotations} line {line_no} labels {name} {wnid} but an earlier line says "
+                                f"{wnid_of[name]}; keep one line per image.")
+    _, names = _scan(folder)
+    unlabelled = [name for name in names if name not in wnid_of]
+    if unlabelled:
+        raise UserError(f"{len(unlabelled)} images in {folder} have no line in {annotations} ({unlabelled[0]}, ...); "
+                        f"every val image needs a label.")
+    missing = sorted(set(wnid_of) - set(names))
+    if missing:
+        raise UserError(f"{len(missing)} images listed in {annotations} are missing from {folder} ({missing[0]}, ...); "
+                        f"restore them or remove their lines.")
+    paths = [os.path.join(folder, name) for name in names]
+    labels = np.asarray([label_of[wnid_of[name]] for name in names], np.int64)
+    return DatasetIndex(paths, labels, list(classes), "tiny")
 
 
 # ----------------------------------------------------------------------------
