@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MARKER = "demo_dataset.json"
 CLASS_NAMES = ("disc", "ring", "square", "triangle", "cross", "star", "frame", "stripes", "checker", "dots")
 LAYOUTS = ("folders", "kaggle", "lists")
@@ -59,13 +59,12 @@ def _contrasting_colour(rng, against, min_gap=70.0):
 
 
 def _background(rng, h, w):
-    c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    c1, c2 = rng.integers(0, 256, 3).astype(np.float32), rng.integers(0, 256, 3).astype(np.float32)
     angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    t = xx * math.cos(angle) + yy * math.sin(angle)
+    t = (np.arange(w, dtype=np.float32)[None, :] * math.cos(angle)
+         + np.arange(h, dtype=np.float32)[:, None] * math.sin(angle))
     t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
-    bg = c1[None, None, :] * (1 - t[..., None]) + c2[None, None, :] * t[..., None]
-    return bg.astype(np.float32), (c1 + c2) / 2.0
+    return c1 + (c2 - c1) * t[..., None], (c1 + c2) / 2.0
 
 
 def _rotate(points, angle, cx, cy):
@@ -124,7 +123,7 @@ def _texture(kind, rng, h, w, short):
     Periods scale with the image so a texture survives the resize to the
     training scales (at least about 6 px at shorter side 72).
     """
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    xx, yy = np.arange(w, dtype=np.float32)[None, :], np.arange(h, dtype=np.float32)[:, None]
     a = rng.uniform(0, math.pi)
     u = xx * math.cos(a) + yy * math.sin(a)
     v = -xx * math.sin(a) + yy * math.cos(a)
@@ -151,7 +150,7 @@ def draw_image(class_id, rng, min_side=80, max_side=160):
         ImageDraw.Draw(line).line([tuple(rng.uniform(0, [w, h])), tuple(rng.uniform(0, [w, h]))],
                                   fill=255, width=int(rng.integers(1, 3)))
         m = np.asarray(line, np.float32)[..., None] / 255.0
-        bg = bg * (1 - m) + rng.integers(0, 256, 3)[None, None, :] * m
+        bg = bg * (1 - m) + rng.integers(0, 256, 3).astype(np.float32) * m
     r = short * rng.uniform(0.22, 0.36)
     cx = w / 2 + rng.uniform(-0.12, 0.12) * w
     cy = h / 2 + rng.uniform(-0.12, 0.12) * h
@@ -160,11 +159,11 @@ def draw_image(class_id, rng, min_side=80, max_side=160):
     if kind in ("stripes", "checker", "dots"):
         second = _contrasting_colour(rng, fg, min_gap=60.0)
         t = _texture(kind, rng, h, w, short)[..., None]
-        fill = fg[None, None, :] * t + second[None, None, :] * (1 - t)
+        fill = second + (fg - second) * t
     else:
-        fill = fg[None, None, :] * (0.85 + 0.3 * rng.random((h, w, 1), dtype=np.float32))
+        fill = fg * (0.85 + 0.3 * rng.random((h, w, 1), dtype=np.float32))
     img = bg * (1 - mask) + fill * mask
-    img += rng.normal(0, rng.uniform(2, 12), img.shape).astype(np.float32)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 12))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
