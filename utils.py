@@ -134,9 +134,16 @@ SCHEMA = {
         "eval_resize": Key("int", 256, lo=8, help="shorter side for the 10-crop and centre-crop evaluation"),
         "eval_scales_50": Key("ints", (224, 256, 384, 480, 640), help="shorter sides of the 50-view protocol"),
         "pca_std": Key("float", 0.1, lo=0.0, help="std of the AlexNet-style PCA lighting coefficients; 0 = off"),
+        "crop_schedule": Key("str", "", help="progressive resizing: 'epoch:crop, ...' (e.g. '0:32, 10:48, 20:64'), "
+                                             "the training crop from each listed epoch on, each <= crop_size; "
+                                             "empty = crop_size throughout; evaluation stays at crop_size"),
+        "augmentation": Key("choice", "scale", choices=("scale", "tiny"),
+                            help="scale = seed 001's scale/crop/flip/PCA-lighting recipe; tiny = seed 002's imgaug "
+                                 "pipeline ([tiny_augment]) on images loaded at crop_size x crop_size, then a random crop"),
     },
     "model": {
-        "arch": Key("choice", "resnet50", choices=("resnet50",)),
+        "arch": Key("choice", "resnet50", choices=("resnet50", "concat_resnet"),
+                    help="resnet50, or concat_resnet (seed 002's fully convolutional Tiny ImageNet network)"),
         "num_classes": Key("int", 0, lo=0, help="0 = number of classes found in the dataset"),
         "width_multiplier": Key("float", 1.0, lo=0.01),
         "variant": Key("choice", "standard", choices=("standard", "original"),
@@ -144,6 +151,30 @@ SCHEMA = {
         "stride_on": Key("choice", "auto", choices=("auto", "3x3", "1x1"),
                          help="3x3 = ResNet v1.5, 1x1 = v1; auto = 3x3 for standard, 1x1 for original"),
         "zero_init_last_gamma": Key("bool", False, help="start the last batch renorm gamma of each block at 0"),
+        "normalization": Key("choice", "batch_renorm", choices=("batch_renorm", "batch_norm"),
+                             help="concat_resnet: batch_norm (seed 002; momentum 0.99, epsilon 1e-3) or batch_renorm "
+                                  "([batch_renorm]); resnet50 always uses batch renorm"),
+    },
+    "tiny_augment": {  # seed 002's imgaug magnitudes, used when [images] augmentation = tiny
+        "hflip": Key("float", 0.5, lo=0.0, hi=1.0, help="probability of a horizontal flip"),
+        "vflip": Key("float", 0.2, lo=0.0, hi=1.0, help="probability of a vertical flip"),
+        "sometimes": Key("float", 0.5, lo=0.0, hi=1.0, help="probability of each of blur, crop-and-pad, affine, dropout"),
+        "blur_sigma_max": Key("float", 2.0, lo=0.0, help="Gaussian blur sigma ~ U(0, this), in pixels"),
+        "crop_pad_min": Key("float", -0.1, lo=-0.49, hi=1.0, help="per side, fraction of the axis; negative crops"),
+        "crop_pad_max": Key("float", 0.2, lo=-0.49, hi=1.0, help="per side, fraction of the axis; positive pads"),
+        "scale_min": Key("float", 0.8, lo=0.01, help="affine zoom ~ U(scale_min, scale_max), x and y drawn apart"),
+        "scale_max": Key("float", 1.5, lo=0.01),
+        "translate": Key("float", 0.2, lo=0.0, hi=1.0, help="affine shift ~ U(-t, t) of the width and of the height"),
+        "rotate": Key("float", 45.0, lo=0.0, hi=180.0, help="affine rotation ~ U(-r, r) degrees"),
+        "shear": Key("float", 16.0, lo=0.0, hi=80.0, help="affine shear ~ U(-s, s) degrees"),
+        "dropout_p_min": Key("float", 0.03, lo=0.0, hi=1.0, help="coarse dropout: cell drop probability ~ U(min, max)"),
+        "dropout_p_max": Key("float", 0.15, lo=0.0, hi=1.0),
+        "dropout_size_min": Key("float", 0.02, lo=0.0, hi=1.0,
+                                help="coarse dropout grid: this fraction of each axis, at least dropout_min_cells cells"),
+        "dropout_size_max": Key("float", 0.05, lo=0.0, hi=1.0),
+        "dropout_per_channel": Key("float", 0.2, lo=0.0, hi=1.0, help="probability of one mask per channel"),
+        "dropout_min_cells": Key("int", 4, lo=1, help="imgaug's min_size: the coarsest grid side"),
+        "random_order": Key("bool", True, help="apply the six augmenters in a random order per image (imgaug random_order)"),
     },
 }
 
