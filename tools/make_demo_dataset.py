@@ -7,6 +7,10 @@ frame, stripes, checker, dots) drawn with a random colour, size, position and
 rotation on a noisy gradient background, in JPEGs of varied sizes and aspect
 ratios. Colour carries no class information, so a network has to learn shape.
 
+--layout tiny writes Tiny ImageNet's layout instead (wnids.txt, words.txt,
+train/<wnid>/images/, val/images/ + val/val_annotations.txt) with square images,
+64x64 unless --min_side/--max_side say otherwise.
+
 Odd files mirror what ImageNet really contains: CMYK and grayscale JPEGs, a PNG
 named .JPEG, and (train split) one truncated file that every script skips.
 
@@ -32,7 +36,8 @@ import utils  # noqa: E402
 GENERATOR_VERSION = 3
 MARKER = "demo_dataset.json"
 CLASS_NAMES = ("disc", "ring", "square", "triangle", "cross", "star", "frame", "stripes", "checker", "dots")
-LAYOUTS = ("folders", "kaggle", "lists")
+LAYOUTS = ("folders", "kaggle", "lists", "tiny")
+DEFAULT_SIDES = {"tiny": (64, 64)}  # other layouts: (80, 160)
 SPLIT_ID = {"train": 0, "val": 1}
 SUPERSAMPLE = 2  # shape masks are drawn at 2x and reduced, for anti-aliased edges
 
@@ -206,22 +211,29 @@ def _plan(num_classes, train_per_class, val_per_class, seed, layout):
     for k in range(num_classes):
         for j in range(train_per_class):
             name = f"{wnid(k)}_{j}.JPEG"
-            rel = f"2012_train/{wnid(k)}/{name}" if layout == "lists" else f"train/{wnid(k)}/{name}"
+            rel = {"lists": f"2012_train/{wnid(k)}/{name}",
+                   "tiny": f"train/{wnid(k)}/images/{name}"}.get(layout, f"train/{wnid(k)}/{name}")
             jobs.append(("train", k, j, rel))
     val = [(k, j) for k in range(num_classes) for j in range(val_per_class)]
     order = np.random.default_rng([seed, 99]).permutation(len(val))  # ImageNet val numbers mix classes
     for number, pos in enumerate(order, start=1):
         k, j = val[pos]
-        name = f"ILSVRC2012_val_{number:08d}.JPEG"
-        rel = {"folders": f"val/{wnid(k)}/{name}", "kaggle": f"val/{name}", "lists": f"2012_val/{name}"}[layout]
+        name = f"val_{number - 1}.JPEG" if layout == "tiny" else f"ILSVRC2012_val_{number:08d}.JPEG"
+        rel = {"folders": f"val/{wnid(k)}/{name}", "kaggle": f"val/{name}", "lists": f"2012_val/{name}",
+               "tiny": f"val/images/{name}"}[layout]
         jobs.append(("val", k, j, rel))
     return jobs
 
 
 def _make_one(job):
-    root, seed, split, k, j, rel, kind, min_side, max_side = job
+    root, seed, split, k, j, rel, kind, min_side, max_side, square = job
     rng = np.random.default_rng([seed, SPLIT_ID[split], k, j])
-    data = encode(draw_image(k, rng, min_side, max_side), kind)
+    arr = draw_image(k, rng, min_side, max_side)
+    if square:  # the centre square: the shape sits within 12% of the centre
+        h, w = arr.shape[:2]
+        side = min(h, w)
+        arr = arr[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    data = encode(arr, kind)
     path = os.path.join(root, rel)
     with open(path, "wb") as f:  # inside a temp folder that is renamed only when complete
         f.write(data)
@@ -241,6 +253,12 @@ def _write_label_files(root, jobs, num_classes, layout):
             text = "".join(f"{rel} {k}\n" for s, k, j, rel in jobs if s == split)
             utils.atomic_write_text(os.path.join(root, f"{split}.txt"), text)
         utils.atomic_write_text(os.path.join(root, "synsets.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
+    elif layout == "tiny":
+        utils.atomic_write_text(os.path.join(root, "wnids.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
+        utils.atomic_write_text(os.path.join(root, "words.txt"),
+                                "".join(f"{wnid(k)}\t{CLASS_NAMES[k % len(CLASS_NAMES)]}\n" for k in range(num_classes)))
+        lines = "".join(f"{os.path.basename(rel)}\t{wnid(k)}\t0\t0\t63\t63\n" for s, k, j, rel in jobs if s == "val")
+        utils.atomic_write_text(os.path.join(root, "val", "val_annotations.txt"), lines)
 
 
 def _read_marker(root):
@@ -287,7 +305,8 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
     with utils.atomic_dir(root) as tmp:
         for rel in sorted({os.path.dirname(rel) for *_, rel in jobs}):
             os.makedirs(os.path.join(tmp, rel), exist_ok=True)
-        work = [(tmp, seed, s, k, j, rel, odd.get((s, k, j), "rgb"), min_side, max_side) for s, k, j, rel in jobs]
+        work = [(tmp, seed, s, k, j, rel, odd.get((s, k, j), "rgb"), min_side, max_side, layout == "tiny")
+                for s, k, j, rel in jobs]
         total = sum(_map(_make_one, work, num_workers, progress))
         _write_label_files(tmp, jobs, num_classes, layout)
         marker["counts"] = {s: sum(1 for job in jobs if job[0] == s) for s in ("train", "val")}
@@ -314,13 +333,18 @@ def main():
     p.add_argument("--no_odd_files", action="store_true", help="leave out the CMYK/gray/PNG/truncated files")
     p.add_argument("--layout", choices=LAYOUTS, default="folders",
                    help="folders: train/<wnid>/, val/<wnid>/; kaggle: flat val/ + LOC_val_solution.csv; "
-                        "lists: train.txt/val.txt + synsets.txt")
-    p.add_argument("--min_side", type=int, default=80, help="smallest shorter side of a generated image")
-    p.add_argument("--max_side", type=int, default=160, help="largest shorter side of a generated image")
+                        "lists: train.txt/val.txt + synsets.txt; tiny: Tiny ImageNet's, square images")
+    p.add_argument("--min_side", type=int, default=None, help="smallest shorter side of a generated image "
+                                                                "(default 80; 64 for --layout tiny)")
+    p.add_argument("--max_side", type=int, default=None, help="largest shorter side of a generated image "
+                                                                "(default 160; 64 for --layout tiny)")
     p.add_argument("--num_workers", type=int, default=0, help="worker processes; 0 = one per CPU core")
     p.add_argument("--derived", action="append", default=[], metavar="FOLDER",
                    help="a folder made from this dataset (cache, store) to delete when the set is (re)made; repeatable")
     a = p.parse_args()
+    sides = DEFAULT_SIDES.get(a.layout, (80, 160))
+    a.min_side = sides[0] if a.min_side is None else a.min_side
+    a.max_side = max(sides[1], a.min_side) if a.max_side is None else a.max_side
     import time
     t0 = time.time()
     marker = make_dataset(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, not a.no_odd_files,
