@@ -90,6 +90,9 @@ def load_index(root, split, expected_count=0):
         raise UserError(f"Dataset folder {root} does not exist; set ImageNet_folder in the config.")
     if os.path.isfile(os.path.join(root, f"{split}.txt")):
         index = _from_list(root, split)
+    elif os.path.isfile(os.path.join(root, "train.txt")):
+        raise UserError(f"{root} has train.txt but no {split}.txt; the list layout needs both list files "
+                        f"('relpath label' per line, paths relative to {root}).")
     elif _is_tiny(root):
         index = _from_tiny(root, split)
     else:

@@ -176,6 +176,7 @@ def test_list_file_problems(tmp_path):
     (tmp_path / "train.txt").write_text("imgs/a.JPEG 1\n")
     index = load_index(str(tmp_path), "train")
     assert index.classes == ["n1", "n2"] and index.labels.tolist() == [1]
+    rejected(str(tmp_path), "val", "has train.txt but no val.txt")
 
 
 def test_list_paths_with_spaces(tmp_path):
