@@ -1,0 +1,237 @@
+"""train.py end to end with the real producer as a separate process, on a tiny generated dataset.
+
+One uninterrupted run (A) is the reference. Run B is SIGKILLed while it saves epoch 1
+and then resumed with --epoch_start=auto against the same, still running producer:
+its final weights must equal A's bit for bit ([train] deterministic = true).
+"""
+import configparser
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+BATCH = 16
+EPOCHS = 3
+STEPS = 8  # 4 classes x 32 images / BATCH
+
+
+# ----------------------------------------------------------------------------
+# Helpers (also used by test_distribute.py)
+# ----------------------------------------------------------------------------
+
+def make_data(root, classes=4, per_class=32):
+    sys.path.insert(0, ROOT)
+    from tools.make_demo_dataset import make_dataset
+    make_dataset(root, num_classes=classes, train_per_class=per_class, val_per_class=2, odd_files=False,
+                 min_side=40, max_side=56)
+    return root
+
+
+def write_config(folder, data_root, **sections):
+    """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides
+    given as section={key: value}."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(os.path.join(ROOT, "configs", "demo.txt"))
+    values = {
+        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
+        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
+                  "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
+        "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
+                   "eval_resize": "36", "eval_scales_50": "36, 40"},
+        "model": {"width_multiplier": "0.0625"},
+        "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
+        "schedule": {"type": "constant", "base_lr": "0.005"},
+    }
+    for name, keys in sections.items():
+        values.setdefault(name, {}).update(keys)
+    for name, keys in values.items():
+        if not parser.has_section(name):
+            parser.add_section(name)
+        for key, value in keys.items():
+            parser[name][key] = str(value)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.txt")
+    with open(path, "w") as f:
+        parser.write(f)
+    return path
+
+
+def start_producer(config, epoch_start, epoch_end, *extra):
+    return subprocess.Popen([PY, "runtime_preprocessing.py", "--config", config, f"--epoch_start={epoch_start}",
+                             f"--epoch_end={epoch_end}", f"--batch_size={BATCH}", "--no_progress", *extra],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH):
+    return [PY, "train.py", "--config", config, f"--run_folder={run}", f"--epoch_start={epoch_start}",
+            f"--epoch_end={epoch_end}", f"--batch_size={batch_size}", *extra]
+
+
+def run_train(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH, timeout=240):
+    return subprocess.run(train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=batch_size),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def read_checkpoint(prefix):
+    """{key: array} of a tf.train.Checkpoint, read with TensorFlow alone."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(prefix)
+    return {k: np.asarray(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
+            if not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
+
+
+def run_path(config, run):
+    return os.path.join(os.path.dirname(config), "runs", run)
+
+
+def csv_rows(run):
+    import csv
+    with open(os.path.join(run, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, data):
+    """An uninterrupted 3-epoch run with its own producer."""
+    config = write_config(str(tmp_path_factory.mktemp("a")), data)
+    producer = start_producer(config, 0, EPOCHS)
+    try:
+        result = run_train(config, "A", 0, EPOCHS)
+        assert result.returncode == 0, result.stderr[-3000:]
+        producer.wait(timeout=30)  # it exits once the trainer consumed the last batch
+    finally:
+        stop(producer)
+    return config, result
+
+
+# ----------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------
+
+def test_real_run_saves_complete_epochs_and_logs(run_a):
+    config, result = run_a
+    run = run_path(config, "A")
+    for epoch in range(EPOCHS):
+        folder = os.path.join(run, str(epoch))
+        assert sorted(os.listdir(folder)) == ["checkpoint", "config.txt", "saved_model"]
+        text = open(os.path.join(folder, "config.txt")).read()
+        assert "# git " in text and "[schedule]" in text and f"global step {(epoch + 1) * STEPS}" in text
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+    rows = csv_rows(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    assert [int(r["steps"]) for r in rows] == [STEPS * (e + 1) for e in range(EPOCHS)]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0], losses
+    for r in rows:
+        assert float(r["lr"]) == pytest.approx(0.005)
+        assert 0 <= float(r["wait_fraction"]) <= 1 and float(r["images_per_sec"]) > 0
+
+    lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]
+    assert lines == [f"{e} {b}" for e in range(EPOCHS) for b in range(STEPS)]
+
+    from engine.logs import read_scalars
+    scalars = read_scalars(run)
+    for tag in ("train/loss", "train/l2_loss", "train/learning_rate", "train/rmax", "train/dmax",
+                "train/images_per_sec", "train/buffer_wait_fraction", "epoch/train_loss", "epoch/wait_fraction"):
+        assert tag in scalars, sorted(scalars)
+    assert [s for s, _ in scalars["epoch/train_loss"]] == [STEPS * (e + 1) for e in range(EPOCHS)]
+
+    # The SavedModel runs without this project's code: uint8 images in, probabilities out.
+    import tensorflow as tf
+    loaded = tf.saved_model.load(os.path.join(run, str(EPOCHS - 1), "saved_model"))
+    out = loaded.signatures["serving_default"](images=tf.zeros([2, 32, 32, 3], tf.uint8))
+    assert out["probabilities"].shape == (2, 4)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupted(tmp_path, data, run_a):
+    config = write_config(str(tmp_path), data)
+    run = run_path(config, "B")
+    producer = start_producer(config, 0, EPOCHS)
+    try:
+        trainer = subprocess.Popen(train_cmd(config, "B", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        # Kill while epoch 1 is being written (its temp folder exists, the final one does not).
+        while time.monotonic() < deadline and trainer.poll() is None:
+            if os.path.isdir(run) and any(n.startswith(".tmp-1-") for n in os.listdir(run)):
+                break
+            time.sleep(0.005)
+        assert trainer.poll() is None, "the trainer ended before it saved epoch 1"
+        trainer.kill()
+        trainer.wait()
+
+        assert not os.path.exists(os.path.join(run, "1"))
+        from engine import run_folder
+        assert run_folder.complete_epochs(run) == [0]
+        weights = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, "0")))
+        assert int(weights["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == STEPS
+        import tensorflow as tf
+        tf.saved_model.load(os.path.join(run, "0", "saved_model"))
+
+        # The producer is still running: the resumed trainer re-reads epoch 1 from batch 0.
+        result = run_train(config, "B", "auto", EPOCHS)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        stop(producer)
+    assert "resumed from" in result.stderr and "epoch 0 done" in result.stderr
+    assert run_folder.complete_epochs(run) == list(range(EPOCHS))
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+    reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run_path(run_a[0], "A"), str(EPOCHS - 1))))
+    resumed = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, str(EPOCHS - 1))))
+    assert sorted(reference) == sorted(resumed)
+    # Momentum slots (conv-kernel shaped) are part of the comparison, not only the weights.
+    assert any(k.startswith("optimizer/_variables/") and reference[k].ndim == 4 and reference[k].any()
+               for k in reference)
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+    assert [r["train_loss"] for r in csv_rows(run)] == [r["train_loss"] for r in csv_rows(run_path(run_a[0], "A"))]
+    # The batch log shows epoch 1 twice: trained, killed while saving, trained again.
+    lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]
+    assert lines == [f"{e} {b}" for e in (0, 1, 1, 2) for b in range(STEPS)]
+
+
+def test_batch_size_mismatch_is_one_clear_sentence(run_a):
+    config, _ = run_a  # its buffer's manifest says batch size 16
+    result = run_train(config, "C", 0, 1, batch_size=8, timeout=60)
+    assert result.returncode == 2
+    assert "holds batches of 16 images but this run asks for --batch_size=8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_epoch_folders_are_refused_unless_overwrite(run_a):
+    config, _ = run_a
+    result = run_train(config, "A", 0, 2, timeout=60)
+    assert result.returncode == 2
+    assert "already holds epoch folder(s) 0, 1" in result.stderr and "--overwrite" in result.stderr
+    result = run_train(config, "A", 5, 6, timeout=60)
+    assert result.returncode == 2 and "cannot resume at epoch 5" in result.stderr
+    assert "the last complete epoch is 2" in result.stderr
