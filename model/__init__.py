@@ -1,0 +1,88 @@
+"""The network: `build_model(...)` and `model_kwargs(cfg, num_classes)`; export in model.export.
+
+    net = build_model(**model_kwargs(cfg, num_classes))
+    logits = net(images, training=True)      # float32 [B, num_classes]
+    loss = cross_entropy + net.regularization_loss()
+    ... optimizer step ...; net.train_step.assign_add(1)
+"""
+import dataclasses
+
+from model.batch_renorm import BatchRenorm, RenormConfig
+from model.export import export_saved_model
+from model.resnet import COMPUTE_DTYPES, STAGES, STRIDE_PLACES, VARIANTS, ResNet
+
+__all__ = ["build_model", "model_kwargs", "RenormConfig", "BatchRenorm", "export_saved_model"]
+
+# The stride placement each variant uses unless told otherwise: the original
+# code strided its first 1x1 conv (v1); v1.5 is the common standard.
+DEFAULT_STRIDE_ON = {"standard": "3x3", "original": "1x1"}
+
+
+def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant="standard", stride_on="auto",
+                zero_init_last_gamma=False, renorm=None, l2_penalty=0.0, compute_dtype="float32", seed=0):
+    """Build a ResNet (a tf.Module) with batch renormalization.
+
+    Args:
+        arch: key of model.resnet.STAGES ('resnet50').
+        num_classes: size of the dense output layer.
+        width_multiplier: scales every conv width (0.25 for the CPU demo).
+        variant: 'standard' (He et al.) or 'original' (the reproduced repo: ELU,
+            parameter-free shortcuts, conv biases).
+        stride_on: '3x3' (v1.5), '1x1' (v1) or 'auto' (3x3 for standard, 1x1 for original).
+        zero_init_last_gamma: start the last BRN gamma of every block at 0.
+        renorm: RenormConfig, a dict of its fields, or None for its defaults.
+        l2_penalty: coefficient of `net.regularization_loss()`.
+        compute_dtype: 'float32', 'float16' or 'bfloat16'; variables and batch
+            statistics stay float32, logits are float32.
+        seed: initialisation seed.
+    """
+    _check_choice("arch", arch, tuple(STAGES))
+    _check_choice("variant", variant, VARIANTS)
+    _check_choice("stride_on", stride_on, STRIDE_PLACES + ("auto",))
+    _check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f"num_classes must be a positive integer, received {num_classes!r}")
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be positive, received {width_multiplier!r}")
+    if renorm is None:
+        renorm = RenormConfig()
+    elif isinstance(renorm, dict):
+        renorm = RenormConfig(**renorm)
+    return ResNet(arch=arch, num_classes=num_classes, width_multiplier=float(width_multiplier), variant=variant,
+                  stride_on=DEFAULT_STRIDE_ON[variant] if stride_on == "auto" else stride_on,
+                  zero_init_last_gamma=bool(zero_init_last_gamma), renorm=renorm, l2_penalty=l2_penalty,
+                  compute_dtype=compute_dtype, seed=seed)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, received {value!r}")
+
+
+# [train] mixed_precision -> build_model(compute_dtype=...)
+COMPUTE_DTYPE_OF_POLICY = {"none": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+def model_kwargs(cfg, num_classes):
+    """build_model keyword arguments from a loaded config ([model], [batch_renorm], [l2], and
+    [train] mixed_precision and seed).
+
+    `num_classes` is the number of classes found in the dataset (or None when
+    unknown); [model] num_classes = 0 means "use it", any other value must match it.
+    All values are plain Python types, so the result can be written to JSON.
+    """
+    from utils import UserError
+    configured = cfg.model.num_classes
+    if configured and num_classes and configured != num_classes:
+        raise UserError(f"[model] num_classes is {configured} but the dataset has {num_classes} classes; "
+                        f"set num_classes = 0 to use the dataset's count, or point the config at the right dataset.")
+    classes = configured or num_classes
+    if not classes:
+        raise UserError("[model] num_classes is 0 and the number of classes is not known here; "
+                        "set num_classes in the config.")
+    return dict(arch=cfg.model.arch, num_classes=int(classes), width_multiplier=cfg.model.width_multiplier,
+                variant=cfg.model.variant, stride_on=cfg.model.stride_on,
+                zero_init_last_gamma=cfg.model.zero_init_last_gamma,
+                renorm=dataclasses.asdict(RenormConfig.from_config_section(cfg.batch_renorm)),
+                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[cfg.train.mixed_precision], seed=cfg.train.seed)
+
