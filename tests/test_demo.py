@@ -5,7 +5,6 @@ exercise the process handling (restart, failure report, clean stop, no stray
 process) in a second or two each, without TensorFlow.
 """
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +29,12 @@ FAKE = textwrap.dedent('''
     with open(os.path.join(d, "pids"), "a") as f:
         f.write(f"{os.getpid()}\\n{worker.pid}\\n")
     print(f"{role} started ({mode}, start {starts})", file=sys.stderr, flush=True)
+    if role == "producer" and not mode.endswith("crash") and not (mode == "crash_once" and starts == 1):
+        import json, socket  # the heartbeat the launcher waits for before it starts the trainer
+        beat = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "interval": 60,
+                "state": "running"}
+        with open(os.path.join(os.environ["FAKE_BUFFER"], "producer.json"), "w") as f:
+            json.dump(beat, f)
     if mode == "ok":
         time.sleep(1.0)
         sys.exit(0)
@@ -55,7 +60,9 @@ def fake(tmp_path):
         (tmp_path / f"{role}.py").write_text(
             f"import runpy, sys\nsys.argv = [sys.argv[0], '{role}'] + sys.argv[1:]\n"
             f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
-    shutil.copy(os.path.join(ROOT, "configs", "demo.txt"), tmp_path / "demo.txt")
+    config = open(os.path.join(ROOT, "configs", "demo.txt")).read()
+    (tmp_path / "buffer").mkdir()
+    (tmp_path / "demo.txt").write_text(config.replace("../demo_data/buffer", str(tmp_path / "buffer")))
     yield tmp_path
     for pid in _pids(tmp_path):  # never leave anything behind, even when a test fails
         try:
@@ -78,7 +85,8 @@ def _alive(pid):
 
 
 def _launch(d, producer="forever", trainer="ok", extra=(), wait=True):
-    env = dict(os.environ, FAKE_DIR=str(d), FAKE_PRODUCER=producer, FAKE_TRAINER=trainer)
+    env = dict(os.environ, FAKE_DIR=str(d), FAKE_BUFFER=str(d / "buffer"), FAKE_PRODUCER=producer,
+               FAKE_TRAINER=trainer)
     argv = [sys.executable, LAUNCH, "--run_folder=r", "--epoch_start=0", "--epoch_end=2", "--batch_size=8",
             f"--config={d / 'demo.txt'}", f"--producer_script={d / 'producer.py'}",
             f"--trainer_script={d / 'trainer.py'}", *extra]
@@ -107,6 +115,8 @@ def test_trainer_success_stops_the_producer_and_leaves_no_process(fake):
     assert code == 0, err
     assert "trainer finished" in err
     assert len(_pids(fake)) == 4
+    # the trainer started only after the producer's heartbeat said it was running
+    assert os.path.getmtime(fake / "buffer" / "producer.json") <= os.path.getmtime(fake / "trainer.starts")
     assert _all_gone(fake)
     trainer_args = (fake / "trainer.starts").read_text()
     assert "--run_folder=r" in trainer_args and "--learning_rate=0.05" in trainer_args

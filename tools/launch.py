@@ -1,11 +1,13 @@
 """Run the producer (runtime_preprocessing.py) and the trainer (train.py) together, as two processes.
 
     python tools/launch.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 --batch_size=64 \\
-        [--config config.txt] [--max_producer_restarts 5] [any other train.py flag, e.g. --learning_rate=0.01]
+        [--config config.txt] [--max_producer_restarts 5] [--producer_arg=--no_progress ...]
+        [any other train.py flag, e.g. --learning_rate=0.01]
 
 This is what a user does by hand in two terminals (which keeps working exactly as the seed
 describes); the launcher adds supervision:
-- the producer runs in the background, the trainer in the foreground (its output is shown as is);
+- the producer starts first and the trainer once the producer's heartbeat shows it running (so the
+  trainer never reads a previous run's manifest); the trainer's output is shown as is;
 - a producer that dies with an error while the trainer runs is restarted (at most
   --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;
 - Ctrl-C, SIGTERM or SIGHUP stop both cleanly: each child runs in its own process group, gets
@@ -35,6 +37,7 @@ import utils  # noqa: E402
 GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
 TAIL_LINES = 20  # stderr lines repeated when a process fails
 POLL_SECONDS = 0.2
+READY_TIMEOUT = 600.0  # the trainer starts after this long even if the producer never reported in
 _PR_SET_PDEATHSIG = 1
 
 
@@ -173,14 +176,15 @@ def _raise_stop(signum, frame):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving")
-    p.add_argument("--epoch_start", required=True, help="first epoch (an integer, or 'auto' if the scripts accept it)")
+    p.add_argument("--epoch_start", required=True, help="first epoch: an integer, or 'auto' = after the run's last complete epoch")
     p.add_argument("--epoch_end", required=True, type=int, help="train up to this epoch, exclusive")
     p.add_argument("--batch_size", required=True, type=int, help="the same for producer and trainer")
     p.add_argument("--max_producer_restarts", type=int, default=5,
                    help="restarts allowed for a producer that dies with an error (default 5)")
-    p.add_argument("--producer_epoch_start", default=None,
-                   help="epoch_start for restarted producers (default: 'auto' if the producer accepts it, "
-                        "else --epoch_start)")
+    p.add_argument("--producer_arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for runtime_preprocessing.py, repeatable (e.g. --producer_arg=--no_progress)")
+    p.add_argument("--producer_epoch_start", default="auto",
+                   help="epoch_start of a restarted producer (default 'auto': follow the trainer's progress file)")
     # Stand-ins for the two scripts, for the launcher's own tests.
     p.add_argument("--producer_script", default=os.path.join(ROOT, "runtime_preprocessing.py"), help=argparse.SUPPRESS)
     p.add_argument("--trainer_script", default=os.path.join(ROOT, "train.py"), help=argparse.SUPPRESS)
@@ -197,7 +201,7 @@ def common_flags(args, epoch_start):
 
 
 def producer_argv(args, epoch_start):
-    return [sys.executable, args.producer_script] + common_flags(args, epoch_start)
+    return [sys.executable, args.producer_script] + common_flags(args, epoch_start) + args.producer_arg
 
 
 def trainer_argv(args, passthrough):
@@ -205,35 +209,23 @@ def trainer_argv(args, passthrough):
             + common_flags(args, args.epoch_start) + passthrough)
 
 
-def _restart_epoch_start(args):
-    """Where a restarted producer starts: it must pick up the trainer's position, not epoch_start."""
-    if args.producer_epoch_start is not None:
-        return args.producer_epoch_start
-    return "auto" if _accepts_auto(args.producer_script) else args.epoch_start
-
-
-def _accepts_auto(script):
-    try:
-        with open(script, encoding="utf-8") as f:
-            return "auto" in f.read()
-    except OSError:
-        return False
-
-
-def supervise(args, passthrough):
+def supervise(args, passthrough, buffer_folder):
     """Run both processes to the end; returns the exit code for the launcher."""
     producer = Child("producer", producer_argv(args, args.epoch_start))
     trainer = None
+    ready_deadline = time.monotonic() + READY_TIMEOUT
+    say(f"producer pid {producer.proc.pid} started (run {args.run_folder}, epochs {args.epoch_start}.."
+        f"{args.epoch_end - 1}, batch size {args.batch_size}); the trainer starts once the producer is up.")
     try:
-        trainer = Child("trainer", trainer_argv(args, passthrough))
-        say(f"producer pid {producer.proc.pid}, trainer pid {trainer.proc.pid} (run {args.run_folder}, "
-            f"epochs {args.epoch_start}..{args.epoch_end - 1}, batch size {args.batch_size}).")
         restarts = 0
         while True:
-            code = trainer.poll()
-            if code is not None:
-                return _trainer_finished(trainer, producer, code)
             code = producer.poll()
+            if trainer is None and (code == 0 or producer_ready(producer, buffer_folder) or
+                                    time.monotonic() > ready_deadline):
+                trainer = Child("trainer", trainer_argv(args, passthrough))
+                say(f"trainer pid {trainer.proc.pid} started.")
+            if trainer is not None and trainer.poll() is not None:
+                return _trainer_finished(trainer, producer, trainer.poll())
             if code not in (None, 0):
                 stop_all([producer])
                 if restarts >= args.max_producer_restarts:
@@ -241,7 +233,7 @@ def supervise(args, passthrough):
                     _print_tail(producer)
                     return 1
                 restarts += 1
-                start = _restart_epoch_start(args)
+                start = args.producer_epoch_start
                 say(f"producer exited with code {code}; restart {restarts}/{args.max_producer_restarts} "
                     f"with --epoch_start={start}. Its last lines:")
                 _print_tail(producer, n=5)
@@ -249,6 +241,22 @@ def supervise(args, passthrough):
             time.sleep(POLL_SECONDS)
     finally:
         stop_all([trainer, producer])
+
+
+def producer_ready(producer, buffer_folder):
+    """True once this producer's heartbeat says 'running', i.e. it has checked the buffer and written the manifest.
+
+    Starting the trainer earlier would let it read the manifest of a previous run (two terminals
+    opened in the seed's order never race like that).
+    """
+    from data.buffer import producer_status
+    state, record = producer_status(buffer_folder)
+    if state != "running":
+        return False
+    try:
+        return os.getpgid(int(record.get("pid", -1))) == producer.proc.pid  # our keeper leads its group
+    except (ProcessLookupError, PermissionError, ValueError, TypeError):
+        return False
 
 
 def _trainer_finished(trainer, producer, code):
@@ -274,11 +282,11 @@ def main(argv=None):
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
                               f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
-    utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
+    cfg = utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     try:
-        return supervise(args, passthrough)
+        return supervise(args, passthrough, cfg.train.buffer_folder)
     except Stop as e:
         say(f"received {e}; both processes stopped.")
         return 143
