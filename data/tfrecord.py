@@ -233,6 +233,11 @@ class RecordRef(typing.NamedTuple):
     def __str__(self):
         return f"{self.shard}@{self.offset}"
 
+    def __fspath__(self):
+        # Path helpers (os.path.relpath in skip lists, log lines) then name the record '<shard>@<offset>';
+        # opening that as a file fails loudly, which is why every reader goes through read_bytes().
+        return str(self)
+
     def read_payload(self, verify=False):
         return read_payload(self, verify)
 
@@ -484,6 +489,14 @@ def load_tfrecord_index(folder, split, expected_count=0, num_workers=1, progress
         raise UserError(f"Found {len(index)} {split} records in {folder} but the config expects {expected_count}; "
                         f"fix the shards or set {COUNT_KEY[split]} = {len(index)} (0 accepts any count).")
     return index
+
+
+def load_source_index(cfg, root, split, expected_count=0, num_workers=1, progress=True):
+    """One split of `root` read as [data] source says: 'folder' (data.index.load_index) or 'tfrecord' (shards)."""
+    if cfg.data.source == "tfrecord":
+        return load_tfrecord_index(root, split, expected_count, num_workers, progress)
+    from data.index import load_index
+    return load_index(root, split, expected_count)
 
 
 def _check_labels(folder, split, columns, classes, offset):
