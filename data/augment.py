@@ -185,8 +185,17 @@ class TurboJPEG:
         self._sig(lib.tj3SetScalingFactor, i, [vp, _Scaling])
         self._sig(lib.tj3Decompress8, i, [vp, cp, sz, vp, i, i])
         self._sig(lib.tj3GetErrorStr, cp, [vp])
+        self._sig(lib.tj3Destroy, None, [vp])
         self._lib = lib
-        self._handle = lib.tj3Init(self._INIT_DECOMPRESS)
+        self._handle = None
+        self._reset()
+
+    def _reset(self):
+        """A fresh handle: after a failed call, libjpeg-turbo 3.0's handle can report the previous
+        image's header as this one's (seen with a truncated file), so it is never reused."""
+        if self._handle:
+            self._lib.tj3Destroy(self._handle)
+        self._handle = self._lib.tj3Init(self._INIT_DECOMPRESS)
         if not self._handle:
             raise OSError("tj3Init failed")
 
@@ -198,6 +207,7 @@ class TurboJPEG:
         """(width, height, subsampling) of a JPEG this decoder can crop, else None (not JPEG, CMYK, odd)."""
         lib, h = self._lib, self._handle
         if lib.tj3DecompressHeader(h, data, len(data)) != 0:
+            self._reset()
             return None
         get = lambda name: lib.tj3Get(h, self._PARAM[name])  # noqa: E731
         subsamp = get("subsamp")
@@ -210,9 +220,11 @@ class TurboJPEG:
         lib, h = self._lib, self._handle
         x, y, w, hh = region
         if lib.tj3SetScalingFactor(h, _Scaling(1, k)) != 0 or lib.tj3SetCroppingRegion(h, _Region(x, y, w, hh)) != 0:
+            self._reset()
             return None
         out = np.empty((hh, w, 3), np.uint8)
         if lib.tj3Decompress8(h, data, len(data), out.ctypes.data, 0, self._PF_RGB) != 0:
+            self._reset()
             return None  # corrupt or truncated: the PIL path decides whether the file is usable
         return out
 

@@ -29,6 +29,7 @@ import collections
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -122,6 +123,24 @@ def batch_header_ok(folder, epoch, batch, batch_size, crop):
         if got_shape != shape or got_dtype != dtype or fortran or size != data_start + dtype.itemsize * np.prod(shape):
             return False
     return True
+
+
+def plan_refill(pos, ready, buffer_size, refill_below, end):
+    """The producer's rule: (batches to delete, batches to build), as linear positions.
+
+    The window is [pos, min(pos + buffer_size, end)). Batches outside it go (consumed,
+    or left from a trainer that restarted earlier). If fewer than `refill_below`
+    consecutive batches are ready from pos, every missing batch of the window is
+    built, in order; otherwise nothing is.
+    """
+    window_end = min(pos + buffer_size, end)
+    stale = {lin for lin in ready if not pos <= lin < window_end}
+    lead = 0
+    while pos + lead < window_end and pos + lead in ready:
+        lead += 1
+    if lead >= refill_below:
+        return stale, []
+    return stale, [lin for lin in range(pos, window_end) if lin not in ready]
 
 
 # ----------------------------------------------------------------------------
@@ -476,6 +495,7 @@ _worker = {}
 def _worker_init(paths, labels, recipe, folder):
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM handler would wait for Python code
     from data.augment import BatchBuilder
     _worker["builder"] = BatchBuilder(paths, labels, recipe)
     _worker["folder"] = folder
@@ -652,32 +672,25 @@ class Producer:
         while True:
             self._check_heartbeat()
             pos = self.trainer_position()
-            self._delete_outside(pos)
-            window_end = min(pos + self.buffer_size, self.end_lin)
-            missing = [lin for lin in range(pos, window_end) if lin not in self.ready]
             if pos >= self.end_lin:
+                self._delete(self.ready)
                 log.info("the trainer consumed the last batch of epoch %d; producer done", self.epoch_end - 1)
                 return
-            if missing and (self.once or self._lead(pos) < self.refill_below):
+            stale, missing = plan_refill(pos, self.ready, self.buffer_size,
+                                         math.inf if self.once else self.refill_below, self.end_lin)
+            self._delete(stale)
+            if missing:
                 self._refill(pool, pos, missing)
                 continue
-            if self.once and not missing:
+            if self.once:
                 return
             self._show()
             time.sleep(self.sleep_time)
 
-    def _lead(self, pos):
-        lead = 0
-        while pos + lead in self.ready:
-            lead += 1
-        return lead
-
-    def _delete_outside(self, pos):
-        window_end = min(pos + self.buffer_size, self.end_lin)
-        for lin in sorted(self.ready):
-            if not pos <= lin < window_end:
-                delete_batch(self.folder, *self.pos(lin))
-                self.ready.discard(lin)
+    def _delete(self, lins):
+        for lin in sorted(lins):
+            delete_batch(self.folder, *self.pos(lin))
+            self.ready.discard(lin)
 
     def _refill(self, pool, pos, missing):
         """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back."""
@@ -710,14 +723,10 @@ class Producer:
                     pending.clear()  # the trainer restarted earlier: finish what is in flight, then re-plan
                 while pending and pending[0] < now:
                     pending.popleft()  # consumed while we were busy
-                self._delete_outside_consumed(now)
+                self._delete([lin for lin in self.ready if lin < now])
                 self._show()
         self._show()
 
-    def _delete_outside_consumed(self, pos):
-        for lin in [lin for lin in self.ready if lin < pos]:
-            delete_batch(self.folder, *self.pos(lin))
-            self.ready.discard(lin)
 
     def _check_heartbeat(self):
         if self.heartbeat.error is not None:
