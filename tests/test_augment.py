@@ -1,0 +1,249 @@
+"""Training augmentation: draws, window geometry against the slow reference, lighting, device normalisation."""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from data import augment, images, scale_cache
+from data.augment import BatchBuilder, Recipe
+
+MU, SIGMA = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+DECODERS = ["turbojpeg", "pil"] if augment.get_turbojpeg() is not None else ["pil"]
+
+
+def smooth_image(w, h, seed=0, noise=0.0, max_freq=0.2):
+    """Colour waves of up to max_freq rad/pixel (photo-like enough for resampling comparisons), optional noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = [128 + 60 * np.sin(xx * fx + p) + 50 * np.cos(yy * fy + q)
+             for fx, fy, p, q in rng.uniform([0.01, 0.01, 0, 0], [max_freq, max_freq, 6, 6], (3, 4))]
+    arr = np.stack(chans, -1) + rng.normal(0, noise, (h, w, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def save(path, arr, kind="jpeg", subsampling=2):
+    img = Image.fromarray(arr)
+    if kind == "jpeg":
+        img.save(path, "JPEG", quality=95, subsampling=subsampling)
+    elif kind == "gray":
+        img.convert("L").save(path, "JPEG", quality=95)
+    elif kind == "cmyk":
+        img.convert("CMYK").save(path, "JPEG", quality=95)
+    elif kind == "png":
+        img.save(path, "PNG")  # named .JPEG below, as ImageNet's n02105855_2933
+    return path
+
+
+def compare(path, crop, scales, decoder, positions=8):
+    """(max, mean) absolute difference of the fast path against full resize then crop, over some draws."""
+    worst_max, worst_mean = 0, 0.0
+    for pos in range(positions):
+        draws = augment.image_draws(3, 1, pos, scales, 0.1)
+        ref = augment.augment_reference(images.decode_rgb(path), draws, crop).astype(int)
+        fast = augment.augment_crop(path, crop, draws, decoder)
+        assert fast.dtype == np.uint8 and fast.shape == (crop, crop, 3)
+        diff = np.abs(ref - fast.astype(int))
+        worst_max, worst_mean = max(worst_max, diff.max()), max(worst_mean, diff.mean())
+    return worst_max, worst_mean
+
+
+# ----------------------------------------------------------------------------
+# Draws
+# ----------------------------------------------------------------------------
+
+def test_draws_are_a_function_of_seed_epoch_position():
+    scales = list(range(256, 481, 7))
+    a = augment.image_draws(0, 2, 17, scales, 0.1)
+    assert a == augment.image_draws(0, 2, 17, scales, 0.1)
+    assert a != augment.image_draws(0, 2, 18, scales, 0.1) and a != augment.image_draws(0, 3, 17, scales, 0.1)
+    draws = [augment.image_draws(0, 0, p, scales, 0.1) for p in range(3000)]
+    assert {d.scale for d in draws} == set(scales)  # uniform over all 33 scales
+    assert 0.45 < np.mean([d.flip for d in draws]) < 0.55
+    alpha = np.array([d.alpha for d in draws])
+    assert abs(alpha.std() - 0.1) < 0.01 and abs(alpha.mean()) < 0.01
+
+
+def test_epoch_permutation():
+    p0 = augment.epoch_permutation(5, 0, 1000)
+    assert sorted(p0.tolist()) == list(range(1000))
+    assert np.array_equal(p0, augment.epoch_permutation(5, 0, 1000))
+    assert not np.array_equal(p0, augment.epoch_permutation(5, 1, 1000))
+    assert not np.array_equal(p0, augment.epoch_permutation(6, 0, 1000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 3000), h=st.integers(1, 3000), scale=st.integers(16, 600), crop_frac=st.floats(0.1, 1.0),
+       u=st.tuples(st.floats(0, 1, exclude_max=True), st.floats(0, 1, exclude_max=True)))
+def test_source_box_stays_inside_the_image(w, h, scale, crop_frac, u):
+    crop = max(1, int(scale * crop_frac))
+    draws = augment.Draws(scale, u[0], u[1], False, (0.0, 0.0, 0.0))
+    rw, rh = images.resized_size(w, h, scale)
+    top, left = augment.crop_origin(rw, rh, crop, draws)
+    assert 0 <= top <= rh - crop and 0 <= left <= rw - crop
+    x0, y0, x1, y1 = augment.source_box(w, h, crop, draws)
+    eps = 1e-9 * max(w, h)
+    assert -eps <= x0 < x1 <= w + eps and -eps <= y0 < y1 <= h + eps
+    assert x1 - x0 == pytest.approx(crop * w / rw) and y1 - y0 == pytest.approx(crop * h / rh)
+
+
+# ----------------------------------------------------------------------------
+# Geometry: the fast path against full resize, then crop
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("size, kind, subsampling", [
+    ((120, 90), "jpeg", 2), ((90, 131), "jpeg", 0), ((97, 61), "jpeg", 1), ((100, 100), "jpeg", 2),
+    ((110, 85), "gray", 2), ((110, 85), "cmyk", 2), ((110, 85), "png", 2),
+])
+def test_box_resize_equals_full_resize_then_crop(tmp_path, decoder, size, kind, subsampling):
+    path = save(str(tmp_path / "img.JPEG"), smooth_image(*size, noise=6.0), kind, subsampling)
+    scales = list(range(48, 81, 4))  # window < 2x crop: no DCT scaling, so only rounding may differ
+    worst_max, worst_mean = compare(path, 32, scales, decoder)
+    assert worst_max <= 2 and worst_mean <= 0.3
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_dct_scaled_decode_stays_close_to_the_reference(tmp_path, decoder):
+    # DCT scaling is a different low-pass than the antialiased bilinear filter: compare on content
+    # that both pass (periods of 100+ source pixels, i.e. 12+ pixels after 8x reduction).
+    path = save(str(tmp_path / "big.JPEG"), smooth_image(400, 300, max_freq=0.06))
+    scales = [36, 40, 60, 100]  # windows of 96..267 source pixels for a 32 crop: k = 2, 4 and 8
+    ks = {augment.dct_factor(augment.source_box(400, 300, 32, augment.image_draws(3, 1, p, scales, 0.1)), 32)
+          for p in range(8)}
+    assert {2, 4, 8} <= ks
+    worst_max, worst_mean = compare(path, 32, scales, decoder)
+    assert worst_max <= 8 and worst_mean <= 1.5
+
+
+def test_decoders_agree(tmp_path):
+    if len(DECODERS) < 2:
+        pytest.skip("turbojpeg wheel not installed")
+    path = save(str(tmp_path / "img.JPEG"), smooth_image(300, 220, noise=4.0))
+    for pos in range(10):
+        draws = augment.image_draws(0, 0, pos, [36, 60, 120], 0.1)
+        a = augment.augment_crop(path, 32, draws, "turbojpeg").astype(int)
+        b = augment.augment_crop(path, 32, draws, "pil").astype(int)
+        assert np.abs(a - b).max() <= 2
+
+
+def test_unreadable_file_raises_bad_image(tmp_path):
+    path = save(str(tmp_path / "img.JPEG"), smooth_image(80, 60))
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    draws = augment.image_draws(0, 0, 0, [40], 0.1)
+    for decoder in DECODERS:
+        with pytest.raises(images.BadImageError):
+            augment.augment_crop(path, 32, draws, decoder)
+    good = save(str(tmp_path / "good.JPEG"), smooth_image(80, 60, seed=1))
+    for decoder in DECODERS:  # the decoder is still usable after the failure
+        assert np.abs(augment.augment_crop(good, 32, draws, decoder).astype(int)
+                      - augment.augment_reference(images.decode_rgb(good), draws, 32)).max() <= 2
+
+
+def test_cached_scale_is_cut_without_resampling(tmp_path):
+    src = save(str(tmp_path / "src.JPEG"), smooth_image(150, 100, noise=4.0))
+    for pos in range(6):
+        draws = augment.image_draws(1, 0, pos, [40, 44, 48], 0.1)
+        cached = str(tmp_path / f"cached_{draws.scale}.jpg")
+        images.resize_shorter(images.decode_rgb(src), draws.scale).save(cached, "JPEG", quality=95)
+        arr = np.asarray(images.decode_rgb(cached))
+        top, left = augment.crop_origin(arr.shape[1], arr.shape[0], 32, draws)
+        expect = arr[top:top + 32, left:left + 32]
+        expect = expect[:, ::-1] if draws.flip else expect
+        for decoder in DECODERS:
+            got = augment.augment_crop(src, 32, draws, decoder, cached_path=cached)
+            assert np.abs(got.astype(int) - expect).max() <= 2
+    wrong = str(tmp_path / "wrong.jpg")  # a cache file of another size is ignored, not trusted
+    Image.fromarray(smooth_image(90, 60)).save(wrong, "JPEG", quality=95)
+    draws = augment.image_draws(1, 0, 0, [40], 0.1)
+    assert np.array_equal(augment.augment_crop(src, 32, draws, DECODERS[0], cached_path=wrong),
+                          augment.augment_crop(src, 32, draws, DECODERS[0]))
+
+
+def test_batch_builder_uses_the_scale_cache(tmp_path):
+    from tools.make_demo_dataset import make_dataset
+    from data.index import load_index
+    root = make_dataset(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=1, seed=0,
+                        odd_files=True)
+    index = load_index(str(tmp_path / "data"), "train")
+    cache_root = str(tmp_path / "cache")
+    scales = (36, 40)
+    for s in scales:
+        scale_cache.build_scale(cache_root, index, s, num_workers=1, progress=False)
+    assert scale_cache.complete_scales(cache_root, index) == list(scales)
+    assert root is not None
+    plain = Recipe(seed=0, batch_size=4, crop=32, scales=scales, pca_std=0.1, mu=MU, sigma=SIGMA,
+                   decoder=DECODERS[0])
+    cached = Recipe(**{**plain.__dict__, "cache_root": cache_root, "cached_scales": frozenset(scales)})
+    a, b = BatchBuilder(index.paths, index.labels, plain), BatchBuilder(index.paths, index.labels, cached)
+    used = []
+    original = augment._cut_cached
+    try:
+        augment._cut_cached = lambda *args: used.append(args[0]) or original(*args)
+        for batch in range(3):
+            xa, ya, la = a.build(0, batch)
+            xb, yb, lb = b.build(0, batch)
+            assert np.array_equal(ya, yb)
+            # Same window; differences are the cache's JPEG re-encoding (4:2:0 at small size) of sharp shapes.
+            assert np.abs(xa.astype(int) - xb).mean() < 8
+    finally:
+        augment._cut_cached = original
+    assert len(used) >= 10 and all(p.startswith(cache_root) for p in used)
+
+
+def test_batch_builder_replaces_unreadable_images_deterministically(tmp_path):
+    paths = []
+    for i in range(6):
+        paths.append(save(str(tmp_path / f"{i}.JPEG"), smooth_image(60, 50, seed=i)))
+    with open(paths[2], "wb") as f:
+        f.write(b"\xff\xd8\xff")  # a JPEG that ends after its first marker
+    labels = np.arange(6)
+    recipe = Recipe(seed=0, batch_size=6, crop=32, scales=(40,), pca_std=0.1, mu=MU, sigma=SIGMA,
+                    decoder=DECODERS[0])
+    builder = BatchBuilder(paths, labels, recipe)
+    x, y, light = builder.build(0, 0)
+    perm = builder.permutation(0)
+    bad_slot = int(np.nonzero(perm == 2)[0][0])
+    assert y[bad_slot] == labels[perm[(bad_slot + 1) % 6]] and 2 not in y
+    assert len(builder.skipped) == 1
+    again = BatchBuilder(paths, labels, recipe).build(0, 0)
+    assert np.array_equal(again[0], x) and np.array_equal(again[2], light)
+
+
+# ----------------------------------------------------------------------------
+# Lighting and the device half
+# ----------------------------------------------------------------------------
+
+def test_lighting_matches_the_direct_formula():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        crop = (rng.random((24, 24, 3)) * [255, 200, 120] + rng.random((24, 24, 1)) * 40).astype(np.uint8)
+        alpha = rng.normal(0, 0.1, 3)
+        normalised = (crop.reshape(-1, 3) / 255.0 - np.array(MU)) / np.array(SIGMA)
+        lam, vecs = np.linalg.eigh(np.cov(normalised, rowvar=False))
+        expected = sum(alpha[i] * lam[i] * vecs[:, i] for i in range(3))
+        got = augment.lighting_shift(crop, alpha, MU, SIGMA)
+        assert got.dtype == np.float32 and got.shape == (3,)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert not augment.lighting_shift(crop, (0.0, 0.0, 0.0), MU, SIGMA).any()  # pca_std = 0: no shift
+
+
+def test_device_normalisation_matches_numpy():
+    import tensorflow as tf
+    from data.device import to_model_input
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    light = rng.normal(0, 0.05, (2, 3)).astype(np.float32)
+    expected = (x / 255.0 - np.array(MU)) / np.array(SIGMA) + light[:, None, None, :]
+    got = to_model_input(x, light, MU, SIGMA)
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    plain = to_model_input(x, None, MU, SIGMA, dtype=tf.bfloat16)
+    assert plain.dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(plain, tf.float32).numpy(), (x / 255.0 - np.array(MU)) / np.array(SIGMA),
+                               atol=0.05)
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") is not None
