@@ -111,10 +111,13 @@ def _all_gone(d):
 
 
 def test_trainer_success_stops_the_producer_and_leaves_no_process(fake):
+    (fake / "buffer" / "training_progress.txt").write_text("12\n0\n")  # where a previous run ended
     code, _, err = _launch(fake, trainer="ok", extra=["--learning_rate=0.05"])
     assert code == 0, err
     assert "trainer finished" in err
     assert len(_pids(fake)) == 4
+    # a fresh run's producer follows the new run's start, not the previous run's position
+    assert (fake / "buffer" / "training_progress.txt").read_text().split() == ["0", "0"]
     # the trainer started only after the producer's heartbeat said it was running
     assert os.path.getmtime(fake / "buffer" / "producer.json") <= os.path.getmtime(fake / "trainer.starts")
     assert _all_gone(fake)

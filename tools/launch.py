@@ -243,6 +243,25 @@ def supervise(args, passthrough, buffer_folder):
         stop_all([trainer, producer])
 
 
+def point_progress_at_start(cfg, args):
+    """Write training_progress.txt = (first epoch the trainer will train, batch 0) before the producer starts.
+
+    The trainer reports this itself on its first read, but a producer started first would
+    otherwise follow a previous run's file (e.g. one that ended at epoch_end) and could exit at
+    once as 'done'. Nothing is touched while another producer is live on the buffer (the new
+    producer refuses to start then, with a message).
+    """
+    from data import buffer
+    from engine import run_folder
+    folder = cfg.train.buffer_folder
+    if buffer.producer_status(folder)[0] == "running":
+        return
+    start = run_folder.resolve_epoch_start(run_folder.run_dir(cfg.train.path_for_saving, args.run_folder),
+                                           args.epoch_start)
+    os.makedirs(folder, exist_ok=True)
+    buffer.write_progress(folder, start, 0)
+
+
 def producer_ready(producer, buffer_folder):
     """True once this producer's heartbeat says 'running', i.e. it has checked the buffer and written the manifest.
 
@@ -286,6 +305,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     try:
+        point_progress_at_start(cfg, args)
         return supervise(args, passthrough, cfg.train.buffer_folder)
     except Stop as e:
         say(f"received {e}; both processes stopped.")
