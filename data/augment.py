@@ -397,17 +397,28 @@ class Recipe:
     decoder: str = "turbojpeg"          # resolved: 'turbojpeg' or 'pil'
     cache_root: str = None              # preprocess.py's cache when valid for this index
     cached_scales: frozenset = frozenset()
+    crop_sizes: list = None             # progressive resizing [[first_epoch, crop], ...]; None = crop throughout
+    augmentation: str = "scale"         # 'scale' (this module) or 'tiny' (data/tiny_augment.py, crop = full size)
+    tiny: object = None                 # tiny_augment.TinyAugmentConfig when augmentation == 'tiny'
 
     @classmethod
     def from_config(cls, cfg, batch_size, cache_scales=()):
         import utils
+        from data import progressive, tiny_augment
         mu, sigma = utils.mu_sigma(cfg)
         rp = cfg.runtime_preprocessing
+        tiny = cfg.images.augmentation == "tiny"
         return cls(seed=cfg.train.seed, batch_size=int(batch_size), crop=cfg.images.crop_size,
                    scales=tuple(utils.scales(cfg)), pca_std=cfg.images.pca_std, mu=mu, sigma=sigma,
                    decoder=resolve_decoder(rp.decoder),
-                   cache_root=cfg.preprocess.path_to_save if cache_scales else None,
-                   cached_scales=frozenset(cache_scales))
+                   cache_root=cfg.preprocess.path_to_save if cache_scales and not tiny else None,
+                   cached_scales=frozenset(cache_scales) if not tiny else frozenset(),
+                   crop_sizes=progressive.crop_schedule(cfg), augmentation=cfg.images.augmentation,
+                   tiny=tiny_augment.TinyAugmentConfig.from_config_section(cfg.tiny_augment) if tiny else None)
+
+    def crop_for(self, epoch):
+        from data.progressive import crop_for
+        return crop_for(self.crop_sizes or [[0, self.crop]], epoch)
 
 
 class BatchBuilder:
@@ -434,24 +445,32 @@ class BatchBuilder:
     def build(self, epoch, batch):
         r = self.recipe
         perm = self.permutation(epoch)
-        out = np.empty((r.batch_size, r.crop, r.crop, 3), np.uint8)
+        crop = r.crop_for(epoch)
+        out = np.empty((r.batch_size, crop, crop, 3), np.uint8)
         labels = np.empty(r.batch_size, np.int32)
         lighting = np.empty((r.batch_size, 3), np.float32)
         for slot in range(r.batch_size):
             position = batch * r.batch_size + slot
             draws = image_draws(r.seed, epoch, position, r.scales, r.pca_std)
-            index = self._readable_crop(out, slot, perm, position, draws)
+            index = self._readable_crop(out, slot, perm, (epoch, position), draws)
             labels[slot] = self.labels[index]
             lighting[slot] = lighting_shift(out[slot], draws.alpha, r.mu, r.sigma)
         return out, labels, lighting
 
-    def _readable_crop(self, out, slot, perm, position, draws):
+    def _readable_crop(self, out, slot, perm, at, draws):
+        epoch, position = at
+        r, crop = self.recipe, out.shape[1]
         n = len(self.paths)
         for step in range(n):
             index = int(perm[(position + step) % n])
             path = self.paths[index]
             try:
-                out[slot] = augment_crop(path, self.recipe.crop, draws, self.recipe.decoder, self._cached(index, draws))
+                if r.augmentation == "tiny":
+                    from data import tiny_augment
+                    rng = tiny_augment.image_rng(r.seed, epoch, position)
+                    out[slot] = tiny_augment.training_crop(path, r.crop, crop, rng, r.tiny)
+                else:
+                    out[slot] = augment_crop(path, crop, draws, r.decoder, self._cached(index, draws))
                 return index
             except images.BadImageError as e:
                 self.skipped.add(path, str(e))

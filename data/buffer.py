@@ -174,13 +174,14 @@ def write_progress(folder, epoch, batch):
 # ----------------------------------------------------------------------------
 
 # Keys that determine batch contents: any difference means "another run".
-IDENTITY_KEYS = ("format_version", "seed", "batch_size", "crop_sizes", "dtype", "num_batches", "num_classes",
-                 "dataset_fingerprint", "scales", "pca_std", "mu", "sigma")
+IDENTITY_KEYS = ("format_version", "seed", "batch_size", "crop_sizes", "augmentation", "dtype", "num_batches",
+                 "num_classes", "dataset_fingerprint", "scales", "pca_std", "mu", "sigma")
 
 
 def make_manifest(recipe, fingerprint, num_images, num_classes, epoch_start, epoch_end):
     ident = {"format_version": FORMAT_VERSION, "seed": recipe.seed, "batch_size": recipe.batch_size,
-             "crop_sizes": [[0, recipe.crop]], "dtype": DTYPE, "num_batches": num_images // recipe.batch_size,
+             "crop_sizes": recipe.crop_sizes or [[0, recipe.crop]], "augmentation": _augmentation_identity(recipe),
+             "dtype": DTYPE, "num_batches": num_images // recipe.batch_size,
              "num_classes": num_classes, "dataset_fingerprint": fingerprint, "scales": list(recipe.scales),
              "pca_std": recipe.pca_std, "mu": list(recipe.mu), "sigma": list(recipe.sigma)}
     import hashlib
@@ -211,12 +212,15 @@ def _short(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _augmentation_identity(recipe):
+    if recipe.augmentation == "tiny":
+        return {"tiny": dataclasses.asdict(recipe.tiny), "full_size": recipe.crop}
+    return recipe.augmentation
+
+
 def crop_size_for(manifest, epoch):
-    size = None
-    for first_epoch, crop in manifest["crop_sizes"]:
-        if epoch >= first_epoch:
-            size = crop
-    return size
+    from data.progressive import crop_for
+    return crop_for(manifest["crop_sizes"], epoch)
 
 
 # ----------------------------------------------------------------------------
@@ -319,6 +323,8 @@ class BufferReader:
         self.sleep_time = max(float(cfg.train.sleep_time), 0.01)
         self.wait_timeout = float(cfg.train.wait_timeout)
         self.seed, self.crop = cfg.train.seed, cfg.images.crop_size
+        from data.progressive import crop_schedule
+        self.crop_sizes = crop_schedule(cfg)  # a bad [images] crop_schedule stops the trainer here
         self.wait_seconds = 0.0
         self.manifest = None
         self._mu_sigma = (None, None)
@@ -348,9 +354,10 @@ class BufferReader:
         if m["seed"] != self.seed:
             raise UserError(f"{where} was made with [train] seed = {m['seed']} but this config has seed = "
                             f"{self.seed}; use one config for both scripts or {fix}.")
-        if crop_size_for(m, 0) != self.crop:
-            raise UserError(f"{where} holds {crop_size_for(m, 0)}-pixel crops but this config has [images] "
-                            f"crop_size = {self.crop}; use one config for both scripts or {fix}.")
+        if m["crop_sizes"] != self.crop_sizes:
+            raise UserError(f"{where} holds crops {m['crop_sizes']} ([first epoch, size]) but this config has "
+                            f"{self.crop_sizes} ([images] crop_size, crop_schedule); use one config for both "
+                            f"scripts or {fix}.")
         mu, sigma = self._mu_sigma
         if mu is not None and not (np.allclose(m["mu"], mu, atol=1e-6) and np.allclose(m["sigma"], sigma, atol=1e-6)):
             raise UserError(f"{where} was made with mu={m['mu']} sigma={m['sigma']} but the trainer normalises with "
@@ -629,8 +636,8 @@ class Producer:
             complete, partial = set(), set()
         for key in partial:
             delete_batch(self.folder, *key)
-        crop = self.recipe.crop
         for key in complete:
+            crop = self.recipe.crop_for(key[0])
             if key[1] < self.num_batches and batch_header_ok(self.folder, *key, self.batch_size, crop):
                 self.ready.add(self.lin(*key))
             else:
@@ -648,7 +655,8 @@ class Producer:
 
     def run(self):
         """Produce until the trainer has consumed epoch_end's last batch (or, with once, until the window is full)."""
-        self.setup()
+        if not hasattr(self, "manifest"):
+            self.setup()
         info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end}
         self.heartbeat = Heartbeat(self.folder, self.cfg.runtime_preprocessing.heartbeat_interval, info)
         self.heartbeat.start()

@@ -8,6 +8,7 @@
 import dataclasses
 
 from model.batch_renorm import BatchRenorm, RenormConfig
+from model.concat_resnet import NORMALIZATIONS, ConcatResNet
 from model.export import export_saved_model
 from model.resnet import COMPUTE_DTYPES, STAGES, STRIDE_PLACES, VARIANTS, ResNet
 
@@ -16,14 +17,17 @@ __all__ = ["build_model", "model_kwargs", "RenormConfig", "BatchRenorm", "export
 # The stride placement each variant uses unless told otherwise: the original
 # code strided its first 1x1 conv (v1); v1.5 is the common standard.
 DEFAULT_STRIDE_ON = {"standard": "3x3", "original": "1x1"}
+ARCHS = tuple(STAGES) + ("concat_resnet",)
 
 
 def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant="standard", stride_on="auto",
-                zero_init_last_gamma=False, renorm=None, l2_penalty=0.0, compute_dtype="float32", seed=0):
-    """Build a ResNet (a tf.Module) with batch renormalization.
+                zero_init_last_gamma=False, renorm=None, l2_penalty=0.0, compute_dtype="float32", seed=0,
+                normalization="batch_renorm"):
+    """Build a ResNet (a tf.Module) with batch renormalization, or seed 002's concatenating ResNet.
 
     Args:
-        arch: key of model.resnet.STAGES ('resnet50').
+        arch: key of model.resnet.STAGES ('resnet50'), or 'concat_resnet' (model.concat_resnet;
+            variant, stride_on and zero_init_last_gamma are resnet50's and must keep their defaults).
         num_classes: size of the dense output layer.
         width_multiplier: scales every conv width (0.25 for the CPU demo).
         variant: 'standard' (He et al.) or 'original' (the reproduced repo: ELU,
@@ -35,8 +39,10 @@ def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant
         compute_dtype: 'float32', 'float16' or 'bfloat16'; variables and batch
             statistics stay float32, logits are float32.
         seed: initialisation seed.
+        normalization: 'batch_renorm', or for concat_resnet also 'batch_norm' (seed 002's).
     """
-    _check_choice("arch", arch, tuple(STAGES))
+    _check_choice("arch", arch, ARCHS)
+    _check_choice("normalization", normalization, NORMALIZATIONS)
     _check_choice("variant", variant, VARIANTS)
     _check_choice("stride_on", stride_on, STRIDE_PLACES + ("auto",))
     _check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
@@ -48,6 +54,16 @@ def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant
         renorm = RenormConfig()
     elif isinstance(renorm, dict):
         renorm = RenormConfig(**renorm)
+    if arch == "concat_resnet":
+        if variant != "standard" or stride_on != "auto" or zero_init_last_gamma:
+            raise ValueError(f"variant, stride_on and zero_init_last_gamma apply to resnet50 only, received "
+                             f"{variant!r}, {stride_on!r}, {zero_init_last_gamma!r} for concat_resnet")
+        return ConcatResNet(num_classes=num_classes, width_multiplier=float(width_multiplier),
+                            normalization=normalization, renorm=renorm, l2_penalty=l2_penalty,
+                            compute_dtype=compute_dtype, seed=seed)
+    if normalization != "batch_renorm":
+        raise ValueError(f"resnet50 uses batch renorm (rmax_max = 1, dmax_max = 0 make it batch norm), received "
+                         f"normalization={normalization!r}")
     return ResNet(arch=arch, num_classes=num_classes, width_multiplier=float(width_multiplier), variant=variant,
                   stride_on=DEFAULT_STRIDE_ON[variant] if stride_on == "auto" else stride_on,
                   zero_init_last_gamma=bool(zero_init_last_gamma), renorm=renorm, l2_penalty=l2_penalty,
@@ -80,9 +96,13 @@ def model_kwargs(cfg, num_classes):
     if not classes:
         raise UserError("[model] num_classes is 0 and the number of classes is not known here; "
                         "set num_classes in the config.")
+    if cfg.model.arch == "resnet50" and cfg.model.normalization != "batch_renorm":
+        raise UserError("[model] normalization = batch_norm is for arch = concat_resnet; resnet50 uses batch renorm "
+                        "(set [batch_renorm] rmax_max = 1 and dmax_max = 0 for batch-norm behaviour).")
     return dict(arch=cfg.model.arch, num_classes=int(classes), width_multiplier=cfg.model.width_multiplier,
                 variant=cfg.model.variant, stride_on=cfg.model.stride_on,
                 zero_init_last_gamma=cfg.model.zero_init_last_gamma,
                 renorm=dataclasses.asdict(RenormConfig.from_config_section(cfg.batch_renorm)),
-                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[cfg.train.mixed_precision], seed=cfg.train.seed)
+                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[cfg.train.mixed_precision], seed=cfg.train.seed,
+                normalization=cfg.model.normalization)
 

@@ -88,3 +88,132 @@ def test_tiny_train_errors(tmp_path):
     os.rename(os.path.join(root, "wnids.txt"), os.path.join(root, "wnids.old"))
     with pytest.raises(UserError, match="has no images/ folder; expected the Tiny ImageNet layout"):
         load_index(root, "train")
+
+
+# ----------------------------------------------------------------------------
+# Progressive resizing schedule
+# ----------------------------------------------------------------------------
+
+def test_crop_schedule_parsing():
+    from data.progressive import crop_for, parse_crop_schedule
+    schedule = parse_crop_schedule("0:32, 10:48, 20:64", 64)
+    assert schedule == [[0, 32], [10, 48], [20, 64]]
+    assert [crop_for(schedule, e) for e in (0, 9, 10, 19, 20, 100)] == [32, 32, 48, 48, 64, 64]
+    assert parse_crop_schedule("", 64) == [[0, 64]]
+    for bad, message in (("32, 48", "must be 'epoch:crop"), ("5:32", "start at epoch 0"),
+                         ("0:32, 10:48, 10:64", "must increase"), ("0:32, 4:96", "crops must lie in")):
+        with pytest.raises(UserError, match=message):
+            parse_crop_schedule(bad, 64)
+
+
+# ----------------------------------------------------------------------------
+# The preset, reduced, on a generated Tiny-ImageNet-layout set
+# ----------------------------------------------------------------------------
+
+def write_preset(folder, data_root, **sections):
+    """configs/seed002_tiny_imagenet.txt with paths in `folder` and overrides section={key: value}."""
+    import configparser
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(PRESET)
+    values = {
+        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
+        "preprocess_val": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "val_views"),
+                           "N": "0"},
+        "get_mu_sigma": {"path_to_save": os.path.join(folder, "stats")},
+        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
+                  "N": "0", "sleep_time": "0.02", "wait_timeout": "30", "log_every": "2"},
+        "runtime_preprocessing": {"num_of_threads": "1", "sleep_time": "0.02"},
+        "model": {"num_classes": "0"},
+    }
+    for name, keys in sections.items():
+        values.setdefault(name, {}).update(keys)
+    for name, keys in values.items():
+        for key, value in keys.items():
+            parser[name][key] = str(value)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "config.txt")
+    with open(path, "w") as f:
+        parser.write(f)
+    return path
+
+
+def run_script(script, *args):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    from tools.make_demo_dataset import make_dataset
+    root = str(tmp_path_factory.mktemp("tinyset") / "tiny-imagenet")
+    make_dataset(root, num_classes=4, train_per_class=12, val_per_class=3, odd_files=False, layout="tiny",
+                 min_side=32, max_side=32, seed=2)
+    return root
+
+
+def test_preset_loads_with_the_seeds_settings():
+    import utils
+    from engine import schedules
+    from model import build_model, model_kwargs
+    from model.concat_resnet import count_parameters
+    cfg = utils.load_config(PRESET)
+    assert (cfg.model.arch, cfg.model.normalization, cfg.train.optimizer) == ("concat_resnet", "batch_norm", "rmsprop")
+    assert cfg.images.augmentation == "tiny" and utils.mu_sigma(cfg) == ((0.0,) * 3, (1.0,) * 3)
+    assert count_parameters(build_model(**model_kwargs(cfg, 200))) == (12_899_200, 12_908_928)
+    # One-cycle at its phase boundaries (781 steps per epoch = 100000 // 128, 30 epochs, end 20%).
+    s = schedules.from_config(cfg.schedule, steps_per_epoch=781, epoch_end=30)
+    n = 781 * 30
+    mid = int(n * 0.8 / 2)
+    assert [s(k) for k in (0, mid // 2, mid, 2 * mid, n)] == pytest.approx([1e-4, 5.5e-4, 1e-3, 1e-4, 1e-6])
+    assert s(mid + 1) < 1e-3 and s(2 * mid + 1) < 1e-4
+
+
+def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
+    import utils
+    from data.buffer import BufferReader, load_manifest
+    config = write_preset(str(tmp_path), tiny_set, images={"crop_size": "32", "crop_schedule": "0:16, 1:24, 2:32",
+                                                           "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
+                          train={"buffer_size": "18"})
+    run_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start", "0",
+               "--epoch_end", "3", "--once", "--no_progress")
+    manifest = load_manifest(str(tmp_path / "buffer"))
+    assert manifest["crop_sizes"] == [[0, 16], [1, 24], [2, 32]] and manifest["num_batches"] == 6
+    reader = BufferReader(utils.load_config(config), 8)
+    reader.check_manifest()
+    shapes = {}
+    for epoch in range(3):
+        for b in range(6):  # in order across both epoch boundaries
+            batch = reader.read(epoch, b)
+            shapes.setdefault(epoch, set()).add(batch.images.shape)
+            assert (batch.lighting == 0).all()  # no PCA lighting in seed 002
+    assert shapes == {0: {(8, 16, 16, 3)}, 1: {(8, 24, 24, 3)}, 2: {(8, 32, 32, 3)}}
+    assert [reader.crop_size(e) for e in range(4)] == [16, 24, 32, 32]
+    with pytest.raises(UserError, match="crop"):  # a trainer configured for other sizes is refused
+        BufferReader(utils.load_config(write_preset(str(tmp_path / "other"), tiny_set, images={
+            "crop_size": "32", "crop_schedule": "0:16, 1:32", "eval_resize": "32", "scale_min": "32",
+            "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer")})), 8).check_manifest()
+
+
+def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
+    import utils
+    import train
+    from engine.evaluate import check_accuracy
+    config = write_preset(str(tmp_path), tiny_set, images={"crop_size": "32", "crop_schedule": "0:24, 1:32",
+                                                           "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
+                          train={"buffer_size": "12"}, model={"width_multiplier": "0.0625"},
+                          schedule={"total_epochs": "2", "base_lr": "0.003"})
+    run_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start", "0",
+               "--epoch_end", "2", "--once", "--no_progress")
+    assert train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
+                       "--batch_size", "8"]) == 0
+    run_script("preprocess_val.py", "--config", config, "--num_workers", "1")
+    cfg = utils.load_config(config)
+    results = check_accuracy(cfg, "tiny", 1, 2, views=1, timeout=0, say=lambda *a: None)
+    assert results[0].images == 12 and 0.0 <= results[0].top1 <= 100.0
+    with open(tmp_path / "runs" / "tiny" / "log.csv") as f:
+        assert len(f.read().strip().splitlines()) == 3  # header + one row per epoch
