@@ -61,6 +61,12 @@ SCHEMA = {
         "path_to_save": Key("path", help="folder where get_mu_sigma.py writes mu_sigma.json"),
         "max_images": Key("int", 0, lo=0, help="use a random subset of this many training images; 0 = all"),
     },
+    "data": {
+        "source": Key("choice", "folder", choices=("folder", "tfrecord"),
+                      help="how [preprocess] and [preprocess_val] ImageNet_folder are read: folder = images "
+                           "(train/, val/ or list files); tfrecord = train-*/validation-* shards from "
+                           "tools/build_tfrecords.py (labels and class count from their dataset_info.json)"),
+    },
     "train": {
         "buffer_folder": Key("path", help="folder of ready batch files shared by producer and trainer (RAM disk or SSD)"),
         "path_for_saving": Key("path", help="run folders are created here: <path_for_saving>/<run>/<epoch>/"),
@@ -137,9 +143,10 @@ SCHEMA = {
         "crop_schedule": Key("str", "", help="progressive resizing: 'epoch:crop, ...' (e.g. '0:32, 10:48, 20:64'), "
                                              "the training crop from each listed epoch on, each <= crop_size; "
                                              "empty = crop_size throughout; evaluation stays at crop_size"),
-        "augmentation": Key("choice", "scale", choices=("scale", "tiny"),
+        "augmentation": Key("choice", "scale", choices=("scale", "tiny", "inception"),
                             help="scale = seed 001's scale/crop/flip/PCA-lighting recipe; tiny = seed 002's imgaug "
-                                 "pipeline ([tiny_augment]) on images loaded at crop_size x crop_size, then a random crop"),
+                                 "pipeline ([tiny_augment]) on images loaded at crop_size x crop_size, then a random crop; "
+                                 "inception = seed 003's distorted bounding-box crop resized to crop_size, and flip"),
     },
     "model": {
         "arch": Key("choice", "resnet50", choices=("resnet50", "concat_resnet"),
