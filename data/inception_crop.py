@@ -25,10 +25,12 @@ Step 4 is not code: the trainer normalises (x/255 - mu)/sigma on the device, and
 mu = mean/255 and sigma = 1/255 that is exactly x - mean (`mean_only_mu_sigma`,
 written out in configs/seed003_recipe.txt).
 
-Random draws: like data/augment.py, image `position` of epoch `epoch` draws from
-np.random.default_rng([seed, epoch, position]) in a fixed order: flip, three lighting
-coefficients (zero unless [images] pca_std > 0; seed 003 has none), then the box
-sampler's draws. A batch is therefore the same whatever the number of workers.
+Random draws: image `position` of epoch `epoch` draws from
+np.random.default_rng([seed, epoch, position, INCEPTION_STREAM]) in a fixed order: the
+flip, then the box sampler's draws; a stream of its own, apart from data/augment.py's
+draws for the same position (whose PCA lighting coefficients the producer still uses
+when [images] pca_std > 0; seed 003 has none). A batch is therefore the same whatever
+the number of workers.
 """
 import io
 import math
@@ -44,6 +46,7 @@ ASPECT_RATIO_RANGE = (0.75, 1.33)
 AREA_RANGE = (0.05, 1.0)
 MAX_ATTEMPTS = 100
 MEAN_RGB = (123.68, 116.78, 103.94)
+INCEPTION_STREAM = 3  # data/augment.py draws from [seed, epoch, position], data/tiny_augment.py adds 2
 
 
 def mean_only_mu_sigma(mean_rgb=MEAN_RGB):
@@ -140,7 +143,7 @@ def sample_distorted_bounding_box(rng, width, height, boxes=None, min_object_cov
 # ----------------------------------------------------------------------------
 
 def image_rng(seed, epoch, position):
-    return np.random.default_rng([int(seed), int(epoch), int(position)])
+    return np.random.default_rng([int(seed), int(epoch), int(position), INCEPTION_STREAM])
 
 
 def _source(source):
@@ -197,10 +200,9 @@ def inception_crop(source, crop, rng):
     return np.asarray(resample_window(img, box, crop))
 
 
-def augment(source, crop, seed, epoch, position, pca_std=0.0):
-    """(uint8 [crop, crop, 3] training crop, 3 lighting coefficients) for one image position."""
+def augment(source, crop, seed, epoch, position):
+    """The uint8 [crop, crop, 3] training crop of one image position: sampled window, resized, maybe flipped."""
     rng = image_rng(seed, epoch, position)
     flip = bool(rng.random() < 0.5)
-    alpha = tuple(float(a) for a in rng.normal(0.0, 1.0, 3) * pca_std)
     out = inception_crop(source, crop, rng)
-    return np.ascontiguousarray(out[:, ::-1] if flip else out), alpha
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)

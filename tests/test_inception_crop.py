@@ -109,16 +109,15 @@ def test_large_windows_decode_reduced_and_stay_close(tmp_path):
 
 def test_augment_is_deterministic_per_position_and_flips(tmp_path):
     path = jpeg(tmp_path, 100, 80)
-    a, alpha = ic.augment(path, 48, seed=1, epoch=2, position=3, pca_std=0.1)
-    b, beta = ic.augment(path, 48, seed=1, epoch=2, position=3, pca_std=0.1)
-    assert np.array_equal(a, b) and alpha == beta and any(alpha)
+    a = ic.augment(path, 48, seed=1, epoch=2, position=3)
+    assert np.array_equal(a, ic.augment(path, 48, seed=1, epoch=2, position=3))
+    assert not np.array_equal(a, ic.augment(path, 48, seed=1, epoch=3, position=3))
     flips = []
     for position in range(12):
         rng = ic.image_rng(1, 2, position)
         flip = rng.random() < 0.5
-        rng.normal(size=3)
         plain = ic.inception_crop(path, 48, rng)
-        out, _ = ic.augment(path, 48, seed=1, epoch=2, position=position)
+        out = ic.augment(path, 48, seed=1, epoch=2, position=position)
         assert np.array_equal(out, plain[:, ::-1] if flip else plain)
         flips.append(flip)
     assert 0 < sum(flips) < 12
