@@ -15,7 +15,7 @@ import time
 import utils
 from data import stats
 from data.images import SkipList
-from data.index import load_index
+from data.tfrecord import load_source_index
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
         raise utils.UserError(f"--max_images must be >= 0, received {max_images}.")
     workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers
     t0 = time.time()
-    index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
+    index = load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", cfg.train.N, workers)
     chosen = stats.choose_subset(len(index), max_images, args.seed)
     paths = [index.paths[i] for i in chosen]
     skipped = SkipList()

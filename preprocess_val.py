@@ -14,7 +14,7 @@ import time
 
 import utils
 from data import val_store
-from data.index import load_index
+from data.tfrecord import load_source_index
 
 
 def main():
@@ -27,10 +27,10 @@ def main():
     cfg = utils.load_config(args.config)
     pv, im = cfg.preprocess_val, cfg.images
     t0 = time.time()
-    index = load_index(pv.ImageNet_folder, "val", pv.N)
+    workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers
+    index = load_source_index(cfg, pv.ImageNet_folder, "val", pv.N, workers)
     logging.info("%d validation images, %d classes (%s layout) -> %s", len(index), len(index.classes),
                  index.layout, pv.path_to_save)
-    workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers
     meta = val_store.build_store(pv.path_to_save, index, im.crop_size, im.eval_resize, pv.views_50,
                                  im.eval_scales_50, pv.chunk_images, workers)
     print(f"{meta['images']} validation images stored ({len(meta['skipped'])} unreadable skipped), protocols "

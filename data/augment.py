@@ -323,6 +323,8 @@ def _window_pil(path, data, crop, draws):
 
 def _read_bytes(path):
     try:
+        if hasattr(path, "read_record"):  # a TFRecord record (data.tfrecord.RecordRef): the image bytes inside
+            return path.read_bytes()
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
@@ -469,6 +471,9 @@ class BatchBuilder:
                     from data import tiny_augment
                     rng = tiny_augment.image_rng(r.seed, epoch, position)
                     out[slot] = tiny_augment.training_crop(path, r.crop, crop, rng, r.tiny)
+                elif r.augmentation == "inception":
+                    from data import inception_crop
+                    out[slot] = inception_crop.augment(path, crop, r.seed, epoch, position)
                 else:
                     out[slot] = augment_crop(path, crop, draws, r.decoder, self._cached(index, draws))
                 return index

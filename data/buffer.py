@@ -569,14 +569,14 @@ class Producer:
 
     def setup(self):
         from data import augment, scale_cache
-        from data.index import load_index
+        from data.tfrecord import load_source_index
         cfg = self.cfg
         self._make_folder()
         state, record = producer_status(self.folder)
         if state == "running" and record.get("pid") != os.getpid():
             raise UserError(f"Another producer (pid {record.get('pid')} on {record.get('host')}) is filling "
                             f"{self.folder}; stop it first, or point [train] buffer_folder elsewhere.")
-        index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
+        index = load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", cfg.train.N, self.num_workers)
         if len(index) < self.batch_size:
             raise UserError(f"The training set has {len(index)} images, fewer than --batch_size={self.batch_size}.")
         self.num_batches = len(index) // self.batch_size

@@ -8,6 +8,7 @@ the producer and the evaluator):
   as in the original's `(dim-224)//2`.
 - Flips are horizontal (left-right) mirrors of the crop.
 """
+import io
 import logging
 import os
 import warnings
@@ -37,7 +38,7 @@ def decode_rgb(path):
         with warnings.catch_warnings():
             # A file PIL can only partly read is bad, not a warning to scroll past.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(_file_or_record(path)) as img:
                 img.load()
                 if img.mode == "P" and "transparency" in img.info:
                     img = img.convert("RGBA")
@@ -50,6 +51,11 @@ def decode_rgb(path):
     if rgb.width < 1 or rgb.height < 1:
         raise BadImageError("image has no pixels")
     return rgb
+
+
+def _file_or_record(path):
+    """A path as is; a TFRecord record (data.tfrecord.RecordRef) as the image bytes it holds."""
+    return io.BytesIO(path.read_bytes()) if hasattr(path, "read_record") else path
 
 
 def _reason(path, error):

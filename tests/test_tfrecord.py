@@ -186,3 +186,95 @@ def test_info_without_label_offset_is_refused(shards, tmp_path):
     (copy / tfrecord.INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(utils.UserError, match="label_offset"):
         tfrecord.load_tfrecord_index(str(copy), "val")
+
+
+# ----------------------------------------------------------------------------
+# Shards as the data source of the producer and of preprocess_val.py
+# ----------------------------------------------------------------------------
+
+TRUNCATED = os.path.join("train", "n00000002", "n00000002_1.JPEG")  # skipped by the builder
+
+
+@pytest.fixture(scope="module")
+def twin(source, tmp_path_factory):
+    """(image folder, its shards with label offset 1): the same images, in the same index order."""
+    root = tmp_path_factory.mktemp("twin")
+    folder = root / "imagenet"
+    shutil.copytree(source, folder)
+    (folder / TRUNCATED).unlink()
+    build(folder, root / "tf", label_offset=1, train_shards=3, val_shards=2)
+    return folder, root / "tf"
+
+
+def twin_configs(tmp_path, twin, **images):
+    from tests.test_buffer import write_config
+    configs = {}
+    for name, root, source in (("folder", twin[0], "folder"), ("tfrecord", twin[1], "tfrecord")):
+        os.makedirs(tmp_path / name)
+        path = write_config(str(tmp_path / name), preprocess={"ImageNet_folder": str(root)},
+                            preprocess_val={"ImageNet_folder": str(root)}, images=images)
+        with open(path, "a") as f:
+            f.write(f"\n[data]\nsource = {source}\n")
+        configs[name] = utils.load_config(path)
+    return configs
+
+
+def plain_rgb_jpeg(path):
+    with Image.open(path) as img:
+        return img.format == "JPEG" and img.mode == "RGB"
+
+
+@pytest.mark.parametrize("augmentation", ["scale", "inception"])
+def test_producer_batches_from_shards_equal_those_from_the_folder(tmp_path, twin, augmentation):
+    from data.augment import BatchBuilder, Recipe
+    configs = twin_configs(tmp_path, twin, augmentation=augmentation)
+    builders, indexes = {}, {}
+    for name, cfg in configs.items():
+        indexes[name] = tfrecord.load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", progress=False)
+        builders[name] = BatchBuilder(indexes[name].paths, indexes[name].labels, Recipe.from_config(cfg, 4))
+    assert indexes["tfrecord"].classes == ["background"] + indexes["folder"].classes
+    assert builders["tfrecord"].recipe.augmentation == augmentation
+    plain, odd = 0, 0
+    for epoch in (0, 1):
+        perm = builders["folder"].permutation(epoch)
+        for batch in range(builders["folder"].num_batches()):
+            ours, labels, lighting = builders["tfrecord"].build(epoch, batch)
+            want, want_labels, want_lighting = builders["folder"].build(epoch, batch)
+            assert ours.shape == want.shape and np.array_equal(labels, want_labels + 1)
+            for slot in range(len(labels)):
+                path = indexes["folder"].paths[perm[batch * 4 + slot]]
+                if plain_rgb_jpeg(path):  # stored byte for byte: the very same crop
+                    assert np.array_equal(ours[slot], want[slot]) and np.allclose(lighting[slot], want_lighting[slot])
+                    plain += 1
+                else:  # re-encoded CMYK/gray/PNG: same window, pixels within JPEG error
+                    assert np.abs(ours[slot].astype(int) - want[slot]).mean() < 3
+                    odd += 1
+    assert plain and odd
+
+
+def test_runtime_preprocessing_and_preprocess_val_read_shards(tmp_path, twin):
+    import subprocess
+    import sys
+    from data import val_store
+    from data.buffer import load_manifest
+    configs = twin_configs(tmp_path, twin, augmentation="inception")
+    cfg = configs["tfrecord"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "runtime_preprocessing.py"), "--config", cfg.path,
+                          "--batch_size", "4", "--epoch_start", "0", "--epoch_end", "1", "--once", "--no_progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    manifest = load_manifest(cfg.train.buffer_folder)
+    assert manifest["num_classes"] == CLASSES + 1 and manifest["augmentation"] == "inception"
+    labels = np.load(os.path.join(cfg.train.buffer_folder, "Y_0_0.npy"), allow_pickle=False)
+    assert labels.min() >= 1 and labels.max() <= CLASSES
+    stores = {}
+    for name, c in configs.items():
+        index = tfrecord.load_source_index(c, c.preprocess_val.ImageNet_folder, "val", progress=False)
+        val_store.build_store(c.preprocess_val.path_to_save, index, 16, 18, num_workers=1, progress=False,
+                              say=lambda *a: None)
+        stores[name] = val_store.ValStore(c.preprocess_val.path_to_save)
+    ours, want = stores["tfrecord"], stores["folder"]
+    assert ours.classes == ["background"] + want.classes and np.array_equal(ours.labels, want.labels + 1)
+    for j in range(len(want)):
+        assert np.abs(ours.views(j, 10).astype(int) - want.views(j, 10)).mean() < 3
