@@ -11,6 +11,10 @@ Where each step runs (the one place this is stated):
   4. x/255, (x - mu)/sigma                   trainer device (data/device.py) affine, on the GPU
   6. + lighting shift                        trainer device (data/device.py) added after normalising
 
+With [images] augmentation = tiny, data/tiny_augment.py (seed 002's pipeline) replaces steps
+1-5 and 6 is off (pca_std = 0); with [images] crop_schedule the crop size changes per epoch
+(data/progressive.py).
+
 Images travel uint8 through the buffer (150,528 B per 224 crop); normalisation
 and the colour shift are affine per image, so applying them on the device gives
 the same numbers as the original's float16 files at a quarter of the bytes.
@@ -176,7 +180,9 @@ class TurboJPEG:
     _MCU_WIDTH = (8, 16, 16, 8, 8, 32, 8)  # tjMCUWidth by subsampling (444, 422, 420, gray, 440, 411, 441)
 
     def __init__(self, lib_path):
-        lib = ctypes.CDLL(lib_path)
+        # DEEPBIND: the library's own libjpeg calls must not bind to another libjpeg already in the
+        # process (TensorFlow's or Pillow's have other struct layouts).
+        lib = ctypes.CDLL(lib_path, mode=os.RTLD_LOCAL | getattr(os, "RTLD_DEEPBIND", 0))
         vp, cp, sz, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int
         self._sig(lib.tj3Init, vp, [i])
         self._sig(lib.tj3DecompressHeader, i, [vp, cp, sz])
@@ -215,10 +221,18 @@ class TurboJPEG:
             return None
         return get("width"), get("height"), subsamp
 
-    def decode_region(self, data, subsamp, k, region):
-        """Decode region (x, y, w, h, in 1/k-scaled pixels; x already aligned) to RGB uint8, or None on error."""
+    def decode_region(self, data, head, k, region):
+        """Decode region (x, y, w, h, in 1/k-scaled pixels; x already aligned) to RGB uint8, or None on error.
+
+        `head` is header(data). The region is checked here: libjpeg-turbo 3.0 does not check it,
+        and a region past the image's edge crashes or hangs the process.
+        """
         lib, h = self._lib, self._handle
+        width, height, subsamp = head
         x, y, w, hh = region
+        if not (0 <= x and 0 <= y and 0 < w and 0 < hh and x + w <= -(-width // k) and y + hh <= -(-height // k)
+                and x % self.mcu_width(subsamp, k) == 0):
+            raise ValueError(f"crop region {region} outside the {width}x{height} image at 1/{k} scale")
         if lib.tj3SetScalingFactor(h, _Scaling(1, k)) != 0 or lib.tj3SetCroppingRegion(h, _Region(x, y, w, hh)) != 0:
             self._reset()
             return None
@@ -291,7 +305,7 @@ def _window_turbo(tj, data, crop, draws):
     y0 = max(0, int(box[1]) - margin)
     x1 = min(sw, int(math.ceil(box[2])) + margin)
     y1 = min(sh, int(math.ceil(box[3])) + margin)
-    region = tj.decode_region(data, subsamp, k, (x0, y0, x1 - x0, y1 - y0))
+    region = tj.decode_region(data, head, k, (x0, y0, x1 - x0, y1 - y0))
     if region is None:
         return None
     local = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
@@ -369,7 +383,7 @@ def _cut_cached(cached_path, crop, draws, decoder):
         x0 = max(0, left - margin) // tj.mcu_width(subsamp, 1) * tj.mcu_width(subsamp, 1)
         y0 = max(0, top - margin)
         x1, y1 = min(width, left + crop + margin), min(height, top + crop + margin)
-        region = tj.decode_region(data, subsamp, 1, (x0, y0, x1 - x0, y1 - y0))
+        region = tj.decode_region(data, head, 1, (x0, y0, x1 - x0, y1 - y0))
         if region is not None:
             return region[top - y0:top - y0 + crop, left - x0:left - x0 + crop]
     try:
