@@ -41,23 +41,24 @@ class Conv2D(tf.Module):
     """k x k convolution, NHWC, He-normal kernel, optional bias.
 
     Padding is symmetric (k // 2 on each side, as in Keras' and torchvision's
-    ResNets); for stride 1 that is exactly 'SAME', which TF runs without an
-    explicit pad.
+    ResNets). For stride 1 that is exactly 'SAME'. Strided convs pad first and
+    convolve 'VALID': the conv op's own explicit padding takes a slower CPU
+    path (~30% for the 3x3/2 convs), and 'SAME' would pad asymmetrically.
     """
 
     def __init__(self, name, in_channels, out_channels, kernel_size, stride, init, use_bias=False):
         super().__init__(name=name)
         self.stride = stride
         pad = kernel_size // 2
-        if stride == 1 or pad == 0:
-            self.padding = "SAME" if pad else "VALID"
-        else:
-            self.padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
+        self.padding = "SAME" if stride == 1 and pad else "VALID"
+        self.pad = [[0, 0], [pad, pad], [pad, pad], [0, 0]] if stride > 1 and pad else None
         self.kernel = tf.Variable(init.he_normal([kernel_size, kernel_size, in_channels, out_channels]),
                                   name=f"{name}/kernel")
         self.bias = tf.Variable(tf.zeros([out_channels]), name=f"{name}/bias") if use_bias else None
 
     def __call__(self, x):
+        if self.pad:
+            x = tf.pad(x, self.pad)
         y = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), self.stride, self.padding)
         if self.bias is not None:
             y = tf.nn.bias_add(y, tf.cast(self.bias, x.dtype))
