@@ -2,8 +2,11 @@
 
 Seed 003 (and many ImageNet users) keep the dataset as shards `train-00000-of-01024` ...
 and `validation-00000-of-00128`, each a TFRecord file of serialised tf.train.Example
-protos with the keys in FEATURES. This module reads them from the producer's worker
-processes, which must not import TensorFlow (seconds per process and a GiB of memory):
+protos with the keys in FEATURES. With [data] source = tfrecord, ImageNet_folder names
+such a folder and runtime_preprocessing.py, preprocess_val.py and get_mu_sigma.py read it
+through `load_source_index`. Records then stand where file paths stood (RecordRef), in
+the producer's worker processes, which must not import TensorFlow (seconds per process
+and a GiB of memory):
 
 - Framing: a record is uint64 length, uint32 masked CRC32C of the length, the bytes,
   uint32 masked CRC32C of the bytes (little-endian). The length CRC is checked when a
