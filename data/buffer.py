@@ -545,6 +545,7 @@ class Producer:
         self.sleep_time = rp.sleep_time
         self.ready = set()   # linear positions of complete batches on disk
         self.produced = 0
+        self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
         if self.epoch_end <= self.epoch_start:
@@ -702,6 +703,7 @@ class Producer:
 
     def _refill(self, pool, pos, missing):
         """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back."""
+        started = time.monotonic()
         done = queue.Queue()
         pending = collections.deque(missing)
         in_flight = 0
@@ -733,6 +735,7 @@ class Producer:
                     pending.popleft()  # consumed while we were busy
                 self._delete([lin for lin in self.ready if lin < now])
                 self._show()
+        self.busy_seconds += time.monotonic() - started
         self._show()
 
 

@@ -1,0 +1,260 @@
+"""Producer throughput against a naive pipeline, a bare decode and a tf.data decode-and-crop pipeline.
+
+    python bench/bench_producer.py [--images 400] [--rounds 3] [--batch_size 32]
+
+Generates 500x375 JPEGs (quality 90) in a temporary folder and gives every
+pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
+224 crop, flip). Each one-core figure runs in a fresh process pinned to one CPU
+(sched_setaffinity before any import, so TensorFlow's threads are pinned too):
+  naive      decode (PIL) -> full resize to S -> crop -> flip -> float (x/255-mu)/sigma
+  decode     bare full PIL decode to RGB
+  tf.data    read_file -> decode_and_crop_jpeg(window) -> resize 224 -> flip, num_parallel_calls=1,
+             private thread pool of 1, intra/inter-op threads 1
+  augment    ours, in-process: window decode + resample + flip + PCA lighting (a worker's inner loop)
+  producer1  runtime_preprocessing's Producer, 1 worker, writing batch files to a RAM-disk buffer
+and, unpinned, producer2: the same with 2 workers. Targets: producer1 / tf.data >= 1.0 and
+producer2 / producer1 >= 1.8. Each figure is the best of --rounds interleaved runs (the
+machine is shared); every run's figure is kept in the JSON output.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TARGET_TFDATA = 1.0
+TARGET_SCALING = 1.8
+CROP = 224
+SCALES = list(range(256, 481, 7))
+MU, SIGMA = (0.48180, 0.44969, 0.39839), (0.27336, 0.26435, 0.27563)  # the original's config values
+ONE_CORE = ("naive", "decode", "tfdata", "augment", "producer1")
+WARMUP = 16
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=400, help="generated 500x375 JPEGs")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is reported")
+    p.add_argument("--batch_size", type=int, default=32, help="producer batch size")
+    p.add_argument("--cpu", type=int, default=None, help="CPU for the one-core runs (default: the last one)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_producer.json"))
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one pipeline, print its rate
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+def make_images(root, count, seed=0):
+    """`count` 500x375 photo-like JPEGs (smooth colour waves, shapes, grain) in train/<class>/ folders."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+    for i in range(count):
+        folder = os.path.join(root, "train", f"n{i % 4 + 1:08d}")
+        os.makedirs(folder, exist_ok=True)
+        f = rng.uniform(0.005, 0.05, (3, 2)).astype(np.float32)
+        arr = np.stack([110 + 70 * np.sin(xx * f[c, 0] + c) + 50 * np.cos(yy * f[c, 1]) for c in range(3)], -1)
+        img = Image.fromarray(np.clip(arr + rng.normal(0, 7, arr.shape), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y, r = (int(v) for v in rng.integers([0, 0, 10], [500, 375, 90]))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img.save(os.path.join(folder, f"img_{i:05d}.JPEG"), "JPEG", quality=90)
+
+
+def image_list(folder):
+    from data.index import load_index
+    return load_index(folder, "train").paths
+
+
+def draws_for(count):
+    from data import augment
+    return [augment.image_draws(0, 0, i, SCALES, 0.1) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------
+# Pipelines (each runs in its own process)
+# ----------------------------------------------------------------------------
+
+def _timed(func, items):
+    for item in items[:WARMUP]:
+        func(item)
+    start = time.perf_counter()
+    for item in items[WARMUP:]:
+        func(item)
+    return (len(items) - WARMUP) / (time.perf_counter() - start)
+
+
+def measure_naive(folder):
+    import numpy as np
+    from data import augment, images
+    mu, sigma = np.asarray(MU, np.float32), np.asarray(SIGMA, np.float32)
+
+    def one(item):
+        path, d = item
+        resized = np.asarray(images.resize_shorter(images.decode_rgb(path), d.scale))
+        top, left = augment.crop_origin(resized.shape[1], resized.shape[0], CROP, d)
+        out = resized[top:top + CROP, left:left + CROP]
+        out = out[:, ::-1] if d.flip else out
+        return (out.astype(np.float32) / 255.0 - mu) / sigma
+    paths = image_list(folder)
+    return _timed(one, list(zip(paths, draws_for(len(paths)))))
+
+
+def measure_decode(folder):
+    from data import images
+    return _timed(images.decode_rgb, image_list(folder))
+
+
+def measure_augment(folder):
+    from data import augment
+    decoder = augment.resolve_decoder("auto")
+
+    def one(item):
+        path, d = item
+        crop = augment.augment_crop(path, CROP, d, decoder)
+        return augment.lighting_shift(crop, d.alpha, MU, SIGMA)
+    paths = image_list(folder)
+    return _timed(one, list(zip(paths, draws_for(len(paths)))))
+
+
+def measure_tfdata(folder):
+    import math
+    import numpy as np
+    import utils
+    utils.quiet_tensorflow()
+    import tensorflow as tf
+    from data import augment
+    from PIL import Image
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
+    paths = image_list(folder)
+    windows, flips = [], []
+    for path, d in zip(paths, draws_for(len(paths))):
+        with Image.open(path) as img:
+            x0, y0, x1, y1 = augment.source_box(img.width, img.height, CROP, d)
+        windows.append([int(y0), int(x0), math.ceil(y1) - int(y0), math.ceil(x1) - int(x0)])
+        flips.append(d.flip)
+
+    def load(path, window, flip):
+        img = tf.io.decode_and_crop_jpeg(tf.io.read_file(path), window, channels=3)
+        img = tf.image.resize(img, [CROP, CROP], method="bilinear")
+        return tf.cond(flip, lambda: tf.image.flip_left_right(img), lambda: img)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(windows, np.int32), np.asarray(flips)))
+    ds = ds.map(load, num_parallel_calls=1).with_options(options)
+    it = iter(ds)
+    for _ in range(WARMUP):
+        next(it)
+    start = time.perf_counter()
+    count = sum(1 for _ in it)
+    return count / (time.perf_counter() - start)
+
+
+def measure_producer(folder, workers, batch_size, epochs=3):
+    import utils
+    from data.buffer import Producer
+    from tests.test_buffer import write_config
+    n = len(image_list(folder))
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm, prefix="bench_buffer_") as work:
+        config = write_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
+                              train={"buffer_size": str(epochs * (n // batch_size))},
+                              runtime_preprocessing={"num_of_threads": str(workers)},
+                              images={"crop_size": str(CROP), "scale_min": "256", "scale_max": "480",
+                                      "scale_step": "7", "eval_resize": "256"},
+                              utils={f"mu_{c}": str(MU[c]) for c in range(3)} | {f"sigma_{c}": str(SIGMA[c])
+                                                                                 for c in range(3)})
+        # Several epochs in one fill, so pool start-up and the last batch's tail weigh little.
+        producer = Producer(utils.load_config(config), batch_size, 0, epochs, progress=False, once=True)
+        produced = producer.run()
+        return produced * batch_size / producer.busy_seconds
+
+
+def run_measure(kind, folder, batch_size):
+    if kind == "naive":
+        return measure_naive(folder)
+    if kind == "decode":
+        return measure_decode(folder)
+    if kind == "tfdata":
+        return measure_tfdata(folder)
+    if kind == "augment":
+        return measure_augment(folder)
+    if kind in ("producer1", "producer2"):
+        return measure_producer(folder, int(kind[-1]), batch_size)
+    raise ValueError(kind)
+
+
+def spawn(kind, folder, batch_size, cpu):
+    """Run one measurement in a fresh interpreter, pinned to `cpu` (None: unpinned); returns img/s."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", kind, "--folder", folder,
+                          "--batch_size", str(batch_size)], capture_output=True, text=True, env=env,
+                         preexec_fn=pin, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    if args.measure:
+        print(run_measure(args.measure, args.folder, args.batch_size))
+        return 0
+    cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
+    kinds = list(ONE_CORE) + ["producer2"]
+    runs = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
+        make_images(folder, args.images)
+        size = sum(os.path.getsize(p) for p in image_list(folder)) / args.images / 1000
+        print(f"{args.images} JPEGs 500x375 q90 ({size:.0f} KB each), crop {CROP}, scales 256..480; "
+              f"one-core runs pinned to CPU {cpu}; best of {args.rounds} rounds", flush=True)
+        for r in range(args.rounds):
+            for kind in kinds:
+                runs[kind].append(spawn(kind, folder, args.batch_size, None if kind == "producer2" else cpu))
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
+    best = {k: max(v) for k, v in runs.items()}
+    labels = {"naive": "naive decode->resize->crop->float", "decode": "bare full PIL decode",
+              "tfdata": "tf.data decode_and_crop+resize+flip", "augment": "ours: window decode+resample+lighting",
+              "producer1": "ours: producer, 1 worker (batch files)", "producer2": "ours: producer, 2 workers (unpinned)"}
+    for kind in kinds:
+        print(f"{labels[kind]:42s} {best[kind]:7.0f} img/s{'' if kind == 'producer2' else ' (1 core)'}")
+    vs_tf = best["producer1"] / best["tfdata"]
+    scaling = best["producer2"] / best["producer1"]
+    print(f"producer / tf.data (1 core): {vs_tf:.2f}  (target >= {TARGET_TFDATA})")
+    print(f"2 workers / 1 worker:        {scaling:.2f}  (target >= {TARGET_SCALING}; {os.cpu_count()} CPUs, shared)")
+    print(f"producer / naive: {best['producer1'] / best['naive']:.2f}   producer / bare decode: "
+          f"{best['producer1'] / best['decode']:.2f}")
+    import utils
+    from data import augment
+    result = {"images": args.images, "crop": CROP, "rounds": args.rounds, "cpu": cpu, "runs": runs,
+              "best_img_per_s": best, "producer_vs_tfdata": vs_tf, "two_vs_one_workers": scaling,
+              "decoder": augment.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
+                                                                      "two_vs_one_workers": TARGET_SCALING}}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
