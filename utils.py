@@ -120,7 +120,8 @@ SCHEMA = {
         "heartbeat_interval": Key("float", 2.0, lo=0.05,
                                   help="seconds between the producer's heartbeat writes (the trainer's liveness check)"),
         "decoder": Key("choice", "auto", choices=("auto", "turbojpeg", "pil"),
-                       help="JPEG window decoder: auto = libjpeg-turbo crop+scale decode when installed, else PIL"),
+                       help="crop-window decoder: auto/turbojpeg = libjpeg-turbo region decode + OpenCV resize "
+                            "(fast), pil = PIL draft + resize(box) (exact reference geometry, ~2x slower)"),
         "use_scale_cache": Key("bool", True, help="read preprocess.py's resized images when complete for a scale"),
     },
     "utils": {
