@@ -100,8 +100,18 @@ def class_table(cfg, num_outputs, synset_words=None):
         return None
     names = tfrecord.find_synset_words(cfg.preprocess.ImageNet_folder, synset_words)
     if not names and synset_words is None:
-        names = tfrecord.find_synset_words(cfg.preprocess_val.ImageNet_folder)
+        names = tfrecord.find_synset_words(cfg.preprocess_val.ImageNet_folder) or _shard_texts(cfg)
     return [(c, names.get(c, "")) for c in classes]
+
+
+def _shard_texts(cfg):
+    """{wnid: name} recorded by tools/build_tfrecords.py in the shards' dataset_info.json, or {}."""
+    from data import tfrecord
+    try:
+        info = tfrecord.read_info(cfg.preprocess.ImageNet_folder)
+    except utils.UserError:
+        return {}
+    return dict(zip(info["classes"], info.get("texts") or []))
 
 
 def _store_classes(store_path):

@@ -175,12 +175,13 @@ def build_split(out, split, index, num_shards, label_offset, texts, boxes, quali
 # dataset_info.json: settings first (checked on resume), counts at the end
 # ----------------------------------------------------------------------------
 
-def settings_for(indexes, label_offset, shards, quality, box_file, splits):
+def settings_for(indexes, label_offset, shards, quality, box_file, splits, texts):
     """What the shards are built from and how; a resume must match it (except the source's location)."""
     first = next(iter(indexes.values()))
     classes = first.classes
     return {"format": tfrecord.INFO_FORMAT, "format_version": tfrecord.INFO_VERSION, "label_offset": label_offset,
-            "num_outputs": len(classes) + label_offset, "classes": list(classes), "source": first.root,
+            "num_outputs": len(classes) + label_offset, "classes": list(classes),
+            "texts": [texts.get(c, "") for c in classes], "source": first.root,
             "source_fingerprints": {split: index.fingerprint() for split, index in indexes.items()},
             "shards": {split: shards[split] for split in splits}, "jpeg_quality": quality,
             "bounding_box_file": os.path.abspath(box_file) if box_file else None, "shuffle_seed": SHUFFLE_SEED}
@@ -243,7 +244,7 @@ def build(args, cfg):
         utils.remove_stale_temps(out)
         utils.remove_stale_temps(tfrecord.cache_folder(out))
         info = start_info(out, settings_for(indexes, args.label_offset, shards, args.jpeg_quality,
-                                            args.bounding_box_file, splits))
+                                            args.bounding_box_file, splits, texts))
         for split in splits:
             t0 = time.time()
             index = indexes[split]
