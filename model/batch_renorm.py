@@ -95,8 +95,7 @@ class BatchRenorm(tf.Module):
     def __call__(self, x, training, rmax=1.0, dmax=0.0):
         """Normalise x; in training also update the moving statistics (call once per step)."""
         if not training:
-            scale = self.gamma / self.moving_std
-            return _affine(x, scale, self.beta - self.moving_mean * scale)
+            return self._inference(x)
         if self.config.sync_replicas:
             return self._train_synced(x, rmax, dmax)
         return self._train_local(x, rmax, dmax)
@@ -108,6 +107,15 @@ class BatchRenorm(tf.Module):
         r = tf.clip_by_value(std / self.moving_std, 1.0 / rmax, rmax)
         d = tf.clip_by_value((mean - self.moving_mean) / self.moving_std, -dmax, dmax)
         return tf.stop_gradient(r), tf.stop_gradient(d)
+
+    def _inference(self, x):
+        # The fused kernel divides by sqrt(variance + eps): passing sigma^2 - eps makes
+        # that exactly sigma, and lets grappler fold the normalisation into the conv before.
+        eps = self.config.epsilon
+        variance = tf.maximum(tf.square(self.moving_std) - eps, 0.0)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, self.gamma, self.beta, mean=self.moving_mean,
+                                                   variance=variance, epsilon=eps, is_training=False)
+        return y
 
     def _train_local(self, x, rmax, dmax):
         # With r and d constant for the gradient, y = (gamma*r) * x_hat + (gamma*d + beta)
