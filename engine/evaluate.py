@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine import run_folder
 from utils import UserError, atomic_write_text
 
 log = logging.getLogger("evaluate")
@@ -45,15 +46,11 @@ say_flushed = functools.partial(print, flush=True)
 
 
 # ----------------------------------------------------------------------------
-# Run folder layout (train.py writes <path_for_saving>/<run>/<epoch>/saved_model)
+# Run folder layout (engine.run_folder: <path_for_saving>/<run>/<epoch>/saved_model)
 # ----------------------------------------------------------------------------
 
-def run_dir(cfg, run_folder):
-    return os.path.join(cfg.train.path_for_saving, run_folder)
-
-
 def saved_model_dir(run_path, epoch):
-    return os.path.join(run_path, str(epoch), "saved_model")
+    return os.path.join(run_folder.epoch_dir(run_path, epoch), "saved_model")
 
 
 # ----------------------------------------------------------------------------
@@ -351,12 +348,12 @@ def result_line(result):
             f"({result.protocol} views, {result.images} images, {result.images_per_second:.0f} images/s)")
 
 
-def check_accuracy(cfg, run_folder, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
+def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
                    poll=2.0, say=say_flushed):
     """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
     from data.val_store import open_val_store
 
-    path = run_dir(cfg, run_folder)
+    path = run_folder.run_dir(cfg.train.path_for_saving, run)
     if epoch_start == "auto":
         epoch_start = first_missing_epoch(path, views, epoch_end)
         if epoch_start == epoch_end:

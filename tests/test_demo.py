@@ -173,3 +173,13 @@ def test_children_and_their_workers_die_with_a_killed_launcher(fake):
     finally:
         proc.kill()
     assert _all_gone(fake)
+
+
+def test_demo_prunes_only_its_own_older_runs(tmp_path, capsys):
+    from tools import demo
+    names = ["demo-20260101-000000", "demo-20260102-000000", "demo-20260103-000000", "myrun", ".tmp-demo-x"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    demo.prune_old_runs(str(tmp_path), keep=1)
+    assert sorted(os.listdir(tmp_path)) == [".tmp-demo-x", "demo-20260103-000000", "myrun"]
+    assert "removed the old demo run demo-20260101-000000" in capsys.readouterr().out

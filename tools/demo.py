@@ -32,8 +32,8 @@ CONFIG = os.path.join(ROOT, "configs", "demo.txt")
 # The demo set: 10 classes; sizes chosen with configs/demo.txt so that `make demo` fits in
 # 8 minutes on 2 CPU cores and ends above 80% top-1 (chance: 10%).
 NUM_CLASSES = 10
-DATASET_ARGS = [f"--classes={NUM_CLASSES}", "--train_per_class=260", "--val_per_class=40"]
-EPOCHS = 12
+DATASET_ARGS = [f"--classes={NUM_CLASSES}", "--train_per_class=500", "--val_per_class=40"]
+EPOCHS = 10
 BATCH_SIZE = 64
 TIME_TARGET_S = 8 * 60
 TOP1_TARGET = 80.0
