@@ -166,7 +166,10 @@ def lighting_shift(crop_uint8, alpha, mu, sigma):
     if not alpha.any():
         return np.zeros(3, np.float32)
     # Contiguous channel planes: strided reductions over the HWC layout, or BLAS on it, are several times slower.
-    planes = np.ascontiguousarray(crop_uint8.reshape(-1, 3).T).astype(np.float64)
+    if cv2 is not None:
+        planes = np.stack(cv2.split(np.ascontiguousarray(crop_uint8))).reshape(3, -1).astype(np.float64)
+    else:
+        planes = np.ascontiguousarray(crop_uint8.reshape(-1, 3).T).astype(np.float64)
     n = planes.shape[1]
     gram = np.empty((3, 3))
     for i in range(3):
@@ -385,9 +388,12 @@ def augment_crop(path, crop, draws, decoder="turbojpeg", cached_path=None):
         if img is None:
             img = _window_pil(path, data, crop, draws)
         out = np.asarray(img)
-    if draws.flip:
-        out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    return flip_lr(out) if draws.flip else np.ascontiguousarray(out)
+
+
+def flip_lr(arr):
+    """Left-right mirror of an HWC uint8 array, as a new contiguous array (OpenCV's is ~5x faster than numpy's)."""
+    return cv2.flip(np.ascontiguousarray(arr), 1) if cv2 is not None else np.ascontiguousarray(arr[:, ::-1])
 
 
 def _cut_cached(cached_path, crop, draws, decoder):
