@@ -11,7 +11,7 @@ pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
   tf.data    read_file -> decode_and_crop_jpeg(window) -> resize 224 -> flip, num_parallel_calls=1,
              private thread pool of 1, intra/inter-op threads 1
   augment    ours, in-process: window decode + resample + flip + PCA lighting (a worker's inner loop)
-  producer1  runtime_preprocessing's Producer, 1 worker, writing batch files to a RAM-disk buffer
+  producer1  runtime_preprocessing's Producer, 1 worker, writing batch files (--buffer_dir)
 and, unpinned, producer2: the same with 2 workers. Producer rates are images / time spent
 filling (3 epochs of the set in one fill, so pool start-up weighs little). Targets: producer1 / tf.data >= 1.0 and
 producer2 / producer1 >= 1.8. Each figure is the best of --rounds interleaved runs (the
@@ -41,9 +41,11 @@ WARMUP = 16
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=400, help="generated 500x375 JPEGs")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is reported")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved repetitions; the best is reported")
     p.add_argument("--batch_size", type=int, default=32, help="producer batch size")
     p.add_argument("--cpu", type=int, default=None, help="CPU for the one-core runs (default: the last one)")
+    p.add_argument("--buffer_dir", default=tempfile.gettempdir(),
+                   help="where the producer runs write batch files (here /tmp's page cache beat /dev/shm)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_producer.json"))
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one pipeline, print its rate
     p.add_argument("--folder", help=argparse.SUPPRESS)
@@ -167,13 +169,12 @@ def measure_tfdata(folder):
     return count / (time.perf_counter() - start)
 
 
-def measure_producer(folder, workers, batch_size, epochs=3):
+def measure_producer(folder, workers, batch_size, buffer_dir=None, epochs=3):
     import utils
     from data.buffer import Producer
     from tests.test_buffer import write_config
     n = len(image_list(folder))
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(dir=shm, prefix="bench_buffer_") as work:
+    with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
         config = write_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
                               train={"buffer_size": str(epochs * (n // batch_size))},
                               runtime_preprocessing={"num_of_threads": str(workers)},
@@ -187,7 +188,7 @@ def measure_producer(folder, workers, batch_size, epochs=3):
         return produced * batch_size / producer.busy_seconds
 
 
-def run_measure(kind, folder, batch_size):
+def run_measure(kind, folder, batch_size, buffer_dir=None):
     if kind == "naive":
         return measure_naive(folder)
     if kind == "decode":
@@ -197,16 +198,17 @@ def run_measure(kind, folder, batch_size):
     if kind == "augment":
         return measure_augment(folder)
     if kind in ("producer1", "producer2"):
-        return measure_producer(folder, int(kind[-1]), batch_size)
+        return measure_producer(folder, int(kind[-1]), batch_size, buffer_dir)
     raise ValueError(kind)
 
 
-def spawn(kind, folder, batch_size, cpu):
+def spawn(kind, folder, batch_size, cpu, buffer_dir):
     """Run one measurement in a fresh interpreter, pinned to `cpu` (None: unpinned); returns img/s."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", kind, "--folder", folder,
-                          "--batch_size", str(batch_size)], capture_output=True, text=True, env=env,
+                          "--batch_size", str(batch_size), "--buffer_dir", buffer_dir],
+                         capture_output=True, text=True, env=env,
                          preexec_fn=pin, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-2000:]}")
@@ -220,7 +222,7 @@ def spawn(kind, folder, batch_size, cpu):
 def main(argv=None):
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
-        print(run_measure(args.measure, args.folder, args.batch_size))
+        print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir))
         return 0
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     kinds = list(ONE_CORE) + ["producer2"]
@@ -233,7 +235,8 @@ def main(argv=None):
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         for r in range(args.rounds):
             for kind in kinds:
-                runs[kind].append(spawn(kind, folder, args.batch_size, None if kind == "producer2" else cpu))
+                runs[kind].append(spawn(kind, folder, args.batch_size, None if kind == "producer2" else cpu,
+                                        args.buffer_dir))
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
     best = {k: max(v) for k, v in runs.items()}
     labels = {"naive": "naive decode->resize->crop->float", "decode": "bare full PIL decode",
@@ -251,7 +254,7 @@ def main(argv=None):
           f"{best['producer1'] / best['decode']:.2f}")
     import utils
     from data import augment
-    result = {"images": args.images, "crop": CROP, "rounds": args.rounds, "cpu": cpu, "runs": runs,
+    result = {"images": args.images, "crop": CROP, "buffer_dir": args.buffer_dir, "rounds": args.rounds, "cpu": cpu, "runs": runs,
               "best_img_per_s": best, "load_average_end": load, "producer_vs_tfdata": vs_tf, "two_vs_one_workers": scaling,
               "decoder": augment.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
                                                                       "two_vs_one_workers": TARGET_SCALING}}

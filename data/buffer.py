@@ -546,6 +546,7 @@ class Producer:
         self.ready = set()   # linear positions of complete batches on disk
         self.produced = 0
         self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
+        self._fill_started = None
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
         if self.epoch_end <= self.epoch_start:
@@ -703,7 +704,7 @@ class Producer:
 
     def _refill(self, pool, pos, missing):
         """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back."""
-        started = time.monotonic()
+        started = self._fill_started = time.monotonic()
         done = queue.Queue()
         pending = collections.deque(missing)
         in_flight = 0
@@ -736,6 +737,7 @@ class Producer:
                 self._delete([lin for lin in self.ready if lin < now])
                 self._show()
         self.busy_seconds += time.monotonic() - started
+        self._fill_started = None
         self._show()
 
 
@@ -751,7 +753,8 @@ class Producer:
                     disable=not self.progress, smoothing=0.1)
 
     def _show(self):
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, "
-                                 f"{self.produced * self.batch_size / elapsed:.0f} img/s", refresh=False)
+        """Bar: batches produced of the range; postfix: batches on disk / buffer_size, fill rate while filling."""
+        busy = self.busy_seconds + (time.monotonic() - self._fill_started if self._fill_started else 0.0)
+        rate = self.produced * self.batch_size / busy if busy > 0 else 0.0
+        self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, {rate:.0f} img/s", refresh=False)
         self.bar.refresh()
