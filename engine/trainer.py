@@ -92,7 +92,8 @@ class Trainer:
             raise UserError(f"[train] jit_compile = true works on one device only; this run has {self.replicas} "
                             f"replicas: set jit_compile = false or distribute = one_device.")
         self._seed(cfg.train)
-        logging.getLogger("tensorflow").setLevel(logging.WARNING)  # SavedModel "Assets written" lines
+        for name in ("tensorflow", "absl"):  # SavedModel export chatter at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.mu, self.sigma = mu_sigma(cfg)
         self.steps_per_epoch = reader.num_batches(0)
         self.schedule = schedules.from_config(cfg.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)

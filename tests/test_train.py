@@ -1,8 +1,8 @@
 """train.py end to end with the real producer as a separate process, on a tiny generated dataset.
 
-One uninterrupted run (A) is the reference. Run B is SIGKILLed while it saves epoch 1
-and then resumed with --epoch_start=auto against the same, still running producer:
-its final weights must equal A's bit for bit ([train] deterministic = true).
+One uninterrupted run (A) is the reference. Run B, trained alongside, is SIGKILLed while it
+saves epoch 1 and then resumed with --epoch_start=auto against its still running producer:
+its final weights and optimizer state must equal A's bit for bit ([train] deterministic = true).
 """
 import configparser
 import os
@@ -45,9 +45,11 @@ def write_config(folder, data_root, **sections):
                   "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
         "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
                    "eval_resize": "36", "eval_scales_50": "36, 40"},
-        "model": {"width_multiplier": "0.0625"},
+        # Zero-initialised last gammas keep this 4-channel-wide network well conditioned; without
+        # them float rounding differences grow to O(1) within a few steps (see test_distribute.py).
+        "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
         "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
-        "schedule": {"type": "constant", "base_lr": "0.005"},
+        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
     }
     for name, keys in sections.items():
         values.setdefault(name, {}).update(keys)
@@ -116,18 +118,43 @@ def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
 
 
+def kill_while_saving(trainer, run, epoch, timeout=240):
+    """SIGKILL `trainer` while it writes `epoch` (its temp folder exists, the final one does not)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and trainer.poll() is None:
+        if os.path.isdir(run) and any(n.startswith(f".tmp-{epoch}-") for n in os.listdir(run)):
+            trainer.kill()
+            trainer.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
 @pytest.fixture(scope="module")
-def run_a(tmp_path_factory, data):
-    """An uninterrupted 3-epoch run with its own producer."""
-    config = write_config(str(tmp_path_factory.mktemp("a")), data)
-    producer = start_producer(config, 0, EPOCHS)
+def runs(tmp_path_factory, data):
+    """Run A: uninterrupted, 3 epochs. Run B, alongside: SIGKILLed while saving epoch 1 (its
+    producer keeps running for the resume). Each has its own buffer and producer."""
+    config_a = write_config(str(tmp_path_factory.mktemp("a")), data)
+    config_b = write_config(str(tmp_path_factory.mktemp("b")), data)
+    producers = [start_producer(config_a, 0, EPOCHS), start_producer(config_b, 0, EPOCHS)]
     try:
-        result = run_train(config, "A", 0, EPOCHS)
-        assert result.returncode == 0, result.stderr[-3000:]
-        producer.wait(timeout=30)  # it exits once the trainer consumed the last batch
+        trainer_a = subprocess.Popen(train_cmd(config_a, "A", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        trainer_b = subprocess.Popen(train_cmd(config_b, "B", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        killed = kill_while_saving(trainer_b, run_path(config_b, "B"), 1)
+        _, err = trainer_a.communicate(timeout=240)
+        assert trainer_a.returncode == 0, err[-3000:]
+        producers[0].wait(timeout=30)  # it exits once the trainer consumed the last batch
+        yield {"a": config_a, "b": config_b, "b_killed": killed, "b_producer": producers[1]}
     finally:
-        stop(producer)
-    return config, result
+        for p in producers:
+            stop(p)
+
+
+@pytest.fixture(scope="module")
+def run_a(runs):
+    return runs["a"]
 
 
 # ----------------------------------------------------------------------------
@@ -135,7 +162,7 @@ def run_a(tmp_path_factory, data):
 # ----------------------------------------------------------------------------
 
 def test_real_run_saves_complete_epochs_and_logs(run_a):
-    config, result = run_a
+    config = run_a
     run = run_path(config, "A")
     for epoch in range(EPOCHS):
         folder = os.path.join(run, str(epoch))
@@ -171,41 +198,27 @@ def test_real_run_saves_complete_epochs_and_logs(run_a):
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupted(tmp_path, data, run_a):
-    config = write_config(str(tmp_path), data)
+def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupted(runs):
+    config = runs["b"]
     run = run_path(config, "B")
-    producer = start_producer(config, 0, EPOCHS)
-    try:
-        trainer = subprocess.Popen(train_cmd(config, "B", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        # Kill while epoch 1 is being written (its temp folder exists, the final one does not).
-        while time.monotonic() < deadline and trainer.poll() is None:
-            if os.path.isdir(run) and any(n.startswith(".tmp-1-") for n in os.listdir(run)):
-                break
-            time.sleep(0.005)
-        assert trainer.poll() is None, "the trainer ended before it saved epoch 1"
-        trainer.kill()
-        trainer.wait()
+    assert runs["b_killed"], "the trainer ended before it saved epoch 1"
+    assert not os.path.exists(os.path.join(run, "1"))
+    from engine import run_folder
+    assert run_folder.complete_epochs(run) == [0]
+    weights = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, "0")))
+    assert int(weights["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == STEPS
+    import tensorflow as tf
+    tf.saved_model.load(os.path.join(run, "0", "saved_model"))
 
-        assert not os.path.exists(os.path.join(run, "1"))
-        from engine import run_folder
-        assert run_folder.complete_epochs(run) == [0]
-        weights = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, "0")))
-        assert int(weights["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == STEPS
-        import tensorflow as tf
-        tf.saved_model.load(os.path.join(run, "0", "saved_model"))
-
-        # The producer is still running: the resumed trainer re-reads epoch 1 from batch 0.
-        result = run_train(config, "B", "auto", EPOCHS)
-        assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        stop(producer)
+    # The producer is still running: the resumed trainer re-reads epoch 1 from batch 0.
+    assert runs["b_producer"].poll() is None
+    result = run_train(config, "B", "auto", EPOCHS)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "epoch 0 done" in result.stderr
     assert run_folder.complete_epochs(run) == list(range(EPOCHS))
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
 
-    reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run_path(run_a[0], "A"), str(EPOCHS - 1))))
+    reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run_path(runs["a"], "A"), str(EPOCHS - 1))))
     resumed = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, str(EPOCHS - 1))))
     assert sorted(reference) == sorted(resumed)
     # Momentum slots (conv-kernel shaped) are part of the comparison, not only the weights.
@@ -213,14 +226,14 @@ def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupt
                for k in reference)
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
-    assert [r["train_loss"] for r in csv_rows(run)] == [r["train_loss"] for r in csv_rows(run_path(run_a[0], "A"))]
+    assert [r["train_loss"] for r in csv_rows(run)] == [r["train_loss"] for r in csv_rows(run_path(runs["a"], "A"))]
     # The batch log shows epoch 1 twice: trained, killed while saving, trained again.
     lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]
     assert lines == [f"{e} {b}" for e in (0, 1, 1, 2) for b in range(STEPS)]
 
 
 def test_batch_size_mismatch_is_one_clear_sentence(run_a):
-    config, _ = run_a  # its buffer's manifest says batch size 16
+    config = run_a  # its buffer's manifest says batch size 16
     result = run_train(config, "C", 0, 1, batch_size=8, timeout=60)
     assert result.returncode == 2
     assert "holds batches of 16 images but this run asks for --batch_size=8" in result.stderr
@@ -228,7 +241,7 @@ def test_batch_size_mismatch_is_one_clear_sentence(run_a):
 
 
 def test_existing_epoch_folders_are_refused_unless_overwrite(run_a):
-    config, _ = run_a
+    config = run_a
     result = run_train(config, "A", 0, 2, timeout=60)
     assert result.returncode == 2
     assert "already holds epoch folder(s) 0, 1" in result.stderr and "--overwrite" in result.stderr

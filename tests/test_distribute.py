@@ -1,0 +1,172 @@
+"""MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 local processes) match one device.
+
+All runs train one epoch on the same global batches (one prefilled buffer, copied per
+run) from the same seeded initialisation, with batch statistics synchronised across
+replicas ([batch_renorm] sync_replicas), so the only differences are float rounding
+(reduction order of the all-reduce and of the split batch moments). Tolerance: the
+weight change during the epoch agrees to 1% overall, and each variable's change to
+5% of its size plus 1e-5 (measured: about 1e-4 overall).
+
+The test network starts with zero last gammas: with the default init this
+4-channel-wide ResNet-50 is so ill-conditioned that rounding differences between two
+mathematically equal computations (even on one device: local vs synced batch
+moments) grow to O(1) within three steps, at any learning rate.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.test_train import BATCH, PY, ROOT, make_data, read_checkpoint, start_producer, train_cmd, write_config
+
+STEPS = 8
+TOTAL_TOLERANCE, VARIABLE_TOLERANCE, FLOOR = 0.01, 0.05, 1e-5
+SCHEDULE = {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"}
+
+# Logical devices must be configured before TensorFlow initialises, so the mirrored run
+# boots through this snippet and then runs train.py unchanged.
+TWO_CPUS = ("import runpy, sys, tensorflow as tf; "
+            "cpu = tf.config.list_physical_devices('CPU')[0]; "
+            "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2); "
+            "sys.argv = sys.argv[1:]; sys.path.insert(0, '.'); runpy.run_path('train.py', run_name='__main__')")
+
+
+def free_ports(n):
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    data = make_data(str(base / "imagenet"))
+    prefill = write_config(str(base / "prefill"), data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
+                           train={"buffer_size": str(STEPS)})
+    producer = start_producer(prefill, 0, 1, "--once")
+    _, err = producer.communicate(timeout=120)
+    assert producer.returncode == 0, err[-2000:]
+    buffer = os.path.join(os.path.dirname(prefill), "buffer")
+
+    def config_for(name, **train):
+        folder = str(base / name)
+        os.makedirs(folder)
+        shutil.copytree(buffer, os.path.join(folder, "buffer"))
+        return write_config(folder, data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
+                            train={"path_for_saving": str(base / "runs"), **train})
+    return base, data, config_for
+
+
+def initial_weights(config):
+    import tensorflow as tf
+    import utils
+    from model import build_model, model_kwargs
+    net = build_model(**model_kwargs(utils.load_config(config), 4))
+    prefix = tf.train.Checkpoint(model=net).write(os.path.join(os.path.dirname(config), "init", "ckpt"))
+    return read_checkpoint(prefix)
+
+
+def model_weights(base, run):
+    weights = read_checkpoint(os.path.join(str(base), "runs", run, "0", "checkpoint", "ckpt"))
+    return {k: v for k, v in weights.items() if k.startswith("model/")}
+
+
+def assert_same_training(init, single, other):
+    """The change of every variable during the epoch agrees (a mean instead of a sum of gradients: 50% off)."""
+    assert sorted(single) == sorted(other)
+    assert int(other["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == STEPS
+    diff2 = size2 = 0.0
+    bad = {}
+    for key, value in single.items():
+        if key in init and value.dtype.kind == "f":
+            delta, delta_other = value - init[key], other[key] - init[key]
+            d, s = np.linalg.norm(delta_other - delta), np.linalg.norm(delta)
+            diff2, size2 = diff2 + d * d, size2 + s * s
+            if d > VARIABLE_TOLERANCE * s + FLOOR:
+                bad[key] = (float(d), float(s))
+    assert size2 > 0 and not bad, bad
+    assert np.sqrt(diff2 / size2) <= TOTAL_TOLERANCE, np.sqrt(diff2 / size2)
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    """One epoch each: one device, mirrored on 2 logical CPUs, 2 workers; all started at once."""
+    base, _, config_for = setup
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    jobs = {"single": (train_cmd(config_for("single", distribute="one_device"), "single", 0, 1), {}),
+            "mirrored": ([PY, "-c", TWO_CPUS] + train_cmd(config_for("mirrored", distribute="mirrored"),
+                                                          "mirrored", 0, 1)[1:], {})}
+    for index in range(2):
+        config = config_for(f"worker{index}", distribute="multi_worker")
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        jobs[f"worker{index}"] = (train_cmd(config, "multi", 0, 1), {"TF_CONFIG": tf_config})
+    logs = {name: os.path.join(str(base), f"{name}.stderr") for name in jobs}
+    procs = {}
+    try:
+        for name, (cmd, env) in jobs.items():
+            with open(logs[name], "w") as err:  # files, not pipes: a full pipe would stall a worker and its peer
+                procs[name] = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env},
+                                               stdout=subprocess.DEVNULL, stderr=err)
+        for proc in procs.values():
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    errors = {name: open(path).read() for name, path in logs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}: {errors[name][-3000:]}"
+    return base, errors, initial_weights(os.path.join(str(base), "single", "config.txt"))
+
+
+def test_mirrored_on_two_logical_cpus_matches_one_device(trained):
+    base, errors, init = trained
+    assert "global batch 16 on 2 replica(s)" in errors["mirrored"]
+    assert_same_training(init, model_weights(base, "single"), model_weights(base, "mirrored"))
+
+
+def test_multi_worker_on_two_local_processes_matches_one_device(trained):
+    base, errors, init = trained
+    assert "global batch 16 on 2 replica(s)" in errors["worker0"]
+    # Only the chief (worker 0) writes the run folder.
+    assert sorted(os.listdir(os.path.join(str(base), "runs", "multi"))) == ["0", "batches.log", "log.csv",
+                                                                              "tensorboard", "train.lock",
+                                                                              "train.log"]
+    assert sorted(os.listdir(os.path.join(str(base), "runs", "multi", "0"))) == ["checkpoint", "config.txt",
+                                                                                   "saved_model"]
+    assert_same_training(init, model_weights(base, "single"), model_weights(base, "multi"))
+
+
+def test_batch_not_divisible_by_replicas_is_a_clear_error():
+    from engine.distribute import check_divisible
+    from utils import UserError
+    assert check_divisible(64, 4) == 16
+    with pytest.raises(UserError, match="--batch_size 30 is not divisible by the 4 replicas"):
+        check_divisible(30, 4)
+
+
+def test_worker_info_reads_tf_config(monkeypatch):
+    from engine.distribute import worker_info
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert worker_info() == (0, 1)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2", "c:3"]},
+                                                "task": {"type": "worker", "index": 2}}))
+    assert worker_info() == (2, 3)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    assert worker_info() == (1, 2)
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    from utils import UserError
+    with pytest.raises(UserError, match="TF_CONFIG"):
+        worker_info()
