@@ -190,6 +190,7 @@ def main(argv=None):
                               f"{args.batch_size} and {args.keep_runs}.")
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
+    utils.quiet_tensorflow()  # inherited by every step: no C++ start-up chatter in the demo's output
     start = time.monotonic()
     cfg = utils.load_config(args.config)
     config = f"--config={args.config}"

@@ -67,7 +67,10 @@ def keeper(argv):
     processes included. SIGINT is relayed to the script for a clean stop. The
     keeper exits with the script's exit code (128 + signal if it was killed).
     """
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    # A launcher started in the background (nohup, `&` in a script) has SIGINT ignored, and an
+    # ignored signal stays ignored across exec: give the script back its Ctrl-C behaviour.
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def relay(signum, frame):
         if signum == signal.SIGINT:
