@@ -10,7 +10,8 @@ pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
   decode     bare full PIL decode to RGB
   tf.data    read_file -> decode_and_crop_jpeg(window) -> resize 224 -> flip, num_parallel_calls=1,
              private thread pool of 1, intra/inter-op threads 1
-  augment    ours, in-process: window decode + resample + flip + PCA lighting (a worker's inner loop)
+  augment    ours, in-process: draws, window decode + resample + flip, PCA lighting (a worker's
+             per-image work, without assembling and writing batch files)
   producer1  runtime_preprocessing's Producer, 1 worker, writing batch files (--buffer_dir)
 and, unpinned, producer2: the same with 2 workers. Producer rates are images / time spent
 filling (3 epochs of the set in one fill, so pool start-up weighs little). Targets: producer1 / tf.data >= 1.0 and
@@ -124,11 +125,11 @@ def measure_augment(folder):
     decoder = augment.resolve_decoder("auto")
 
     def one(item):
-        path, d = item
+        position, path = item
+        d = augment.image_draws(0, 0, position, SCALES, 0.1)
         crop = augment.augment_crop(path, CROP, d, decoder)
         return augment.lighting_shift(crop, d.alpha, MU, SIGMA)
-    paths = image_list(folder)
-    return _timed(one, list(zip(paths, draws_for(len(paths)))))
+    return _timed(one, list(enumerate(image_list(folder))))
 
 
 def measure_tfdata(folder):
