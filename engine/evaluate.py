@@ -113,6 +113,12 @@ class SavedModelPredictor:
     def __call__(self, images):
         return self._fn(**{self._input: images})["probabilities"]
 
+    @staticmethod
+    def prepare(images):
+        """Runs on the loading thread: the host-to-tensor copy stays off the inference thread."""
+        import tensorflow as tf
+        return tf.convert_to_tensor(images)
+
 
 # ----------------------------------------------------------------------------
 # Scoring
@@ -198,21 +204,24 @@ def prefetch(iterable, depth=3, convert=None):
         thread.join(timeout=5)
 
 
-def _flatten(batch):
-    views, labels = batch
-    views = np.asarray(views)
-    n, v = views.shape[:2]
-    return np.ascontiguousarray(views.reshape((n * v,) + views.shape[2:])), v, np.asarray(labels)
+def _flattener(prepare=None):
+    def flatten(batch):
+        views, labels = batch
+        views = np.asarray(views)
+        n, v = views.shape[:2]
+        flat = np.ascontiguousarray(views.reshape((n * v,) + views.shape[2:]))
+        return (prepare(flat) if prepare else flat), v, np.asarray(labels)
+    return flatten
 
 
 def score(predict, batches, num_classes=None, progress=None):
     """Top-1/top-5 hit counts over `batches` of (views [n,V,h,w,3] uint8, labels [n]).
 
-    predict: callable [n*V,h,w,3] uint8 -> [n*V,C] probabilities (tensor or array).
-    Returns (hits1, hits5, images).
+    predict: callable [n*V,h,w,3] uint8 -> [n*V,C] probabilities (tensor or array); its optional
+    `prepare(array)` runs on the loading thread. Returns (hits1, hits5, images).
     """
     hits1 = hits5 = images = 0
-    for flat, views, labels in prefetch(batches, convert=_flatten):
+    for flat, views, labels in prefetch(batches, convert=_flattener(getattr(predict, "prepare", None))):
         probabilities = np.asarray(predict(flat))
         if num_classes is not None and probabilities.shape[-1] != num_classes:
             raise UserError(f"The model predicts {probabilities.shape[-1]} classes but the validation set has "
