@@ -354,7 +354,8 @@ def first_missing_epoch(run_path, protocol, epoch_end):
 
 def result_line(result):
     return (f"Epoch# {result.epoch}  Top 1 accuracy: {result.top1:.2f}%  Top 5 accuracy: {result.top5:.2f}%  "
-            f"({result.protocol} views, {result.images} images, {result.images_per_second:.0f} images/s)")
+            f"({result.protocol} view{'' if result.protocol == 1 else 's'}, {result.images} images, "
+            f"{result.images_per_second:.0f} images/s)")
 
 
 def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
