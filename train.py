@@ -47,6 +47,10 @@ def main(argv=None):
     run_path = run_folder.run_dir(cfg.train.path_for_saving, args.run_folder)
     epoch_start = run_folder.resolve_epoch_start(run_path, args.epoch_start)
     chief = is_chief()
+    if args.epoch_start == "auto" and epoch_start >= args.epoch_end:
+        print(f"{run_path} already holds epochs 0..{epoch_start - 1}; nothing to train below --epoch_end="
+              f"{args.epoch_end}.", file=sys.stderr)
+        return 0
     if not chief:  # only the chief writes the run folder
         return train(cfg, args, run_path, epoch_start, chief)
     # Everything a user can get wrong is checked before TensorFlow starts.

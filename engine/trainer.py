@@ -91,8 +91,13 @@ class Trainer:
         if cfg.train.jit_compile and self.replicas > 1:
             raise UserError(f"[train] jit_compile = true works on one device only; this run has {self.replicas} "
                             f"replicas: set jit_compile = false or distribute = one_device.")
+        if cfg.train.jit_compile and cfg.train.deterministic:
+            raise UserError("[train] jit_compile and deterministic cannot both be true: XLA has no deterministic "
+                            "max-pool gradient; set one of them to false.")
         self._seed(cfg.train)
-        for name in ("tensorflow", "absl"):  # SavedModel export chatter at INFO
+        # SavedModel export chatter, and the reader's line per wait: waits are summed into the bar,
+        # the epoch line, log.csv and TensorBoard instead, so the log never outpaces the bar.
+        for name in ("tensorflow", "absl", "data.buffer"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.mu, self.sigma = mu_sigma(cfg)
         self.steps_per_epoch = reader.num_batches(0)
@@ -250,11 +255,13 @@ class Trainer:
         totals["wait"] += values["wait"]
         loss, top1 = values["loss_sum"] / values["images"], values["hits"] / values["images"]
         img_s = values["images"] / values["seconds"]
-        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", refresh=False)
+        wait = values["wait"] / values["seconds"]
+        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
+                        wait=f"{100 * wait:.0f}%", refresh=False)
         rmax, dmax = self._renorm_limits()
         self.tensorboard.scalars(step, {"loss": loss, "l2_loss": values["l2"], "top1": top1, "learning_rate": lr,
                                         "rmax": rmax, "dmax": dmax, "images_per_sec": img_s,
-                                        "buffer_wait_fraction": values["wait"] / values["seconds"]}, "train/")
+                                        "buffer_wait_fraction": wait}, "train/")
 
     def _renorm_limits(self):
         renorm = getattr(self.net, "renorm", None)
