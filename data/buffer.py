@@ -546,6 +546,7 @@ class Producer:
         self.ready = set()   # linear positions of complete batches on disk
         self.produced = 0
         self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
+        self._stale_progress = None
         self._fill_started = None
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
@@ -564,8 +565,18 @@ class Producer:
     def trainer_position(self):
         """Linear position of the next batch the trainer needs, clamped to [epoch_start, epoch_end]."""
         p = read_progress(self.folder)
+        if p is not None and p == self._stale_progress:
+            return self.start_lin
         lin = self.lin(*p) if p is not None and p[1] <= self.num_batches else self.start_lin
         return min(max(lin, self.start_lin), self.end_lin)
+
+    def _ignore_finished_progress(self):
+        """A progress file already past --epoch_end at start-up is from an earlier run: follow it only once it changes."""
+        p = read_progress(self.folder)
+        if p is not None and p[1] <= self.num_batches and self.lin(*p) >= self.end_lin:
+            log.warning("%s says epoch %d batch %d, past --epoch_end=%d: left over from an earlier run; starting "
+                        "at epoch %d until the trainer reports", PROGRESS, p[0], p[1], self.epoch_end, self.epoch_start)
+            self._stale_progress = p
 
     # -- setup -------------------------------------------------------------------
 
@@ -583,6 +594,7 @@ class Producer:
             raise UserError(f"The training set has {len(index)} images, fewer than --batch_size={self.batch_size}.")
         self.num_batches = len(index) // self.batch_size
         self.start_lin, self.end_lin = self.lin(self.epoch_start, 0), self.lin(self.epoch_end, 0)
+        self._ignore_finished_progress()
         cache = []
         if cfg.runtime_preprocessing.use_scale_cache:
             cache = sorted(set(scale_cache.complete_scales(cfg.preprocess.path_to_save, index)) & set(utils.scales(cfg)))

@@ -230,3 +230,13 @@ def test_unwritable_folder_and_full_disk_are_clear_errors(dataset, tmp_path, mon
     producer = buffer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
     with pytest.raises(utils.UserError, match=r"ok/buffer has 1\.0 KB free but 6 batches need about 21\.1 KB"):
         producer.setup()
+
+
+def test_progress_left_over_past_the_range_is_not_followed(dataset, tmp_path):
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+    folder = utils.load_config(config).train.buffer_folder
+    os.makedirs(folder)
+    buffer.write_progress(folder, 9, 0)  # an earlier run's last report
+    r = run_producer(config, "--once", epoch_start="0", epoch_end="3")
+    assert r.returncode == 0 and "left over from an earlier run" in r.stderr
+    assert sorted(buffer.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
