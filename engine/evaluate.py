@@ -20,7 +20,6 @@ import csv
 import fcntl
 import functools
 import io
-import logging
 import os
 import queue
 import threading
@@ -32,7 +31,6 @@ import numpy as np
 from engine import run_folder
 from utils import UserError, atomic_write_text
 
-log = logging.getLogger("evaluate")
 
 PROTOCOLS = (10, 1, 50)
 CSV_NAME = "accuracy.csv"
