@@ -81,7 +81,7 @@ SCHEMA = {
                          help="sgd = SGD with sgd_momentum (seed 001); rmsprop = RMSprop, epsilon 1e-8 (seed 002)"),
         "mixed_precision": Key("choice", "none", choices=("none", "mixed_float16", "mixed_bfloat16"),
                                help="compute dtype; float16 uses dynamic loss scaling"),
-        "jit_compile": Key("bool", False, help="compile the forward/backward pass with XLA"),
+        "jit_compile": Key("bool", False, help="compile the forward/backward pass with XLA (one device, not with deterministic)"),
         "distribute": Key("choice", "auto", choices=("auto", "one_device", "mirrored", "multi_worker"),
                           help="auto = multi_worker if TF_CONFIG is set, mirrored if >1 GPU, else one device"),
         "log_every": Key("int", 20, lo=1, help="steps between progress-bar and TensorBoard updates"),
