@@ -248,3 +248,65 @@ def test_existing_epoch_folders_are_refused_unless_overwrite(run_a):
     result = run_train(config, "A", 5, 6, timeout=60)
     assert result.returncode == 2 and "cannot resume at epoch 5" in result.stderr
     assert "the last complete epoch is 2" in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Run folder and log helpers (no TensorFlow)
+# ----------------------------------------------------------------------------
+
+def fake_parts(folder):
+    os.makedirs(os.path.join(folder, "saved_model"))
+    os.makedirs(os.path.join(folder, "checkpoint"))
+    for name in ("checkpoint/ckpt.index", "config.txt"):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(folder)
+
+
+def test_epoch_folders_appear_whole_and_auto_start_follows_complete_ones(tmp_path):
+    from engine import run_folder
+    from utils import UserError
+    run = str(tmp_path / "run")
+    assert run_folder.resolve_epoch_start(run, "auto") == 0
+    run_folder.save_epoch(run, 0, fake_parts)
+    os.makedirs(os.path.join(run, "1", "saved_model"))  # incomplete: no checkpoint, no config
+    os.makedirs(os.path.join(run, ".tmp-2-123-abc"))     # a killed save
+    assert run_folder.complete_epochs(run) == [0]
+    assert run_folder.resolve_epoch_start(run, "auto") == 1
+
+    def failing(folder):
+        fake_parts(folder)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.save_epoch(run, 3, failing)
+    assert sorted(os.listdir(run)) == [".tmp-2-123-abc", "0", "1"]
+
+    with pytest.raises(UserError, match="already holds epoch folder"):
+        run_folder.check_plan(run, 0, 2, overwrite=False)
+    with pytest.raises(UserError, match="cannot resume at epoch 3.*last complete epoch is 0"):
+        run_folder.check_plan(run, 3, 4, overwrite=False)
+    with run_folder.locked(run):  # stale temps go; a second trainer is refused
+        assert ".tmp-2-123-abc" not in os.listdir(run)
+        with pytest.raises(UserError, match="another train.py"):
+            with run_folder.locked(run):
+                pass
+    run_folder.save_epoch(run, 0, lambda f: (fake_parts(f), open(os.path.join(f, "new"), "w").close()),
+                          overwrite=True)
+    assert "new" in os.listdir(os.path.join(run, "0"))
+    assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+
+def test_epoch_csv_row_replaces_its_epoch_and_drops_later_ones(tmp_path):
+    from engine import logs
+    run = str(tmp_path)
+    row = {k: 0 for k in logs.CSV_FIELDS}
+    for epoch in range(4):
+        logs.write_epoch_row(run, {**row, "epoch": epoch, "train_loss": 1.0})
+    logs.write_epoch_row(run, {**row, "epoch": 2, "train_loss": 0.5})  # a resume from epoch 1's checkpoint
+    rows = logs.read_csv(run)
+    assert [(r["epoch"], r["train_loss"]) for r in rows] == [("0", "1"), ("1", "1"), ("2", "0.5")]
+
+
+def test_wait_advice_only_above_five_percent():
+    from engine.logs import wait_advice
+    assert wait_advice(0.05, 3) is None
+    assert "raise [runtime_preprocessing] num_of_threads (now 3)" in wait_advice(0.2, 3)
