@@ -12,7 +12,6 @@
 """
 import csv
 import io
-import logging
 import os
 
 from utils import atomic_write_text
@@ -23,8 +22,6 @@ TENSORBOARD_DIR = "tensorboard"
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
               "wait_fraction", "wall_seconds")
 WAIT_WARN_FRACTION = 0.05
-
-log = logging.getLogger("train")
 
 
 def read_csv(run_path):

@@ -22,7 +22,6 @@ import tempfile
 
 from utils import UserError, atomic_dir, is_temp_name, remove_stale_temps, _tmp_name
 
-PARTS = ("saved_model", "checkpoint", "config.txt")
 CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
 LOCK_NAME = "train.lock"
 
