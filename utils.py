@@ -432,6 +432,15 @@ def _remove(path):
             os.remove(path)
 
 
+def read_json(path):
+    """The parsed JSON file, or None when it is missing or unreadable (callers treat both as 'not there')."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write_bytes(path, data):
     with atomic_path(path, len(data)) as tmp:
         with open(tmp, "wb") as f:

@@ -32,17 +32,9 @@ def cached_image_path(cache_root, shorter_side, i):
     return os.path.join(cache_root, str(int(shorter_side)), f"img_{int(i)}.jpg")
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def cache_is_valid_for(cache_root, index):
     """True if the cache at `cache_root` was made from exactly this training index."""
-    meta = _read_json(os.path.join(cache_root, DATASET_FILE))
+    meta = utils.read_json(os.path.join(cache_root, DATASET_FILE))
     return bool(meta) and meta.get("version") == FORMAT_VERSION and meta.get("fingerprint") == index.fingerprint()
 
 
@@ -59,7 +51,7 @@ def complete_scales(cache_root, index):
 
 def unreadable_indices(cache_root, shorter_side):
     """{index position: reason} of the images a complete scale could not include."""
-    meta = _read_json(os.path.join(cache_root, str(int(shorter_side)), COMPLETE_FILE)) or {}
+    meta = utils.read_json(os.path.join(cache_root, str(int(shorter_side)), COMPLETE_FILE)) or {}
     return {int(i): reason for i, (_, reason) in meta.get("unreadable", {}).items()}
 
 
@@ -67,7 +59,7 @@ def prepare(cache_root, index):
     """Create the cache root for `index`, or check that an existing one was made from it."""
     meta_path = os.path.join(cache_root, DATASET_FILE)
     fingerprint = index.fingerprint()
-    meta = _read_json(meta_path)
+    meta = utils.read_json(meta_path)
     if meta is not None:
         if meta.get("version") != FORMAT_VERSION or meta.get("fingerprint") != fingerprint:
             raise utils.UserError(

@@ -45,14 +45,6 @@ def _chunk_file(path, k, suffix):
     return os.path.join(path, f"chunk_{k:05d}{suffix}")
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------
@@ -131,7 +123,7 @@ def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), ch
     settings = settings_for(index, crop, eval_resize, views_50, scales_50, chunk_images)
     os.makedirs(path, exist_ok=True)
     _check_settings(path, settings)
-    meta = _read_json(os.path.join(path, META_FILE))
+    meta = utils.read_json(os.path.join(path, META_FILE))
     if meta is not None:
         say(f"{path} is already complete ({meta['images']} images); nothing to do.")
         return meta
@@ -150,7 +142,7 @@ def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), ch
 
 def _check_settings(path, settings):
     settings_path = os.path.join(path, SETTINGS_FILE)
-    existing = _read_json(settings_path)
+    existing = utils.read_json(settings_path)
     if existing is None:
         if any(name.startswith("chunk_") or name == META_FILE for name in os.listdir(path)):
             raise utils.UserError(f"{path} holds validation-store files but no {SETTINGS_FILE}; "
@@ -171,7 +163,7 @@ def _finish(path, index, settings, num_chunks):
     positions = []
     stored_bytes = 0
     for k in range(num_chunks):
-        skipped.extend(_read_json(_chunk_file(path, k, ".json"))["skipped"])
+        skipped.extend(utils.read_json(_chunk_file(path, k, ".json"))["skipped"])
         tables = {kind: np.load(_chunk_file(path, k, f"_{kind}.npy"), allow_pickle=False) for kind in settings["kinds"]}
         positions.extend(tables["eval"][:, 0].tolist())
         for kind, table in tables.items():
@@ -195,7 +187,7 @@ class ValStore:
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
-        meta = _read_json(os.path.join(self.path, META_FILE))
+        meta = utils.read_json(os.path.join(self.path, META_FILE))
         if meta is None or meta.get("version") != FORMAT_VERSION:
             raise utils.UserError(f"No complete validation store at {self.path}; run preprocess_val.py "
                                   f"(it resumes if it was interrupted).")
