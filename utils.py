@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -216,7 +217,7 @@ def _parse(key, raw, base_dir):
     raw = raw.strip()
     kind = key.kind
     if kind == "path":
-        if not raw:
+        if not raw or "\0" in raw:
             raise ValueError
         return os.path.normpath(os.path.join(base_dir, os.path.expanduser(raw)))
     if kind == "str":
@@ -232,17 +233,21 @@ def _parse(key, raw, base_dir):
             return False
         raise ValueError
     if kind == "stats":
-        return "auto" if raw.lower() == "auto" else float(raw)
+        return "auto" if raw.lower() == "auto" else _finite(float(raw))
     if kind in ("ints", "floats"):
         cast = int if kind == "ints" else float
-        values = tuple(cast(v) for v in raw.replace(" ", "").split(",") if v)
+        values = tuple(_finite(cast(v)) for v in raw.replace(" ", "").split(",") if v)
         for v in values:
             _check_range(key, v)
         return values
-    value = int(raw) if kind == "int" else float(raw)
-    if value != value:  # NaN
-        raise ValueError
+    value = _finite(int(raw) if kind == "int" else float(raw))
     _check_range(key, value)
+    return value
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # NaN and inf: no setting means "infinitely"
+        raise ValueError
     return value
 
 
@@ -291,6 +296,8 @@ def load_config(path, schema=None):
     except configparser.Error as e:
         first_line = str(e).splitlines()[0]
         raise ConfigError(f"Config file {path} is not valid INI ({first_line}); fix its syntax.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
     base_dir = os.path.dirname(path)
     for section in parser.sections():
         if section not in schema:

@@ -21,9 +21,20 @@ as the trainer goes, and a trainer that restarted earlier (position moved back) 
 
 Restart: the producer removes its temp files and half-written batches, checks the manifest (same
 settings: keeps the valid batches and continues; different run, batch size or crop: refuses,
-or clears with --clear_buffer), and follows the progress file from max(progress, epoch_start).
-The trainer's reader reports its starting position on its first read, so a trainer restarted at
-epoch E after a crash mid-epoch gets batches from (E, 0) even if the file said later.
+or clears with --clear_buffer), and follows the progress file clamped to [epoch_start, epoch_end].
+It leaves no temp file or half-written batch behind when it stops.
+
+Start order does not matter (two terminals, a launcher, a reboot):
+- the progress file outlives runs, so a producer only believes the file it finds at start-up if it
+  says (epoch_start, 0), or, with --epoch_start=auto, any position before epoch_end; otherwise it
+  builds from epoch_start (auto: the first ready batch, else 0) until the trainer rewrites the file.
+  The trainer's reader reports its position on its first read and again whenever it sees a producer
+  it has not seen before, so a restarted producer catches up with a running trainer at once, and a
+  trainer restarted at epoch E after a crash mid-epoch gets batches from (E, 0).
+- the manifest also outlives its producer: the reader takes it once a live producer's heartbeat
+  carries its run id (or it agrees with the trainer and batches are waiting); a disagreeing one
+  from a producer that is not running is waited on (wait_timeout, with a warning) and refused
+  only once a live producer stands behind it or the wait runs out.
 """
 import collections
 import dataclasses
@@ -146,6 +157,15 @@ def plan_refill(pos, ready, buffer_size, refill_below, end):
 # ----------------------------------------------------------------------------
 # Progress file (written by the trainer, read by the producer)
 # ----------------------------------------------------------------------------
+
+def _file_identity(path):
+    """(inode, mtime, size) of a file, None if absent: an atomic rewrite always changes it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
 
 def read_progress(folder):
     """(epoch, next_batch) from training_progress.txt, or None if absent or unreadable."""
@@ -330,15 +350,55 @@ class BufferReader:
         self._mu_sigma = (None, None)
         self._manifest_stat = None
         self._last = None
+        self._reported = None       # the last (epoch, batch) written to the progress file
+        self._producer_seen = None  # (host, pid) of the last live producer seen while waiting
 
     # -- manifest ------------------------------------------------------------
 
     def check_manifest(self, mu=None, sigma=None):
-        """Wait for the producer's manifest and check it matches this run; return it."""
+        """Wait for a manifest this run can use and check it; return it.
+
+        manifest.json outlives its producer, so the one found may be a previous run's, about to
+        be rewritten by a producer that is still starting (the two scripts start in any order).
+        A manifest is taken at once when a live producer stands behind it (its heartbeat carries
+        the manifest's run id), or when it agrees with this run and batches are already waiting
+        (a prefilled buffer, a restarted trainer). A disagreeing one is refused at once only with
+        a live producer behind it; otherwise the trainer warns and waits up to wait_timeout for
+        a producer with this run's settings, then refuses it.
+        """
         if mu is not None:
             self._mu_sigma = (mu, sigma)
-        manifest = self._wait_for(lambda: load_manifest(self.folder), "the buffer manifest", None)
-        self._validate(manifest)
+        start, delay, warned = time.monotonic(), 0.01, False
+        while True:
+            manifest = load_manifest(self.folder)
+            state, record = producer_status(self.folder)
+            behind = (manifest is not None and state == "running"
+                      and (record or {}).get("run_id") == manifest.get("run_id"))
+            error = None
+            if manifest is not None:
+                try:
+                    self._validate(manifest)
+                except UserError as e:
+                    error = e
+                if error is None and (behind or scan_batches(self.folder)[0]):
+                    break
+                if error is not None and behind:
+                    raise error
+            timed_out = time.monotonic() - start >= self.wait_timeout
+            if timed_out and manifest is not None:
+                if error is not None:
+                    raise error
+                break  # an agreeing manifest and no producer yet: reading batches will wait for one
+            if timed_out:
+                raise UserError(self._no_producer_message("the buffer manifest", state, None))
+            if error is not None and not warned:
+                log.warning("%s; it was written by a producer that is not running now, so waiting up to %.0f s "
+                            "for runtime_preprocessing.py with this run's settings to replace it",
+                            str(error).rstrip("."), self.wait_timeout)
+                warned = True
+            time.sleep(min(delay, self.sleep_time))
+            delay *= 2
+        self.wait_seconds += time.monotonic() - start
         self.manifest = manifest
         self._manifest_stat = self._stat_manifest()
         return manifest
@@ -374,9 +434,14 @@ class BufferReader:
         if self.manifest is None:
             self.check_manifest()
         elif self._stat_manifest() != self._manifest_stat:
-            old_run = self.manifest["run_id"]
+            old = self.manifest
+            old_run = old["run_id"]
             self.check_manifest()
-            if self.manifest.get("run_id") != old_run:
+            # Before the first batch nothing of the old run was used: a replacement that keeps the
+            # class count and epoch length (what the model and schedule were built from) is fine.
+            unused = self._last is None and all(self.manifest.get(k) == old.get(k)
+                                                for k in ("num_classes", "num_batches"))
+            if self.manifest.get("run_id") != old_run and not unused:
                 raise UserError(f"The buffer in {self.folder} was switched to another run while training "
                                 f"(run {old_run} -> {self.manifest.get('run_id')}); stop the other producer and "
                                 f"restart runtime_preprocessing.py with this run's settings.")
@@ -454,6 +519,7 @@ class BufferReader:
             if state == "running":
                 dead_since = None
                 self._check_range(record, position)
+                self._greet(record)
             elif dead_since is None:
                 dead_since = now
             if dead_since is not None and now - dead_since >= self.wait_timeout:
@@ -467,6 +533,15 @@ class BufferReader:
                 self.wait_seconds += waited
                 log.info("waited %.1f s for %s (%.1f s in total)", waited, what, self.wait_seconds)
                 return result
+
+    def _greet(self, record):
+        """Repeat the last progress report to a producer not seen before (restarted, or started after
+        the report): a producer sets aside a progress file it found at start-up until it is rewritten."""
+        seen = (record.get("host"), record.get("pid"))
+        if seen != self._producer_seen:
+            self._producer_seen = seen
+            if self._reported is not None:
+                write_progress(self.folder, *self._reported)
 
     def _check_range(self, record, position):
         if position is None or "epoch_end" not in record:
@@ -490,6 +565,7 @@ class BufferReader:
         if self.manifest is not None and next_batch >= self.manifest["num_batches"]:
             epoch, next_batch = epoch + 1, 0
         write_progress(self.folder, epoch, next_batch)
+        self._reported = (epoch, next_batch)
 
 
 # ----------------------------------------------------------------------------
@@ -546,7 +622,8 @@ class Producer:
         self.ready = set()   # linear positions of complete batches on disk
         self.produced = 0
         self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
-        self._stale_progress = None
+        self._ignored_progress = None  # identity of a progress file set aside at start-up
+        self.first_lin = None
         self._fill_started = None
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
@@ -563,20 +640,50 @@ class Producer:
         return divmod(lin, self.num_batches)
 
     def trainer_position(self):
-        """Linear position of the next batch the trainer needs, clamped to [epoch_start, epoch_end]."""
+        """Linear position of the next batch the trainer needs, clamped to [epoch_start, epoch_end];
+        None while the producer waits for the trainer's first report (see _adopt_progress).
+
+        A progress file set aside at start-up (_adopt_progress) counts only once the trainer
+        has rewritten it; until then the producer builds from its own first guess.
+        """
+        if self._ignored_progress is not None:
+            if _file_identity(os.path.join(self.folder, PROGRESS)) == self._ignored_progress:
+                return self.first_lin
+            self._ignored_progress = None
         p = read_progress(self.folder)
-        if p is not None and p == self._stale_progress:
-            return self.start_lin
-        lin = self.lin(*p) if p is not None and p[1] <= self.num_batches else self.start_lin
+        lin = self.lin(*p) if p is not None and p[1] <= self.num_batches else self.first_lin
         return min(max(lin, self.start_lin), self.end_lin)
 
-    def _ignore_finished_progress(self):
-        """A progress file already past --epoch_end at start-up is from an earlier run: follow it only once it changes."""
+    def _adopt_progress(self):
+        """Decide whether training_progress.txt as found at start-up says where the trainer is.
+
+        The file outlives runs, so at start-up it may be a previous run's last word. With an
+        explicit --epoch_start, only a file that says (epoch_start, 0) is followed at once; with
+        'auto', one inside [0, epoch_end). Any other is set aside until the trainer writes it
+        again: a trainer reports on its first read and whenever it sees a new producer, so a
+        producer restarted under a running trainer catches up within one poll. Meanwhile the
+        producer builds from epoch_start, except with 'auto' past epoch_end (the run may be over,
+        or a new one may start anywhere): then it builds nothing until the trainer reports.
+        """
+        self.first_lin = self.start_lin
+        if self.auto_start and self.ready:
+            self.first_lin = min(self.ready)  # the batches left ready are the best guess of where it stands
         p = read_progress(self.folder)
-        if p is not None and p[1] <= self.num_batches and self.lin(*p) >= self.end_lin:
-            log.warning("%s says epoch %d batch %d, past --epoch_end=%d: left over from an earlier run; starting "
-                        "at epoch %d until the trainer reports", PROGRESS, p[0], p[1], self.epoch_end, self.epoch_start)
-            self._stale_progress = p
+        if p is None or p[1] > self.num_batches:
+            return
+        lin = self.lin(*p)
+        follow = lin < self.end_lin if self.auto_start else lin == self.start_lin
+        if follow:
+            return
+        self._ignored_progress = _file_identity(os.path.join(self.folder, PROGRESS))
+        if self.auto_start:
+            self.first_lin = None
+        where = (f"past --epoch_end={self.epoch_end}" if lin >= self.end_lin
+                 else f"not --epoch_start={self.epoch_start}")
+        plan = ("waiting for the trainer to report" if self.first_lin is None else
+                "building from epoch %d batch %d until the trainer writes it" % self.pos(self.first_lin))
+        log.warning("%s says epoch %d batch %d, %s: left over from an earlier run (or from a trainer that will "
+                    "report again); %s", PROGRESS, p[0], p[1], where, plan)
 
     # -- setup -------------------------------------------------------------------
 
@@ -594,7 +701,6 @@ class Producer:
             raise UserError(f"The training set has {len(index)} images, fewer than --batch_size={self.batch_size}.")
         self.num_batches = len(index) // self.batch_size
         self.start_lin, self.end_lin = self.lin(self.epoch_start, 0), self.lin(self.epoch_end, 0)
-        self._ignore_finished_progress()
         cache = []
         if cfg.runtime_preprocessing.use_scale_cache:
             cache = sorted(set(scale_cache.complete_scales(cfg.preprocess.path_to_save, index)) & set(utils.scales(cfg)))
@@ -603,6 +709,7 @@ class Producer:
         self.manifest = make_manifest(self.recipe, index.fingerprint(), len(index), len(index.classes),
                                       self.epoch_start, self.epoch_end)
         self._check_existing()
+        self._adopt_progress()
         utils.atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
         self._check_free_space()
         log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s), decoder %s, "
@@ -624,15 +731,7 @@ class Producer:
 
     def _check_existing(self):
         """Sweep temp and half-written files; keep valid batches of this run, refuse or clear others."""
-        for name in os.listdir(self.folder):
-            stem = name[len(utils.TMP_PREFIX):] if utils.is_temp_name(name) else None
-            # Temps of batch files, manifest and heartbeat are ours; the trainer's progress temp is not.
-            if stem and (parse_batch_name(stem.split("-")[0]) or stem.startswith(_OWN_FILES) or
-                         stem.startswith("probe-")):
-                try:
-                    os.remove(os.path.join(self.folder, name))
-                except OSError:
-                    pass
+        self._sweep_temps()
         old = load_manifest(self.folder)
         complete, partial = scan_batches(self.folder)
         differences = manifest_differences(old, self.manifest) if old is not None else []
@@ -656,6 +755,31 @@ class Producer:
                 self.ready.add(self.lin(*key))
             else:
                 delete_batch(self.folder, *key)
+
+    def _sweep_temps(self):
+        """Remove temp files of killed writers: ours, and progress temps too old to be a live trainer's."""
+        now = time.time()
+        for name in os.listdir(self.folder):
+            stem = name[len(utils.TMP_PREFIX):] if utils.is_temp_name(name) else None
+            if not stem:
+                continue
+            path = os.path.join(self.folder, name)
+            ours = parse_batch_name(stem.split("-")[0]) or stem.startswith(_OWN_FILES) or stem.startswith("probe-")
+            try:
+                # A trainer's progress temp lives for microseconds; one a minute old belongs to a killed trainer.
+                if ours or (stem.startswith(PROGRESS) and now - os.path.getmtime(path) > 60):
+                    os.remove(path)
+            except OSError:
+                pass
+
+    def _tidy(self):
+        """On exit, once no worker runs: no temp file and no half-written batch is left behind."""
+        try:
+            self._sweep_temps()
+            for key in scan_batches(self.folder)[1]:
+                delete_batch(self.folder, *key)
+        except OSError:  # the folder itself is gone or unreadable: nothing to tidy, and the real error comes first
+            pass
 
     def _check_free_space(self):
         need = (self.buffer_size - len(self.ready)) * bytes_per_batch(self.batch_size, self.recipe.crop)
@@ -686,6 +810,7 @@ class Producer:
         finally:
             pool.terminate()
             pool.join()
+            self._tidy()
             self.heartbeat.stop(final)
             self.bar.close()
         return self.produced
@@ -694,6 +819,12 @@ class Producer:
         while True:
             self._check_heartbeat()
             pos = self.trainer_position()
+            if pos is None:  # nothing known to build yet
+                if self.once:
+                    return
+                self._show()
+                time.sleep(self.sleep_time)
+                continue
             if pos >= self.end_lin:
                 self._delete(self.ready)
                 log.info("the trainer consumed the last batch of epoch %d; producer done", self.epoch_end - 1)

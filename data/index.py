@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -307,16 +308,20 @@ def _read_list(root, split):
     """[(abs path, label)] from <root>/<split>.txt."""
     list_path = os.path.join(root, f"{split}.txt")
     entries = []
-    with open(list_path) as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            rel, _, label = line.rpartition(" ")
-            rel = rel.strip()
-            if not rel or not label.lstrip("-").isdigit():
-                raise UserError(f"{list_path} line {line_no} must be 'relpath label', received '{line}'.")
-            entries.append((_safe_join(root, rel, list_path, line_no), int(label)))
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{list_path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    for line_no, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        rel, _, label = line.rpartition(" ")
+        rel = rel.strip()
+        if not rel or not re.fullmatch(r"-?[0-9]+", label):
+            raise UserError(f"{list_path} line {line_no} must be 'relpath label', received '{line}'.")
+        entries.append((_safe_join(root, rel, list_path, line_no), int(label)))
     return list_path, entries
 
 

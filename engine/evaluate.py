@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import run_folder
-from utils import UserError, atomic_write_text
+from utils import TMP_PREFIX, UserError, atomic_write_text, is_temp_name
 
 
 PROTOCOLS = (10, 1, 50)
@@ -334,10 +334,19 @@ def record(run_path, result):
     csv_path = os.path.join(run_path, CSV_NAME)
     png_path = os.path.join(run_path, PNG_NAME)
     with _locked(run_path):
+        _remove_dead_temps(run_path)
         rows = upsert_row(read_rows(csv_path), result)
         write_rows(csv_path, rows)
         plot_accuracy(rows, png_path, title=f"Validation accuracy: {os.path.basename(os.path.normpath(run_path))}")
     return csv_path, png_path
+
+
+def _remove_dead_temps(run_path):
+    """Temp files of accuracy.csv/png left by a killed evaluator (writers hold the lock, so none is live)."""
+    for name in os.listdir(run_path):
+        if is_temp_name(name) and name[len(TMP_PREFIX):].startswith((CSV_NAME, PNG_NAME)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_path, name))
 
 
 def first_missing_epoch(run_path, protocol, epoch_end):

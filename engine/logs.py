@@ -11,10 +11,11 @@
 - <run>/tensorboard/: scalars every [train] log_every steps and per epoch.
 """
 import csv
+import errno
 import io
 import os
 
-from utils import atomic_write_text
+from utils import atomic_write_text, disk_full_error
 
 CSV_NAME = "log.csv"
 BATCH_LOG_NAME = "batches.log"
@@ -62,11 +63,22 @@ class BatchLog:
     """Appends "epoch batch" per trained step; line-flushed."""
 
     def __init__(self, run_path, enabled=True):
-        self.file = open(os.path.join(run_path, BATCH_LOG_NAME), "a", buffering=1) if enabled else None
+        self.path = os.path.join(run_path, BATCH_LOG_NAME)
+        self.file = open(self.path, "a", buffering=1) if enabled else None
+        if self.file and self.file.tell() and not _ends_with_newline(self.path):
+            self.write_line("")  # a killed writer's half line stays on a line of its own
 
     def write(self, epoch, batch):
         if self.file:
-            self.file.write(f"{epoch} {batch}\n")
+            self.write_line(f"{epoch} {batch}")
+
+    def write_line(self, text):
+        try:
+            self.file.write(text + "\n")
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise disk_full_error(self.path, len(text) + 1) from None
+            raise
 
     def close(self):
         if self.file:
@@ -106,6 +118,12 @@ class TensorBoard:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+def _ends_with_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def read_scalars(run_path):

@@ -48,6 +48,11 @@ def is_complete(epoch_path):
             and os.path.isfile(os.path.join(epoch_path, "config.txt")))
 
 
+def folder_bytes(path):
+    """Total size of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(path) for name in names)
+
+
 def complete_epochs(run_path):
     """Sorted epoch numbers whose folder holds all three parts."""
     if not os.path.isdir(run_path):

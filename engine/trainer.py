@@ -28,11 +28,13 @@ import numpy as np
 
 from engine import logs, run_folder, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
-from utils import UserError, git_hash, mu_sigma
+from utils import UserError, _human, disk_full_error, git_hash, mu_sigma
 
 log = logging.getLogger("train")
 
 PREFETCH_DEPTH = 2
+GRAPH_BYTES = 1_000_000  # a ResNet-50 SavedModel's graph and metadata (~0.8 MB), beside its variables
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
 class Prefetcher:
@@ -206,9 +208,12 @@ class Trainer:
                  self.schedule.describe())
         try:
             for epoch in range(epoch_start, epoch_end):
+                self.check_space(epoch)
                 summary = self.train_epoch(epoch)
-                self.save(epoch)
+                # The row first: a kill between the two leaves a row that the retrained epoch
+                # replaces, never a saved epoch without its row.
                 self.finish_epoch(epoch, summary)
+                self.save(epoch)
         finally:
             self.batch_log.close()
             self.tensorboard.close()
@@ -297,9 +302,35 @@ class Trainer:
             self.checkpoint.write(run_folder.checkpoint_prefix(folder))
             atomic_write_text(os.path.join(folder, "config.txt"), self.config_text(epoch))
 
-        path = run_folder.save_epoch(self.run_path, epoch, write_parts, overwrite=self.overwrite, chief=self.chief)
+        try:
+            path = run_folder.save_epoch(self.run_path, epoch, write_parts, overwrite=self.overwrite,
+                                         chief=self.chief)
+        except self.tf.errors.OpError as e:  # TF's writers report a full disk as their own error type
+            if not any(text in str(e) for text in DISK_FULL_TEXTS):
+                raise
+            raise disk_full_error(run_folder.epoch_dir(self.run_path, epoch), self.epoch_bytes()) from None
         if path:
             log.info("saved %s", path)
+
+    def epoch_bytes(self):
+        """About the size of one epoch folder: the last saved one's, else weights twice, optimizer slots, graph."""
+        done = run_folder.complete_epochs(self.run_path)
+        if done:
+            return run_folder.folder_bytes(run_folder.epoch_dir(self.run_path, done[-1]))
+        def size(variables):  # Keras variables name their dtype as a string, tf.Variables as a DType
+            return sum(int(np.prod(v.shape)) * self.tf.as_dtype(v.dtype).size for v in variables)
+        return 2 * size(self.net.variables) + size(self.optimizer.variables) + GRAPH_BYTES
+
+    def check_space(self, epoch):
+        """Stop before training an epoch that could not be saved: a full disk then costs nothing."""
+        if not self.chief:
+            return
+        import shutil
+        need, free = self.epoch_bytes(), shutil.disk_usage(self.run_path).free
+        if free < need:
+            raise UserError(f"The run folder {self.run_path} has {_human(free)} free but saving epoch {epoch} needs "
+                            f"about {_human(need)}; free space there or set [train] path_for_saving to a larger "
+                            f"disk, then rerun with --epoch_start=auto.")
 
     def config_text(self, epoch):
         header = [f"# epoch {epoch} of run {self.run_path}, global step {self.global_step()}",

@@ -232,8 +232,12 @@ def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupt
     assert lines == [f"{e} {b}" for e in (0, 1, 1, 2) for b in range(STEPS)]
 
 
-def test_batch_size_mismatch_is_one_clear_sentence(run_a):
-    config = run_a  # its buffer's manifest says batch size 16
+def test_batch_size_mismatch_is_one_clear_sentence(run_a, tmp_path):
+    # Run A's buffer says batch size 16 and its producer has finished: the trainer warns, waits
+    # [train] wait_timeout for a producer with its settings (data/buffer.py), then refuses.
+    config = str(tmp_path / "config.txt")
+    with open(config, "w") as f:
+        f.write(open(run_a).read().replace("wait_timeout = 60", "wait_timeout = 1"))
     result = run_train(config, "C", 0, 1, batch_size=8, timeout=60)
     assert result.returncode == 2
     assert "holds batches of 16 images but this run asks for --batch_size=8" in result.stderr

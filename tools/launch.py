@@ -6,8 +6,8 @@
 
 This is what a user does by hand in two terminals (which keeps working exactly as the seed
 describes); the launcher adds supervision:
-- the producer starts first and the trainer once the producer's heartbeat shows it running (so the
-  trainer never reads a previous run's manifest); the trainer's output is shown as is;
+- both start at once (the buffer protocol makes the start order irrelevant: see data/buffer.py);
+  the trainer's output is shown as is;
 - a producer that dies with an error while the trainer runs is restarted (at most
   --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;
 - Ctrl-C, SIGTERM or SIGHUP stop both cleanly: each child runs in its own process group, gets
@@ -37,7 +37,6 @@ import utils  # noqa: E402
 GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
 TAIL_LINES = 20  # stderr lines repeated when a process fails
 POLL_SECONDS = 0.2
-READY_TIMEOUT = 600.0  # the trainer starts after this long even if the producer never reported in
 _PR_SET_PDEATHSIG = 1
 
 
@@ -212,22 +211,19 @@ def trainer_argv(args, passthrough):
             + common_flags(args, args.epoch_start) + passthrough)
 
 
-def supervise(args, passthrough, buffer_folder):
+def supervise(args, passthrough):
     """Run both processes to the end; returns the exit code for the launcher."""
     producer = Child("producer", producer_argv(args, args.epoch_start))
     trainer = None
-    ready_deadline = time.monotonic() + READY_TIMEOUT
     say(f"producer pid {producer.proc.pid} started (run {args.run_folder}, epochs {args.epoch_start}.."
-        f"{args.epoch_end - 1}, batch size {args.batch_size}); the trainer starts once the producer is up.")
+        f"{args.epoch_end - 1}, batch size {args.batch_size}).")
     try:
+        trainer = Child("trainer", trainer_argv(args, passthrough))
+        say(f"trainer pid {trainer.proc.pid} started.")
         restarts = 0
         while True:
             code = producer.poll()
-            if trainer is None and (code == 0 or producer_ready(producer, buffer_folder) or
-                                    time.monotonic() > ready_deadline):
-                trainer = Child("trainer", trainer_argv(args, passthrough))
-                say(f"trainer pid {trainer.proc.pid} started.")
-            if trainer is not None and trainer.poll() is not None:
+            if trainer.poll() is not None:
                 return _trainer_finished(trainer, producer, trainer.poll())
             if code not in (None, 0):
                 stop_all([producer])
@@ -244,41 +240,6 @@ def supervise(args, passthrough, buffer_folder):
             time.sleep(POLL_SECONDS)
     finally:
         stop_all([trainer, producer])
-
-
-def point_progress_at_start(cfg, args):
-    """Write training_progress.txt = (first epoch the trainer will train, batch 0) before the producer starts.
-
-    The trainer reports this itself on its first read, but a producer started first would
-    otherwise follow a previous run's file (e.g. one that ended at epoch_end) and could exit at
-    once as 'done'. Nothing is touched while another producer is live on the buffer (the new
-    producer refuses to start then, with a message).
-    """
-    from data import buffer
-    from engine import run_folder
-    folder = cfg.train.buffer_folder
-    if buffer.producer_status(folder)[0] == "running":
-        return
-    start = run_folder.resolve_epoch_start(run_folder.run_dir(cfg.train.path_for_saving, args.run_folder),
-                                           args.epoch_start)
-    os.makedirs(folder, exist_ok=True)
-    buffer.write_progress(folder, start, 0)
-
-
-def producer_ready(producer, buffer_folder):
-    """True once this producer's heartbeat says 'running', i.e. it has checked the buffer and written the manifest.
-
-    Starting the trainer earlier would let it read the manifest of a previous run (two terminals
-    opened in the seed's order never race like that).
-    """
-    from data.buffer import producer_status
-    state, record = producer_status(buffer_folder)
-    if state != "running":
-        return False
-    try:
-        return os.getpgid(int(record.get("pid", -1))) == producer.proc.pid  # our keeper leads its group
-    except (ProcessLookupError, PermissionError, ValueError, TypeError):
-        return False
 
 
 def _trainer_finished(trainer, producer, code):
@@ -304,12 +265,11 @@ def main(argv=None):
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
                               f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
-    cfg = utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
+    utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     try:
-        point_progress_at_start(cfg, args)
-        return supervise(args, passthrough, cfg.train.buffer_folder)
+        return supervise(args, passthrough)
     except Stop as e:
         say(f"received {e}; both processes stopped.")
         return 143
