@@ -329,7 +329,6 @@ def write_rows(csv_path, rows):
 
 def record(run_path, result):
     """Put `result` into <run>/accuracy.csv (replacing its epoch/protocol row) and redraw accuracy.png."""
-    from engine.plot import plot_accuracy
     os.makedirs(run_path, exist_ok=True)
     csv_path = os.path.join(run_path, CSV_NAME)
     png_path = os.path.join(run_path, PNG_NAME)
@@ -337,8 +336,24 @@ def record(run_path, result):
         _remove_dead_temps(run_path)
         rows = upsert_row(read_rows(csv_path), result)
         write_rows(csv_path, rows)
-        plot_accuracy(rows, png_path, title=f"Validation accuracy: {os.path.basename(os.path.normpath(run_path))}")
+        _plot(rows, run_path)
     return csv_path, png_path
+
+
+def refresh(run_path):
+    """Tidy after a killed evaluator: remove its temp files and redraw accuracy.png from accuracy.csv
+    (a kill between the two writes leaves the plot one row behind)."""
+    with _locked(run_path):
+        _remove_dead_temps(run_path)
+        rows = read_rows(os.path.join(run_path, CSV_NAME))
+        if rows:
+            _plot(rows, run_path)
+
+
+def _plot(rows, run_path):
+    from engine.plot import plot_accuracy
+    plot_accuracy(rows, os.path.join(run_path, PNG_NAME),
+                  title=f"Validation accuracy: {os.path.basename(os.path.normpath(run_path))}")
 
 
 def _remove_dead_temps(run_path):
@@ -374,6 +389,7 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
     if epoch_start == "auto":
         epoch_start = first_missing_epoch(path, views, epoch_end)
         if epoch_start == epoch_end:
+            refresh(path)
             say(f"Nothing to do: every epoch below {epoch_end} already has a {views}-view row in "
                 f"{os.path.join(path, CSV_NAME)}.")
             return []
