@@ -204,12 +204,13 @@ def _kind_text(key):
     text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
             "path": "a path", "ints": "a comma-separated list of integers",
             "floats": "a comma-separated list of numbers"}[key.kind]
-    if key.lo is not None and key.hi is not None:
-        text += f" in [{key.lo}, {key.hi}]"
+    hi = key.hi if key.hi is not None or key.kind not in ("float", "floats") else f"{MAX_FLOAT:g}"
+    if key.lo is not None and hi is not None:
+        text += f" in [{key.lo}, {hi}]"
     elif key.lo is not None:
         text += f" >= {key.lo}"
-    elif key.hi is not None:
-        text += f" <= {key.hi}"
+    elif hi is not None:
+        text += f" <= {hi}"
     return text
 
 
@@ -245,8 +246,11 @@ def _parse(key, raw, base_dir):
     return value
 
 
+MAX_FLOAT = 1e12  # no setting is meant beyond this; larger ones overflow in sleeps and step counts
+
+
 def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):  # NaN and inf: no setting means "infinitely"
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
         raise ValueError
     return value
 
@@ -391,7 +395,8 @@ def is_temp_name(name):
     return os.path.basename(name).startswith(TMP_PREFIX)
 
 
-def disk_full_error(path, bytes_needed=None):
+def disk_full_error(path, bytes_needed=None, too_large=False):
+    """The UserError for ENOSPC/EDQUOT (disk or quota full) or, with too_large, EFBIG (a file-size limit)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         free = shutil.disk_usage(folder).free
@@ -399,6 +404,9 @@ def disk_full_error(path, bytes_needed=None):
         free = None
     need = f" needs about {_human(bytes_needed)}" if bytes_needed else ""
     has = f", {_human(free)} free" if free is not None else ""
+    if too_large:
+        return UserError(f"File size limit hit writing {os.path.basename(path)} in {folder} (write{need}{has}); "
+                         f"raise the limit (ulimit -f) or point the config at another disk, then rerun to resume.")
     return UserError(f"Disk full writing {os.path.basename(path)} in {folder} (write{need}{has}); "
                      f"free space there or point the config at a larger disk, then rerun to resume.")
 
@@ -424,7 +432,7 @@ def atomic_path(path, bytes_needed=None):
     except OSError as e:
         _remove(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise disk_full_error(path, bytes_needed) from None
+            raise disk_full_error(path, bytes_needed, too_large=e.errno == errno.EFBIG) from None
         raise
     except BaseException:
         _remove(tmp)
@@ -459,10 +467,18 @@ def atomic_write_text(path, text):
 
 
 def atomic_save_npy(path, array):
+    """np.save's bytes, written so that a full disk is reported as one (np.save's array.tofile
+    raises a bare "N requested and M written" OSError without its errno on a short write)."""
     import numpy as np
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    if array.dtype.hasobject:
+        raise ValueError("object arrays are never written: they would need pickle to read back")
     with atomic_path(path, array.nbytes + 128) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+            f.write(memoryview(array.reshape(-1)).cast("B"))
 
 
 @contextlib.contextmanager
@@ -478,7 +494,7 @@ def atomic_dir(path):
     except OSError as e:
         _remove(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise disk_full_error(path) from None
+            raise disk_full_error(path, too_large=e.errno == errno.EFBIG) from None
         raise
     except BaseException:
         _remove(tmp)

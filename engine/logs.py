@@ -77,7 +77,7 @@ class BatchLog:
             self.file.write(text + "\n")
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise disk_full_error(self.path, len(text) + 1) from None
+                raise disk_full_error(self.path, len(text) + 1, too_large=e.errno == errno.EFBIG) from None
             raise
 
     def close(self):

@@ -308,7 +308,8 @@ class Trainer:
         except self.tf.errors.OpError as e:  # TF's writers report a full disk as their own error type
             if not any(text in str(e) for text in DISK_FULL_TEXTS):
                 raise
-            raise disk_full_error(run_folder.epoch_dir(self.run_path, epoch), self.epoch_bytes()) from None
+            raise disk_full_error(run_folder.epoch_dir(self.run_path, epoch), self.epoch_bytes(),
+                                  too_large="File too large" in str(e)) from None
         if path:
             log.info("saved %s", path)
 

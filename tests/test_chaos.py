@@ -1,0 +1,497 @@
+"""Fault injection over the whole pipeline, the way storage and database projects test themselves.
+
+The chaos test runs the demo-scale pipeline (tools/launch.py with runtime_preprocessing.py and
+train.py, and check_accuracy.py alongside) on a tiny generated dataset and SIGKILLs the producer,
+the trainer and the evaluator at seeded random moments. Each comes back as a user would bring it
+back: the launcher restarts a dead producer itself (--epoch_start=auto); a killed trainer ends the
+launcher, which is started again with --epoch_start=auto; a killed evaluator is started again with
+--epoch_start=auto. Afterwards, against an uninterrupted twin run ([train] deterministic = true):
+- every epoch folder is complete and its SavedModel loads and runs;
+- batches.log, read as the trainer's timeline (surviving_batches), trained each batch of every
+  epoch exactly once and in order;
+- every epoch's checkpoint (weights, batch-renorm statistics, momentum slots, step counter) and
+  log.csv's losses equal the twin's bit for bit;
+- no temp file and no half-written batch is left in the buffer or the run folder;
+- accuracy.csv holds exactly one row per epoch.
+
+`make test` runs the short version (4 kills, one of each kind at least); `make chaos`
+(CHAOS_LONG=1) the long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill
+is printed and logged to <tmp>/chaos.log with what the victim was doing.
+
+The start-order tests at the top check the buffer protocol itself without TensorFlow: the two
+scripts start in any order next to a previous run's files, and a producer restarted with its
+original command catches up with a running trainer.
+"""
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import utils
+from data import buffer
+from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_for, dataset, heartbeat_pid,  # noqa: F401
+                                 read_all, reference_builder, run_producer, start_producer, wait_until)
+from tests.test_train import make_data, read_checkpoint, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+LONG = os.environ.get("CHAOS_LONG") == "1"
+SEED = int(os.environ.get("CHAOS_SEED", "1"))
+EPOCHS = 12 if LONG else 3
+KILLS = 40 if LONG else 4  # planned; the run ends when training and evaluation are done
+MIN_KILLS = 20 if LONG else 4
+GAP = (0.3, 2.0) if LONG else (2.0, 5.0)  # seconds between kills, uniform
+WEIGHTS = {"trainer": 0.5, "producer": 0.3, "evaluator": 0.2}  # a trainer kill also makes the run last longer
+BATCH = 8
+STEPS = 16  # 4 classes x 32 images / BATCH
+DEADLINE = 900 if LONG else 170
+
+
+# ----------------------------------------------------------------------------
+# Start order and restarts: the buffer protocol alone (no TensorFlow)
+# ----------------------------------------------------------------------------
+
+def test_trainer_started_first_waits_out_a_previous_runs_manifest(dataset, tmp_path, caplog):  # noqa: F811
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4", "wait_timeout": "30"})
+    cfg = utils.load_config(config)
+    folder = cfg.train.buffer_folder
+    # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
+    assert run_producer(config, "--once", batch_size=2).returncode == 0
+    for key in buffer.scan_batches(folder)[0]:
+        buffer.delete_batch(folder, *key)
+    buffer.write_progress(folder, 3, 0)
+    builder = reference_builder(config)
+    errors = []
+
+    def trainer():
+        try:
+            read_all(buffer.BufferReader(cfg, SOLID_BATCH), 0, 20, builder)
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive() and not errors  # waiting on the old manifest, not refusing it
+    producer = start_producer(config, epoch_start="0", epoch_end="2")
+    thread.join(60)
+    assert not errors, errors
+    assert producer.wait(30) == 0
+    assert "waiting up to 30 s" in caplog.text and "holds batches of 2 images" in caplog.text
+
+
+def test_producer_started_first_sets_aside_a_previous_runs_progress(dataset, tmp_path):  # noqa: F811
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+    cfg = utils.load_config(config)
+    folder = cfg.train.buffer_folder
+    os.makedirs(folder)
+    buffer.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
+    producer = start_producer(config, epoch_start="0", epoch_end="2")
+    try:
+        assert wait_until(lambda: complete_count(folder) == 4)
+        assert sorted(buffer.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
+        read_all(buffer.BufferReader(cfg, SOLID_BATCH), 0, 20, reference_builder(config))
+        assert producer.wait(30) == 0
+    finally:
+        producer.kill()
+        producer.wait()
+
+
+def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(dataset, tmp_path):  # noqa: F811
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+    cfg = utils.load_config(config)
+    folder = cfg.train.buffer_folder
+    builder = reference_builder(config)
+    producer = start_producer(config, epoch_start="0", epoch_end="3")
+    reader = buffer.BufferReader(cfg, SOLID_BATCH)
+    try:
+        read_all(reader, 0, 14, builder)  # the trainer stands at epoch 1 batch 4
+        producer.kill()
+        producer.wait()
+        for key in buffer.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
+            buffer.delete_batch(folder, *key)
+        producer = start_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
+        started = time.monotonic()
+        read_all(reader, 14, 15, builder)
+        assert time.monotonic() - started < 15  # the waiting reader re-reported its position to the newcomer
+        read_all(reader, 15, 30, builder)
+        assert producer.wait(30) == 0
+    finally:
+        producer.kill()
+        producer.wait()
+
+
+def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(dataset, tmp_path):  # noqa: F811
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+    cfg = utils.load_config(config)
+    folder = cfg.train.buffer_folder
+    os.makedirs(folder)
+    buffer.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
+    producer = start_producer(config, epoch_start="auto", epoch_end="2")
+    try:
+        assert wait_until(lambda: heartbeat_pid(folder) == producer.pid)
+        time.sleep(0.5)
+        assert complete_count(folder) == 0  # no batches built on a guess
+        read_all(buffer.BufferReader(cfg, SOLID_BATCH), 10, 20, reference_builder(config))  # a trainer resumed at 1
+        assert producer.wait(30) == 0
+    finally:
+        producer.kill()
+        producer.wait()
+
+
+# ----------------------------------------------------------------------------
+# The chaos run
+# ----------------------------------------------------------------------------
+
+def surviving_batches(lines):
+    """The trainer's final timeline from batches.log, and where attempts resumed.
+
+    Each train.py attempt appends "epoch batch" per step from where it resumed. A line at or
+    before the previous one starts a resumed attempt re-training from its checkpoint: the lines
+    it supersedes (the killed attempt's unsaved epoch) are dropped from the timeline. The
+    timeline must be every batch of every epoch once, in order; resumes must be at batch 0.
+    """
+    timeline, resumes = [], []
+    for line in lines:
+        epoch, batch = (int(v) for v in line.split())
+        if timeline and (epoch, batch) <= timeline[-1]:
+            resumes.append((epoch, batch))
+            while timeline and timeline[-1] >= (epoch, batch):
+                timeline.pop()
+        timeline.append((epoch, batch))
+    return timeline, resumes
+
+
+def _children():
+    kids = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                kids[int(fields[1])].append(int(name))
+    return kids
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []
+
+
+def script_pid(launcher_pid, script):
+    """pid of `script` as the launcher runs it (launcher -> keeper -> script; not its pool workers)."""
+    kids = _children()
+    for keeper in kids.get(launcher_pid, []):
+        for pid in kids.get(keeper, []):
+            if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
+                return pid
+    return None
+
+
+class Pipeline:
+    """One run: the launcher (producer + trainer) and check_accuracy.py, each restarted with 'auto' after a kill."""
+
+    def __init__(self, config, run, folder, evaluate=True):
+        self.config, self.run, self.evaluate = config, run, evaluate
+        cfg = utils.load_config(config)
+        self.run_path = os.path.join(cfg.train.path_for_saving, run)
+        self.buffer = cfg.train.buffer_folder
+        self.out = open(os.path.join(folder, f"{run}.out"), "ab")
+        self.launcher = self.evaluator = None
+        self.trained, self.evaluated = False, not evaluate
+        self.expected_exits = {"launcher": 0, "evaluator": 0}
+        self.starts = collections.Counter()
+
+    def _popen(self, argv):
+        self.out.write(f"\n$ {' '.join(argv[1:])}\n".encode())
+        self.out.flush()
+        return subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
+
+    def start(self):
+        self.launcher = self._popen(self._launch_argv("0"))
+        self.starts["launcher"] += 1
+        if self.evaluate:
+            self.evaluator = self._popen(self._evaluate_argv())
+            self.starts["evaluator"] += 1
+
+    def _launch_argv(self, epoch_start):
+        return [PY, os.path.join(ROOT, "tools", "launch.py"), f"--config={self.config}", f"--run_folder={self.run}",
+                f"--epoch_start={epoch_start}", f"--epoch_end={EPOCHS}", f"--batch_size={BATCH}",
+                "--producer_arg=--no_progress", "--max_producer_restarts=1000"]
+
+    def _evaluate_argv(self):
+        return [PY, os.path.join(ROOT, "check_accuracy.py"), f"--config={self.config}", f"--run_folder={self.run}",
+                "--epoch_start=auto", f"--epoch_end={EPOCHS}"]
+
+    def step(self):
+        """Restart whatever died of a kill; fail on any other exit. True once training and evaluation are done."""
+        if not self.trained and self.launcher.poll() is not None:
+            self.trained = self._finished("launcher", self.launcher.returncode)
+            if not self.trained:
+                self.launcher = self._popen(self._launch_argv("auto"))
+                self.starts["launcher"] += 1
+        if not self.evaluated and self.evaluator.poll() is not None:
+            self.evaluated = self._finished("evaluator", self.evaluator.returncode)
+            if not self.evaluated:
+                self.evaluator = self._popen(self._evaluate_argv())
+                self.starts["evaluator"] += 1
+        return self.trained and self.evaluated
+
+    def _finished(self, name, code):
+        if code == 0:
+            return True
+        assert self.expected_exits[name] > 0, f"{name} exited with {code} without being killed:\n{self.tail()}"
+        self.expected_exits[name] -= 1
+        return False
+
+    def pid(self, target):
+        if target == "evaluator":
+            return self.evaluator.pid if self.evaluate and self.evaluator.poll() is None else None
+        if self.trained or self.launcher.poll() is not None:
+            return None
+        return script_pid(self.launcher.pid, {"trainer": "train.py", "producer": "runtime_preprocessing.py"}[target])
+
+    def stop(self):
+        for proc in (self.launcher, self.evaluator):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.out.close()
+
+    def tail(self, n=4000):
+        self.out.flush()
+        with open(self.out.name, "rb") as f:
+            return f.read()[-n:].decode(errors="replace")
+
+    # -- what a process is doing, for the kill log and for aimed kills ------------
+
+    def batch_lines(self):
+        try:
+            with open(os.path.join(self.run_path, "batches.log")) as f:
+                return f.read().split("\n")[:-1]
+        except OSError:
+            return []
+
+    def saving(self):
+        return _listdir_any(self.run_path, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:].split("-")[0].isdigit())
+
+    def writing_batch(self):
+        return _listdir_any(self.buffer, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
+
+    def accuracy_rows(self):
+        from engine.evaluate import read_rows
+        try:
+            return read_rows(os.path.join(self.run_path, "accuracy.csv"))
+        except utils.UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
+            return []
+
+    def unevaluated(self):
+        from engine import run_folder
+        return len(run_folder.complete_epochs(self.run_path)) > len(self.accuracy_rows())
+
+    def describe(self, target):
+        if target == "trainer":
+            lines = self.batch_lines()
+            last = lines[-1] if lines else "none"
+            return f"{'saving an epoch, ' if self.saving() else ''}last trained batch {last}"
+        if target == "producer":
+            return (f"{complete_count(self.buffer)} batches ready, trainer at {buffer.read_progress(self.buffer)}"
+                    f"{', a batch being written' if self.writing_batch() else ''}")
+        from engine import run_folder
+        return (f"{len(self.accuracy_rows())} epochs evaluated, "
+                f"{len(run_folder.complete_epochs(self.run_path))} saved")
+
+
+def _listdir_any(folder, predicate):
+    try:
+        return any(predicate(n) for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
+# Each kill: a victim and a moment. 'now' kills at once; the others wait (up to AIM_SECONDS) for a state:
+# training = after this attempt trained a batch, saving = while an epoch folder is being written,
+# writing = while a worker writes a batch file, evaluating = while an epoch folder waits for its accuracy row.
+# The short version aims every kill at a state; the long one also kills at whatever moment the gap ends.
+MOMENTS = {"trainer": ("now", "training", "saving"), "producer": ("now", "writing"),
+           "evaluator": ("now", "evaluating")}
+if not LONG:
+    MOMENTS = {victim: moments[1:] for victim, moments in MOMENTS.items()}
+AIM_SECONDS = 20.0
+
+
+class Chaos:
+    """Seeded kills: a schedule of (victim, moment, gap) drawn up front, delivered as the run allows."""
+
+    def __init__(self, pipeline, log_path, seed=SEED, kills=KILLS):
+        rng = random.Random(seed)
+        victims = list(MOMENTS)
+        plan = rng.sample(victims, len(victims)) + rng.choices(victims, [WEIGHTS[v] for v in victims],
+                                                               k=kills - len(victims))
+        self.plan = collections.deque((v, rng.choice(MOMENTS[v]), rng.uniform(*GAP)) for v in plan)
+        self.pipeline, self.log_path = pipeline, log_path
+        self.done = []
+        self.t0 = time.monotonic()
+        self.next_at = self.t0 + self.plan[0][2] if self.plan else None
+        self._aim = None  # (victim, moment, started, baseline) while waiting for the moment
+
+    def log(self, text):
+        line = f"[chaos {time.monotonic() - self.t0:7.2f}s] {text}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def step(self):
+        if not self.plan or time.monotonic() < self.next_at:
+            return
+        victim, moment, _ = self.plan[0]
+        p = self.pipeline
+        pid = p.pid(victim)
+        if pid is None:
+            if (p.evaluated if victim == "evaluator" else p.trained):
+                self.log(f"skip {victim}: it has finished")
+                self._advance()
+            return
+        if self._aim is None:
+            self._aim = (time.monotonic(), len(p.batch_lines()))
+        started, baseline = self._aim
+        reached = {"now": True, "training": len(p.batch_lines()) > baseline, "saving": p.saving(),
+                   "writing": p.writing_batch(), "evaluating": p.unevaluated()}[moment]
+        aimed_out = time.monotonic() - started > AIM_SECONDS
+        if not (reached or aimed_out):
+            return
+        state = p.describe(victim)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # it ended by itself in between; try again next step
+        if victim == "trainer":
+            p.expected_exits["launcher"] += 1
+        elif victim == "evaluator":
+            p.expected_exits["evaluator"] += 1
+        self.done.append((victim, moment))
+        self.log(f"kill #{len(self.done)} {victim} pid {pid} (aimed at '{moment}'"
+                 f"{', not reached' if not reached else ''}): {state}")
+        self._advance()
+
+    def _advance(self):
+        self.plan.popleft()
+        self._aim = None
+        if self.plan:
+            self.next_at = time.monotonic() + self.plan[0][2]
+
+    def quick(self):
+        """Poll fast only while aiming at a short-lived state (a save takes about a second)."""
+        return self._aim is not None
+
+
+@pytest.fixture(scope="module")
+def chaos_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("chaos")
+    data = make_data(str(base / "imagenet"))
+    val = str(base / "val")
+    configs = {}
+    for name in ("twin", "chaos"):
+        configs[name] = write_config(
+            str(base / name), data,
+            train={"buffer_size": "6", "wait_timeout": "300", "log_every": "4"},
+            runtime_preprocessing={"heartbeat_interval": "0.5"},
+            preprocess_val={"ImageNet_folder": data, "path_to_save": val},
+            get_mu_sigma={"path_to_save": str(base / name / "stats")})
+    result = subprocess.run([PY, "preprocess_val.py", f"--config={configs['chaos']}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    twin = Pipeline(configs["twin"], "twin", str(base), evaluate=False)
+    pipeline = Pipeline(configs["chaos"], "chaos", str(base))
+    chaos = Chaos(pipeline, str(base / "chaos.log"))
+    chaos.log(f"seed {SEED}, {EPOCHS} epochs of {STEPS} batches, plan: "
+              + ", ".join(f"{v}@{m}" for v, m, _ in chaos.plan))
+    started = time.monotonic()
+    try:
+        twin.start()
+        pipeline.start()
+        while True:
+            twin.step()
+            chaos.step()
+            if pipeline.step() and twin.trained:
+                break
+            assert time.monotonic() - started < DEADLINE, f"the chaos run did not finish:\n{pipeline.tail()}"
+            time.sleep(0.01 if chaos.quick() else 0.05)
+    finally:
+        twin.stop()
+        pipeline.stop()
+    chaos.log(f"done in {time.monotonic() - started:.0f} s: {len(chaos.done)} kills "
+              f"({dict(collections.Counter(v for v, _ in chaos.done))}), starts {dict(pipeline.starts)}")
+    yield {"twin": twin, "chaos": pipeline, "kills": chaos.done, "log": chaos}
+
+
+def test_chaos_every_epoch_completes_and_loads(chaos_runs):
+    from engine import run_folder
+    run = chaos_runs["chaos"].run_path
+    assert len(chaos_runs["kills"]) >= MIN_KILLS
+    assert {v for v, _ in chaos_runs["kills"]} == set(MOMENTS)
+    assert run_folder.complete_epochs(run) == list(range(EPOCHS))
+    import tensorflow as tf
+    for epoch in range(EPOCHS):
+        loaded = tf.saved_model.load(os.path.join(run, str(epoch), "saved_model"))
+        out = loaded.signatures["serving_default"](images=tf.zeros([1, 32, 32, 3], tf.uint8))
+        assert out["probabilities"].shape == (1, 4)
+
+
+def test_chaos_each_batch_trained_exactly_once_in_order(chaos_runs):
+    pipeline = chaos_runs["chaos"]
+    lines = pipeline.batch_lines()
+    timeline, resumes = surviving_batches(lines)
+    assert timeline == [(e, b) for e in range(EPOCHS) for b in range(STEPS)]
+    assert all(b == 0 for _, b in resumes), resumes  # attempts resume at epoch starts only
+    chaos_runs["log"].log(f"batches.log: {len(lines)} lines, {len(lines) - len(timeline)} re-trained after kills, "
+                          f"resumed at {resumes}")
+    twin_lines = chaos_runs["twin"].batch_lines()
+    assert twin_lines == [f"{e} {b}" for e in range(EPOCHS) for b in range(STEPS)]
+
+
+def test_chaos_weights_equal_the_uninterrupted_twin(chaos_runs):
+    from engine import logs, run_folder
+    chaos, twin = chaos_runs["chaos"].run_path, chaos_runs["twin"].run_path
+    for epoch in range(EPOCHS):
+        reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(twin, str(epoch))))
+        got = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(chaos, str(epoch))))
+        assert sorted(got) == sorted(reference)
+        for key in reference:
+            np.testing.assert_array_equal(got[key], reference[key], err_msg=f"epoch {epoch} {key}")
+    rows, twin_rows = logs.read_csv(chaos), logs.read_csv(twin)
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(EPOCHS)]
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in twin_rows]
+
+
+def test_chaos_leaves_no_temp_or_partial_file(chaos_runs):
+    pipeline = chaos_runs["chaos"]
+    for folder in (pipeline.run_path, pipeline.buffer):
+        temps = [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in dirs + names
+                 if utils.is_temp_name(n)]
+        assert temps == []
+    assert buffer.scan_batches(pipeline.buffer)[1] == set()
+
+
+def test_chaos_accuracy_has_one_row_per_epoch(chaos_runs):
+    from engine.evaluate import read_rows
+    rows = read_rows(os.path.join(chaos_runs["chaos"].run_path, "accuracy.csv"))
+    assert sorted((r["epoch"], r["protocol"]) for r in rows) == [(e, 10) for e in range(EPOCHS)]
+    assert os.path.isfile(os.path.join(chaos_runs["chaos"].run_path, "accuracy.png"))
