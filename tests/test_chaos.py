@@ -40,6 +40,8 @@ from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_fo
                                  read_all, reference_builder, run_producer, start_producer, wait_until)
 from tests.test_train import make_data, read_checkpoint, write_config
 
+pytestmark = pytest.mark.chaos
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 LONG = os.environ.get("CHAOS_LONG") == "1"
@@ -207,7 +209,7 @@ class Pipeline:
         self.config, self.run, self.evaluate = config, run, evaluate
         cfg = utils.load_config(config)
         self.run_path = os.path.join(cfg.train.path_for_saving, run)
-        self.buffer = cfg.train.buffer_folder
+        self.buffer, self.buffer_size = cfg.train.buffer_folder, cfg.train.buffer_size
         self.out = open(os.path.join(folder, f"{run}.out"), "ab")
         self.launcher = self.evaluator = None
         self.trained, self.evaluated = False, not evaluate
@@ -291,6 +293,9 @@ class Pipeline:
     def saving(self):
         return _listdir_any(self.run_path, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:].split("-")[0].isdigit())
 
+    def refilling(self):
+        return complete_count(self.buffer) < self.buffer_size if os.path.isdir(self.buffer) else False
+
     def writing_batch(self):
         return _listdir_any(self.buffer, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
 
@@ -327,9 +332,10 @@ def _listdir_any(folder, predicate):
 
 # Each kill: a victim and a moment. 'now' kills at once; the others wait (up to AIM_SECONDS) for a state:
 # training = after this attempt trained a batch, saving = while an epoch folder is being written,
-# writing = while a worker writes a batch file, evaluating = while an epoch folder waits for its accuracy row.
+# refilling = while fewer than buffer_size batches are ready (workers are building and writing batches),
+# evaluating = while a saved epoch waits for its accuracy row.
 # The short version aims every kill at a state; the long one also kills at whatever moment the gap ends.
-MOMENTS = {"trainer": ("now", "training", "saving"), "producer": ("now", "writing"),
+MOMENTS = {"trainer": ("now", "training", "saving"), "producer": ("now", "refilling"),
            "evaluator": ("now", "evaluating")}
 if not LONG:
     MOMENTS = {victim: moments[1:] for victim, moments in MOMENTS.items()}
@@ -372,7 +378,7 @@ class Chaos:
             self._aim = (time.monotonic(), len(p.batch_lines()))
         started, baseline = self._aim
         reached = {"now": True, "training": len(p.batch_lines()) > baseline, "saving": p.saving(),
-                   "writing": p.writing_batch(), "evaluating": p.unevaluated()}[moment]
+                   "refilling": p.refilling(), "evaluating": p.unevaluated()}[moment]
         aimed_out = time.monotonic() - started > AIM_SECONDS
         if not (reached or aimed_out):
             return
