@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     utils.add_config_arg(p)
     p.add_argument("--epoch_start", type=epoch_start_arg, required=True,
-                   help="first epoch to produce, or 'auto' to follow training_progress.txt from wherever it is")
+                   help="first epoch to produce, or 'auto' to follow training_progress.txt from wherever it is "
+                        "(a file already past --epoch_end is taken as left over until the trainer writes it)")
     p.add_argument("--epoch_end", type=int, required=True, help="produce epochs up to epoch_end - 1")
     p.add_argument("--batch_size", type=int, required=True, help="images per batch; must match train.py's")
     p.add_argument("--clear_buffer", action="store_true",
