@@ -652,7 +652,7 @@ class Producer:
             self._ignored_progress = None
         p = read_progress(self.folder)
         lin = self.lin(*p) if p is not None and p[1] <= self.num_batches else self.first_lin
-        return min(max(lin, self.start_lin), self.end_lin)
+        return None if lin is None else min(max(lin, self.start_lin), self.end_lin)
 
     def _adopt_progress(self):
         """Decide whether training_progress.txt as found at start-up says where the trainer is.
