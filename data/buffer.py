@@ -602,6 +602,29 @@ def _worker_build(epoch, batch):
     return epoch, batch
 
 
+def _stop_pool(pool, timeout=10.0):
+    """Kill the workers, then shut the pool down with a bounded wait.
+
+    Pool.terminate() can block forever in its task-handler thread (seen after a worker stopped
+    on a full disk), so the workers go first by SIGKILL, which is safe because every write is
+    atomic, and the pool's own clean-up gets `timeout` seconds; its threads are daemons and end
+    with the process.
+    """
+    workers = list(getattr(pool, "_pool", ()))
+    for proc in workers:
+        try:
+            proc.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for proc in workers:
+        proc.join(timeout)  # dead before the caller sweeps temp files
+    closer = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="pool-close", daemon=True)
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+        log.warning("the worker pool did not shut down within %.0f s; leaving it to process exit", timeout)
+
+
 class Producer:
     """runtime_preprocessing.py's engine: keeps up to buffer_size batches ready ahead of the trainer."""
 
@@ -808,8 +831,7 @@ class Producer:
             self._loop(pool)
             final = "finished"
         finally:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
             self._tidy()
             self.heartbeat.stop(final)
             self.bar.close()

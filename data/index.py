@@ -106,10 +106,15 @@ def load_index(root, split, expected_count=0):
     index.root, index.split = root, split
     if len(index) == 0:
         raise UserError(f"No images found for the {split} split in {root}; {EXPECTED_LAYOUTS}.")
-    if expected_count and len(index) != expected_count:
-        raise UserError(f"Found {len(index)} {split} images in {root} but the config expects {expected_count}; "
-                        f"fix the dataset or set {COUNT_KEY[split]} = {len(index)} (0 accepts any count).")
+    check_count(len(index), expected_count, split, root)
     return index
+
+
+def check_count(found, expected_count, split, where, what="images", fix="the dataset"):
+    """The config's N (0 = any) against what a source holds: a mismatch names both and the key to set."""
+    if expected_count and found != expected_count:
+        raise UserError(f"Found {found} {split} {what} in {where} but the config expects {expected_count}; "
+                        f"fix {fix} or set {COUNT_KEY[split]} = {found} (0 accepts any count).")
 
 
 # ----------------------------------------------------------------------------

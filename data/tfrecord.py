@@ -487,10 +487,8 @@ def load_tfrecord_index(folder, split, expected_count=0, num_workers=1, progress
     index.shard_stamps = tuple(_stamp(s).tolist() for s in shards)
     if len(index) == 0:
         raise UserError(f"The {SPLIT_PREFIX[split]} shards in {folder} hold no records.")
-    if expected_count and len(index) != expected_count:
-        from data.index import COUNT_KEY
-        raise UserError(f"Found {len(index)} {split} records in {folder} but the config expects {expected_count}; "
-                        f"fix the shards or set {COUNT_KEY[split]} = {len(index)} (0 accepts any count).")
+    from data.index import check_count
+    check_count(len(index), expected_count, split, folder, what="records", fix="the shards")
     return index
 
 

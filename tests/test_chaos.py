@@ -38,6 +38,7 @@ import utils
 from data import buffer
 from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_for, dataset, heartbeat_pid,  # noqa: F401
                                  read_all, reference_builder, run_producer, start_producer, wait_until)
+from tests.helpers import stop_process
 from tests.test_train import make_data, read_checkpoint, write_config
 
 pytestmark = pytest.mark.chaos
@@ -267,13 +268,8 @@ class Pipeline:
 
     def stop(self):
         for proc in (self.launcher, self.evaluator):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                stop_process(proc, signal.SIGTERM, timeout=30)
         self.out.close()
 
     def tail(self, n=4000):

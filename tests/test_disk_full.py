@@ -26,7 +26,8 @@ from data import buffer
 from data.augment import BatchBuilder, Recipe
 from data.index import load_index
 from tests.test_chaos import surviving_batches
-from tests.test_train import make_data, start_producer, stop, train_cmd, write_config
+from tests.helpers import stop_process
+from tests.test_train import make_data, start_producer, train_cmd, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -137,8 +138,9 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
         read_and_check(reader, builder, 0, 2)
         filler.start()
         position, unreported, trainer_errors = 2, None, []
+        deadline = time.monotonic() + 120  # a producer that neither stops nor produces fails the test, not CI
         # The trainer goes on; each batch it consumes frees space the other writer takes first.
-        while producer.poll() is None and position < 3 * STEPS:
+        while producer.poll() is None and position < 3 * STEPS and time.monotonic() < deadline:
             epoch, b = divmod(position, STEPS)
             if unreported:
                 try:
@@ -161,7 +163,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
     finally:
         if filler.is_alive():
             filler.stop()
-        stop(producer)
+        stop_process(producer)
     # Space is back: the same command with --epoch_start=auto continues where the trainer stands.
     if unreported:
         reader.report_progress(*unreported)
@@ -170,7 +172,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
         read_and_check(reader, builder, position, 3 * STEPS)
         assert producer.wait(timeout=30) == 0
     finally:
-        stop(producer)
+        stop_process(producer)
     assert_clean(folder)
     assert buffer.scan_batches(folder)[0] == set()
 
@@ -192,7 +194,7 @@ def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_pat
         read_and_check(buffer.BufferReader(cfg, BATCH), builder_for(cfg), 0, 2 * STEPS)
         assert producer.wait(timeout=30) == 0
     finally:
-        stop(producer)
+        stop_process(producer)
     assert_clean(folder)
 
 
@@ -232,7 +234,7 @@ def test_trainer_stops_cleanly_on_a_full_run_folder_and_resumes(data, tmp_path, 
         assert third.returncode == 0, third.stderr[-3000:]
         assert producer.wait(timeout=30) == 0
     finally:
-        stop(producer)
+        stop_process(producer)
     assert run_folder.complete_epochs(run) == [0, 1, 2]
     assert_clean(run)
     lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from data.index import load_index
+from tests.helpers import merge_sections, write_config_file
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,10 +113,6 @@ def test_crop_schedule_parsing():
 
 def write_preset(folder, data_root, **sections):
     """configs/seed002_tiny_imagenet.txt with paths in `folder` and overrides section={key: value}."""
-    import configparser
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str
-    parser.read(PRESET)
     values = {
         "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
         "preprocess_val": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "val_views"),
@@ -126,16 +123,7 @@ def write_preset(folder, data_root, **sections):
         "runtime_preprocessing": {"num_of_threads": "1", "sleep_time": "0.02"},
         "model": {"num_classes": "0"},
     }
-    for name, keys in sections.items():
-        values.setdefault(name, {}).update(keys)
-    for name, keys in values.items():
-        for key, value in keys.items():
-            parser[name][key] = str(value)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "config.txt")
-    with open(path, "w") as f:
-        parser.write(f)
-    return path
+    return write_config_file(folder, PRESET, merge_sections(values, sections))
 
 
 def run_script(script, *args):

@@ -4,15 +4,15 @@ One uninterrupted run (A) is the reference. Run B, trained alongside, is SIGKILL
 saves epoch 1 and then resumed with --epoch_start=auto against its still running producer:
 its final weights and optimizer state must equal A's bit for bit ([train] deterministic = true).
 """
-import configparser
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from tests.helpers import merge_sections, stop_process, write_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -36,9 +36,6 @@ def make_data(root, classes=4, per_class=32):
 def write_config(folder, data_root, **sections):
     """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides
     given as section={key: value}."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str
-    parser.read(os.path.join(ROOT, "configs", "demo.txt"))
     values = {
         "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
         "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
@@ -51,18 +48,7 @@ def write_config(folder, data_root, **sections):
         "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
         "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
     }
-    for name, keys in sections.items():
-        values.setdefault(name, {}).update(keys)
-    for name, keys in values.items():
-        if not parser.has_section(name):
-            parser.add_section(name)
-        for key, value in keys.items():
-            parser[name][key] = str(value)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "config.txt")
-    with open(path, "w") as f:
-        parser.write(f)
-    return path
+    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 
 
 def start_producer(config, epoch_start, epoch_end, *extra):
@@ -79,16 +65,6 @@ def train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH):
 def run_train(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH, timeout=240):
     return subprocess.run(train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=batch_size),
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def read_checkpoint(prefix):
@@ -149,7 +125,7 @@ def runs(tmp_path_factory, data):
         yield {"a": config_a, "b": config_b, "b_killed": killed, "b_producer": producers[1]}
     finally:
         for p in producers:
-            stop(p)
+            stop_process(p)
 
 
 @pytest.fixture(scope="module")
