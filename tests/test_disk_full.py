@@ -27,6 +27,7 @@ from data.augment import BatchBuilder, Recipe
 from data.index import load_index
 from tests.test_chaos import surviving_batches
 from tests.helpers import stop_process
+from tests.test_producer import read_all
 from tests.test_train import make_data, start_producer, train_cmd, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,14 +77,7 @@ def builder_for(cfg):
 
 
 def read_and_check(reader, builder, start, stop_at, report=True):
-    for lin in range(start, stop_at):
-        epoch, b = divmod(lin, STEPS)
-        batch = reader.read(epoch, b)
-        images, labels, lighting = builder.build(epoch, b)
-        assert np.array_equal(batch.images, images) and np.array_equal(batch.labels, labels)
-        assert np.array_equal(batch.lighting, lighting)
-        if report:
-            reader.report_progress(epoch, b + 1)
+    read_all(reader, start, stop_at, builder, num_batches=STEPS, report=report)
 
 
 def one_error_line(stderr):

@@ -73,7 +73,7 @@ def complete_count(folder):
     return len(buffer.scan_batches(folder)[0])
 
 
-def read_all(reader, start, stop, builder, num_batches=10, pause=0.0):
+def read_all(reader, start, stop, builder, num_batches=10, pause=0.0, report=True):
     """Read linear positions [start, stop) in order, checking each batch against the reference."""
     for lin in range(start, stop):
         epoch, b = divmod(lin, num_batches)
@@ -81,7 +81,8 @@ def read_all(reader, start, stop, builder, num_batches=10, pause=0.0):
         images, labels, lighting = builder.build(epoch, b)
         assert np.array_equal(batch.images, images) and np.array_equal(batch.labels, labels)
         assert np.array_equal(batch.lighting, lighting)
-        reader.report_progress(epoch, b + 1)
+        if report:
+            reader.report_progress(epoch, b + 1)
         if pause:
             time.sleep(pause)
 
