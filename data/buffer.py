@@ -41,20 +41,17 @@ import dataclasses
 import json
 import logging
 import math
-import multiprocessing
 import os
-import queue
 import re
 import shutil
-import signal
 import socket
-import sys
 import threading
 import time
 
 import numpy as np
 
 import utils
+from data.batch_workers import WorkerSet
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -572,59 +569,6 @@ class BufferReader:
 # Producer side
 # ----------------------------------------------------------------------------
 
-_worker = {}
-
-
-def _worker_init(paths, labels, recipe, folder):
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM handler would wait for Python code
-    from data.augment import BatchBuilder
-    _worker["builder"] = BatchBuilder(paths, labels, recipe)
-    _worker["folder"] = folder
-
-
-def _die_with_parent():
-    """Workers exit when the producer dies (even by SIGKILL), so no orphan keeps writing."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() == 1:
-        os._exit(0)
-
-
-def _worker_build(epoch, batch):
-    images, labels, lighting = _worker["builder"].build(epoch, batch)
-    write_batch(_worker["folder"], epoch, batch, images, labels, lighting)
-    return epoch, batch
-
-
-def _stop_pool(pool, timeout=10.0):
-    """Kill the workers, then shut the pool down with a bounded wait.
-
-    Pool.terminate() can block forever in its task-handler thread (seen after a worker stopped
-    on a full disk), so the workers go first by SIGKILL, which is safe because every write is
-    atomic, and the pool's own clean-up gets `timeout` seconds; its threads are daemons and end
-    with the process.
-    """
-    workers = list(getattr(pool, "_pool", ()))
-    for proc in workers:
-        try:
-            proc.kill()
-        except (OSError, ValueError, AttributeError):
-            pass
-    for proc in workers:
-        proc.join(timeout)  # dead before the caller sweeps temp files
-    closer = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="pool-close", daemon=True)
-    closer.start()
-    closer.join(timeout)
-    if closer.is_alive():
-        log.warning("the worker pool did not shut down within %.0f s; leaving it to process exit", timeout)
-
-
 class Producer:
     """runtime_preprocessing.py's engine: keeps up to buffer_size batches ready ahead of the trainer."""
 
@@ -819,25 +763,26 @@ class Producer:
         if not hasattr(self, "manifest"):
             self.setup()
         info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end}
-        self.heartbeat = Heartbeat(self.folder, self.cfg.runtime_preprocessing.heartbeat_interval, info)
-        self.heartbeat.start()
-        self.bar = self._make_bar()
-        self.t0 = time.monotonic()
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(self.num_workers, initializer=_worker_init,
-                        initargs=(self.index.paths, self.index.labels, self.recipe, self.folder))
+        # Workers first: forking while the heartbeat's or the bar's thread holds a lock could hang a child.
+        workers = WorkerSet(self.num_workers, self.index.paths, self.index.labels, self.recipe, self.folder)
         final = "stopped"
         try:
-            self._loop(pool)
+            self.heartbeat = Heartbeat(self.folder, self.cfg.runtime_preprocessing.heartbeat_interval, info)
+            self.heartbeat.start()
+            self.bar = self._make_bar()
+            self.t0 = time.monotonic()
+            self._loop(workers)
             final = "finished"
         finally:
-            _stop_pool(pool)
+            workers.stop()
             self._tidy()
-            self.heartbeat.stop(final)
-            self.bar.close()
+            if hasattr(self, "heartbeat"):
+                self.heartbeat.stop(final)
+            if hasattr(self, "bar"):
+                self.bar.close()
         return self.produced
 
-    def _loop(self, pool):
+    def _loop(self, workers):
         while True:
             self._check_heartbeat()
             pos = self.trainer_position()
@@ -855,7 +800,7 @@ class Producer:
                                          math.inf if self.once else self.refill_below, self.end_lin)
             self._delete(stale)
             if missing:
-                self._refill(pool, pos, missing)
+                self._refill(workers, pos, missing)
                 continue
             if self.once:
                 return
@@ -867,28 +812,16 @@ class Producer:
             delete_batch(self.folder, *self.pos(lin))
             self.ready.discard(lin)
 
-    def _refill(self, pool, pos, missing):
+    def _refill(self, workers, pos, missing):
         """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back."""
         started = self._fill_started = time.monotonic()
-        done = queue.Queue()
         pending = collections.deque(missing)
-        in_flight = 0
         last_check = time.monotonic()
-        while pending or in_flight:
-            while pending and in_flight < 2 * self.num_workers:
-                lin = pending.popleft()
-                pool.apply_async(_worker_build, self.pos(lin), callback=done.put,
-                                 error_callback=lambda e: done.put(e))
-                in_flight += 1
-            try:
-                item = done.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            if isinstance(item, BaseException):
-                raise item
-            if item is not None:
-                in_flight -= 1
-                self.ready.add(self.lin(*item))
+        while pending or workers.in_flight:
+            while pending and workers.has_room():
+                workers.submit(*self.pos(pending.popleft()))
+            for epoch, batch in workers.collect(timeout=0.5):
+                self.ready.add(self.lin(epoch, batch))
                 self.produced += 1
                 self.bar.update(1)
             if time.monotonic() - last_check >= 0.5:
@@ -904,7 +837,6 @@ class Producer:
         self.busy_seconds += time.monotonic() - started
         self._fill_started = None
         self._show()
-
 
     def _check_heartbeat(self):
         if self.heartbeat.error is not None:

@@ -1,0 +1,133 @@
+"""The producer's worker processes: each builds whole batches and writes them to the buffer.
+
+One pipe per worker instead of multiprocessing.Pool: a task is a few bytes each way, the
+main process sleeps in one wait() on the pipes instead of running Pool's three handler
+threads, a worker that dies is noticed at once (its pipe closes; Pool would wait for its
+result forever) and stopping is a kill plus a join (Pool.terminate() could hang).
+Every write is atomic, so killing a worker mid-batch loses only that batch.
+"""
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import traceback
+
+import utils
+
+# Tasks queued per worker: the next batch is already in its pipe when it finishes one.
+DEPTH = 2
+
+
+def _die_with_parent():
+    """Workers exit when the producer dies (even by SIGKILL), so no orphan keeps writing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() == 1:
+        os._exit(0)
+
+
+def _worker_main(conn, paths, labels, recipe, folder):
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM handler would wait for Python code
+    from data.augment import BatchBuilder
+    from data.buffer import write_batch
+    builder = BatchBuilder(paths, labels, recipe)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        epoch, batch = task
+        try:
+            write_batch(folder, epoch, batch, *builder.build(epoch, batch))
+            conn.send(("done", epoch, batch))
+        except utils.UserError as e:
+            conn.send(("error", epoch, batch, e))
+        except BaseException:
+            conn.send(("crash", epoch, batch, traceback.format_exc()))
+            return
+
+
+class WorkerSet:
+    """`num_workers` batch-building processes; submit (epoch, batch) tasks, collect finished ones."""
+
+    def __init__(self, num_workers, paths, labels, recipe, folder):
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self.procs, self.conns, self.queued = [], [], []
+        try:
+            for i in range(num_workers):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(child, paths, labels, recipe, folder),
+                                   name=f"producer-worker-{i}", daemon=True)
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+                self.queued.append([])
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def in_flight(self):
+        return sum(len(q) for q in self.queued)
+
+    def has_room(self):
+        return any(len(q) < DEPTH for q in self.queued)
+
+    def submit(self, epoch, batch):
+        i = min(range(len(self.queued)), key=lambda j: len(self.queued[j]))
+        self.conns[i].send((epoch, batch))
+        self.queued[i].append((epoch, batch))
+
+    def collect(self, timeout):
+        """The (epoch, batch) tasks finished within `timeout` seconds; a worker's error is raised here."""
+        finished = []
+        for conn in multiprocessing.connection.wait([c for c, q in zip(self.conns, self.queued) if q], timeout):
+            i = self.conns.index(conn)
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                raise utils.UserError(self._death_message(i)) from None
+            status, epoch, batch = message[:3]
+            self.queued[i].remove((epoch, batch))
+            if status == "error":
+                raise message[3]
+            if status == "crash":
+                raise RuntimeError(f"A producer worker failed building epoch {epoch} batch {batch}:\n{message[3]}")
+            finished.append((epoch, batch))
+        return finished
+
+    def _death_message(self, i):
+        proc = self.procs[i]
+        proc.join(1.0)
+        code = proc.exitcode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
+        hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
+        return (f"Producer worker {proc.name} (pid {proc.pid}) {how}{hint} while building epoch/batch "
+                f"{self.queued[i][0] if self.queued[i] else '?'}; restart runtime_preprocessing.py with "
+                f"--epoch_start=auto to continue where the buffer stands.")
+
+    def stop(self, timeout=10.0):
+        """Kill the workers and reap them. Safe at any moment: every write is atomic."""
+        for proc in self.procs:
+            try:
+                proc.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.join(timeout)  # dead before the caller sweeps temp files
+            except (OSError, ValueError, AssertionError):
+                pass
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns, self.queued = [], [], []
