@@ -12,11 +12,17 @@ pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
              private thread pool of 1, intra/inter-op threads 1
   augment    ours, in-process: draws, window decode + resample + flip, PCA lighting (a worker's
              per-image work, without assembling and writing batch files)
-  producer1  runtime_preprocessing's Producer, 1 worker, writing batch files (--buffer_dir)
-and, unpinned, producer2: the same with 2 workers. Producer rates are images / time spent
-filling. tf.data, augment and the producers each process 3 passes over the images, so that
-short runs are not favoured by best-of on a shared machine (naive and decode: 1 pass). Targets: producer1 / tf.data >= 1.0 and
-producer2 / producer1 >= 1.8. Each figure is the best of --rounds interleaved runs (the
+  producer1  runtime_preprocessing's Producer (main process and 1 worker on the pinned CPU),
+             writing batch files to --buffer_dir, in its steady state: a consumer process reads
+             the batches through BufferReader as train.py does (on another CPU, as a trainer
+             would be) and reports progress, so the producer deletes and refills an 8-batch
+             buffer all the time; the rate is what the consumer receives once the warm-up epoch
+             is over and it has caught up with the producer (measure_producer)
+and, unpinned (the producer and its consumer share the 2 CPUs): producer1u with 1 worker and
+producer2 with 2. tf.data, augment and the producers each process 3 passes over the images,
+so that short runs are not favoured by best-of on a shared machine (naive and decode: 1 pass).
+Targets: producer1 / tf.data >= 1.0 and producer2 / producer1u >= 1.8. Each figure is the
+best of --rounds interleaved runs (the
 machine is shared); every run's figure is kept in the JSON output.
 """
 import argparse
@@ -37,7 +43,9 @@ CROP = 224
 SCALES = list(range(256, 481, 7))
 MU, SIGMA = (0.48180, 0.44969, 0.39839), (0.27336, 0.26435, 0.27563)  # the original's config values
 ONE_CORE = ("naive", "decode", "tfdata", "augment", "producer1")
+TWO_CORES = ("producer1u", "producer2")  # unpinned: the scaling ratio compares these two
 WARMUP = 16
+BUFFER_BATCHES = 8  # producer runs: a small buffer, so the producer deletes and refills all the time
 PASSES = 3  # tf.data, augment and the producers all process PASSES x --images images: equal exposure to noise
 
 
@@ -47,11 +55,12 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=4, help="interleaved repetitions; the best is reported")
     p.add_argument("--batch_size", type=int, default=32, help="producer batch size")
     p.add_argument("--cpu", type=int, default=None, help="CPU for the one-core runs (default: the last one)")
-    p.add_argument("--buffer_dir", default=tempfile.gettempdir(),
-                   help="where the producer runs write batch files (here /tmp's page cache beat /dev/shm)")
+    p.add_argument("--buffer_dir", default=tempfile.gettempdir(), help="where the producer runs write batch files")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "bench_producer.json"))
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one pipeline, print its rate
     p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--consume", help=argparse.SUPPRESS)  # internal: the trainer side of a producer run
+    p.add_argument("--consumer_cpu", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -173,26 +182,60 @@ def measure_tfdata(folder):
     return count / (time.perf_counter() - start)
 
 
-def measure_producer(folder, workers, batch_size, buffer_dir=None, epochs=PASSES):
+def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=None):
+    """Images per second a producer delivers to a trainer that is never the bottleneck (steady state).
+
+    The consumer is a second process reading the buffer through BufferReader as train.py
+    does (pinned to `consumer_cpu` when given): it loads each batch, reports progress, and so
+    lets the producer delete consumed files and refill, the producer's regular regime. Its
+    clock starts once it has waited for a batch after the warm-up epoch (the buffer is empty
+    then, so no batch built before the clock started is counted) and stops at the last batch.
+    """
     import utils
     from data.buffer import Producer
     from tests.test_buffer import write_config
-    n = len(image_list(folder))
     with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
         config = write_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
-                              train={"buffer_size": str(epochs * (n // batch_size))},
-                              runtime_preprocessing={"num_of_threads": str(workers)},
+                              train={"buffer_size": str(BUFFER_BATCHES), "sleep_time": "0.02", "wait_timeout": "120"},
+                              runtime_preprocessing={"num_of_threads": str(workers), "sleep_time": "0.005"},
                               images={"crop_size": str(CROP), "scale_min": "256", "scale_max": "480",
                                       "scale_step": "7", "eval_resize": "256"},
                               utils={f"mu_{c}": str(MU[c]) for c in range(3)} | {f"sigma_{c}": str(SIGMA[c])
                                                                                  for c in range(3)})
-        # PASSES epochs in one fill: as many images as tf.data's and augment's runs; pool start-up weighs little.
-        producer = Producer(utils.load_config(config), batch_size, 0, epochs, progress=False, once=True)
-        produced = producer.run()
-        return produced * batch_size / producer.busy_seconds
+        pin = (lambda: os.sched_setaffinity(0, {consumer_cpu})) if consumer_cpu is not None else None
+        consumer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--consume", config,
+                                     "--batch_size", str(batch_size)], stdout=subprocess.PIPE, text=True,
+                                    preexec_fn=pin)
+        try:
+            Producer(utils.load_config(config), batch_size, 0, 1 + PASSES, progress=False).run()
+            out, _ = consumer.communicate(timeout=600)
+        finally:
+            consumer.kill()
+        if consumer.returncode != 0:
+            raise RuntimeError(f"the consumer failed (exit code {consumer.returncode})")
+        return float(out.strip().splitlines()[-1])
 
 
-def run_measure(kind, folder, batch_size, buffer_dir=None):
+def consume(config, batch_size):
+    """The trainer's side of measure_producer: read every batch of epochs 0..PASSES, print the steady rate."""
+    import utils
+    from data.buffer import BufferReader
+    reader = BufferReader(utils.load_config(config), batch_size)
+    reader.check_manifest()
+    start, images = None, 0
+    for epoch in range(1 + PASSES):
+        for b in range(reader.num_batches(epoch)):
+            waited = reader.wait_seconds
+            reader.read(epoch, b)
+            reader.report_progress(epoch, b + 1)
+            if start is not None:
+                images += batch_size
+            elif epoch >= 1 and reader.wait_seconds > waited:
+                start = time.perf_counter()  # the buffer was empty: from here on, every batch is built on the clock
+    return images / (time.perf_counter() - start)
+
+
+def run_measure(kind, folder, batch_size, buffer_dir=None, consumer_cpu=None):
     if kind == "naive":
         return measure_naive(folder)
     if kind == "decode":
@@ -201,17 +244,18 @@ def run_measure(kind, folder, batch_size, buffer_dir=None):
         return measure_tfdata(folder)
     if kind == "augment":
         return measure_augment(folder)
-    if kind in ("producer1", "producer2"):
-        return measure_producer(folder, int(kind[-1]), batch_size, buffer_dir)
+    if kind.startswith("producer"):
+        return measure_producer(folder, int(kind[len("producer")]), batch_size, buffer_dir, consumer_cpu)
     raise ValueError(kind)
 
 
-def spawn(kind, folder, batch_size, cpu, buffer_dir):
+def spawn(kind, folder, batch_size, cpu, buffer_dir, consumer_cpu=None):
     """Run one measurement in a fresh interpreter, pinned to `cpu` (None: unpinned); returns img/s."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", kind, "--folder", folder,
-                          "--batch_size", str(batch_size), "--buffer_dir", buffer_dir],
+                          "--batch_size", str(batch_size), "--buffer_dir", buffer_dir]
+                         + (["--consumer_cpu", str(consumer_cpu)] if consumer_cpu is not None else []),
                          capture_output=True, text=True, env=env,
                          preexec_fn=pin, timeout=600)
     if out.returncode != 0:
@@ -226,10 +270,15 @@ def spawn(kind, folder, batch_size, cpu, buffer_dir):
 def main(argv=None):
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
-        print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir))
+        print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir, args.consumer_cpu))
+        return 0
+    if args.consume:
+        print(consume(args.consume, args.batch_size))
         return 0
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
-    kinds = list(ONE_CORE) + ["producer2"]
+    others = sorted(os.sched_getaffinity(0) - {cpu})
+    consumer_cpu = others[-1] if others else None  # producer1's trainer side runs beside it, as a trainer would
+    kinds = list(ONE_CORE) + list(TWO_CORES)
     runs = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
         make_images(folder, args.images)
@@ -239,26 +288,27 @@ def main(argv=None):
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         for r in range(args.rounds):
             for kind in kinds:
-                runs[kind].append(spawn(kind, folder, args.batch_size, None if kind == "producer2" else cpu,
-                                        args.buffer_dir))
+                runs[kind].append(spawn(kind, folder, args.batch_size, None if kind in TWO_CORES else cpu,
+                                        args.buffer_dir, consumer_cpu if kind == "producer1" else None))
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()), flush=True)
     best = {k: max(v) for k, v in runs.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     labels = {"naive": "naive decode->resize->crop->float", "decode": "bare full PIL decode",
               "tfdata": "tf.data decode_and_crop+resize+flip", "augment": "ours: window decode+resample+lighting",
-              "producer1": "ours: producer, 1 worker (batch files)", "producer2": "ours: producer, 2 workers (unpinned)"}
+              "producer1": "ours: producer, 1 worker (1 core)", "producer1u": "ours: producer, 1 worker (2 cores)",
+              "producer2": "ours: producer, 2 workers (2 cores)"}
     print(f"{'':42s} {'best':>7s} {'median':>7s}  img/s")
     for kind in kinds:
-        print(f"{labels[kind]:42s} {best[kind]:7.0f} {median[kind]:7.0f}{'' if kind == 'producer2' else '  (1 core)'}")
+        print(f"{labels[kind]:42s} {best[kind]:7.0f} {median[kind]:7.0f}{'' if kind in TWO_CORES else '  (1 core)'}")
     vs_tf = best["producer1"] / best["tfdata"]
-    scaling = best["producer2"] / best["producer1"]
+    scaling = best["producer2"] / best["producer1u"]
     load = os.getloadavg()[0]
     print(f"load average at the end: {load:.1f} (other processes share the CPUs; ratios are of best runs)")
     print(f"producer / tf.data (1 core): {vs_tf:.2f}  (target >= {TARGET_TFDATA}; medians "
           f"{median['producer1'] / median['tfdata']:.2f}; per-image work without batch files: "
           f"{best['augment'] / best['tfdata']:.2f})")
     print(f"2 workers / 1 worker:        {scaling:.2f}  (target >= {TARGET_SCALING}; medians "
-          f"{median['producer2'] / median['producer1']:.2f}; {os.cpu_count()} CPUs, shared)")
+          f"{median['producer2'] / median['producer1u']:.2f}; {os.cpu_count()} CPUs, shared)")
     print(f"producer / naive: {best['producer1'] / best['naive']:.2f}   producer / bare decode: "
           f"{best['producer1'] / best['decode']:.2f}")
     import utils

@@ -45,9 +45,9 @@ def _worker_main(conn, paths, labels, recipe, folder):
             return
         if task is None:
             return
-        epoch, batch = task
+        epoch, batch, reuse = task
         try:
-            write_batch(folder, epoch, batch, *builder.build(epoch, batch))
+            write_batch(folder, epoch, batch, *builder.build(epoch, batch), reuse=reuse)
             conn.send(("done", epoch, batch))
         except utils.UserError as e:
             conn.send(("error", epoch, batch, e))
@@ -80,13 +80,27 @@ class WorkerSet:
     def in_flight(self):
         return sum(len(q) for q in self.queued)
 
+    def tasks(self):
+        """The (epoch, batch) tasks handed out and not finished yet."""
+        return [task for q in self.queued for task in q]
+
     def has_room(self):
         return any(len(q) < DEPTH for q in self.queued)
 
-    def submit(self, epoch, batch):
+    def submit(self, epoch, batch, reuse=None):
+        """Queue batch (epoch, batch) on the least busy worker; `reuse`: a spare file for its X (see buffer.py)."""
         i = min(range(len(self.queued)), key=lambda j: len(self.queued[j]))
-        self.conns[i].send((epoch, batch))
         self.queued[i].append((epoch, batch))
+        try:
+            self.conns[i].send((epoch, batch, reuse))
+        except OSError:  # its end of the pipe is closed: it died
+            raise utils.UserError(self._death_message(i)) from None
+
+    def check_alive(self):
+        """Raise the error for a worker that died while idle (a busy one is noticed by collect)."""
+        for i, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                raise utils.UserError(self._death_message(i))
 
     def collect(self, timeout):
         """The (epoch, batch) tasks finished within `timeout` seconds; a worker's error is raised here."""
@@ -112,9 +126,9 @@ class WorkerSet:
         code = proc.exitcode
         how = (f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}")
         hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
-        return (f"Producer worker {proc.name} (pid {proc.pid}) {how}{hint} while building epoch/batch "
-                f"{self.queued[i][0] if self.queued[i] else '?'}; restart runtime_preprocessing.py with "
-                f"--epoch_start=auto to continue where the buffer stands.")
+        task = f" while building epoch {self.queued[i][0][0]} batch {self.queued[i][0][1]}" if self.queued[i] else ""
+        return (f"Producer worker {proc.name} (pid {proc.pid}) {how}{hint}{task}; restart "
+                f"runtime_preprocessing.py with --epoch_start=auto to continue where the buffer stands.")
 
     def stop(self, timeout=10.0):
         """Kill the workers and reap them. Safe at any moment: every write is atomic."""

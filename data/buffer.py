@@ -10,7 +10,11 @@ Files in buffer_folder (all written through utils' atomic helpers):
   training_progress.txt   'epoch\\nbatch': the next batch the trainer needs (everything before it is consumed)
 Epochs are absolute; batch b of epoch e holds positions b*B .. b*B+B-1 of that epoch's permutation
 (data/augment.py); num_batches = N // B (the remainder is dropped, as the original). Deletion
-removes X first, so a batch is never seen half-deleted either.
+removes X first, so a batch is never seen half-deleted either. A consumed X file is not unlinked
+but renamed to a spare (.tmp-spare-*, never read as a batch) that the next batch's X overwrites in
+place before its own rename: rewriting pages a file already has is several times cheaper than
+freeing them and allocating new ones. Spares replace batches one for one, so batch files and
+spares together stay within buffer_size; like every temp file they are swept on start and exit.
 
 Producer loop (the seed's rule, kept): read the trainer's position p from training_progress.txt,
 delete consumed batches (before p) and any outside the window [p, p + buffer_size); if fewer than
@@ -63,7 +67,8 @@ PROGRESS = "training_progress.txt"
 DTYPE = "uint8"
 KINDS = ("Y", "L", "X")  # write order; X (images) last marks the batch complete
 _BATCH_NAME = re.compile(r"^([XYL])_(\d+)_(\d+)\.npy$")
-_OWN_FILES = (MANIFEST, HEARTBEAT)
+SPARE = "spare-"
+_OWN_FILES = (MANIFEST, HEARTBEAT, SPARE)
 
 
 # ----------------------------------------------------------------------------
@@ -84,10 +89,27 @@ def bytes_per_batch(batch_size, crop):
     return batch_size * (crop * crop * 3 + 4 + 12) + 3 * 128  # images, labels, lighting, npy headers
 
 
-def write_batch(folder, epoch, batch, images, labels, lighting):
+def write_batch(folder, epoch, batch, images, labels, lighting, reuse=None):
+    """The batch's three files, X last; `reuse`: a spare (retire_batch) to overwrite with X."""
     utils.atomic_save_npy(batch_file(folder, "Y", epoch, batch), np.asarray(labels, np.int32))
     utils.atomic_save_npy(batch_file(folder, "L", epoch, batch), np.asarray(lighting, np.float32))
-    utils.atomic_save_npy(batch_file(folder, "X", epoch, batch), np.asarray(images, np.uint8))
+    utils.atomic_save_npy(batch_file(folder, "X", epoch, batch), np.asarray(images, np.uint8), reuse=reuse)
+
+
+def spare_file(folder, number):
+    """A consumed X file kept under a temp name for the next batch to overwrite (never read as a batch)."""
+    return os.path.join(folder, f"{utils.TMP_PREFIX}{SPARE}{os.getpid()}-{number}.npy")
+
+
+def retire_batch(folder, epoch, batch, spare):
+    """Like delete_batch, but the X file becomes `spare`; False if there was no X file to keep."""
+    try:
+        os.replace(batch_file(folder, "X", epoch, batch), spare)  # first: the batch stops being complete
+        kept = True
+    except FileNotFoundError:
+        kept = False
+    delete_batch(folder, epoch, batch)
+    return kept
 
 
 def delete_batch(folder, epoch, batch):
@@ -587,6 +609,8 @@ class Producer:
         self.refill_below = rp.refill_threshold * self.buffer_size
         self.sleep_time = rp.sleep_time
         self.ready = set()   # linear positions of complete batches on disk
+        self.spares = []     # consumed X files under temp names, to be overwritten by the next batches
+        self._spare_count = 0
         self.produced = 0
         self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
         self._ignored_progress = None  # identity of a progress file set aside at start-up
@@ -785,6 +809,7 @@ class Producer:
     def _loop(self, workers):
         while True:
             self._check_heartbeat()
+            workers.check_alive()
             pos = self.trainer_position()
             if pos is None:  # nothing known to build yet
                 if self.once:
@@ -793,7 +818,7 @@ class Producer:
                 time.sleep(self.sleep_time)
                 continue
             if pos >= self.end_lin:
-                self._delete(self.ready)
+                self._delete(self.ready, keep=False)
                 log.info("the trainer consumed the last batch of epoch %d; producer done", self.epoch_end - 1)
                 return
             stale, missing = plan_refill(pos, self.ready, self.buffer_size,
@@ -807,32 +832,53 @@ class Producer:
             self._show()
             time.sleep(self.sleep_time)
 
-    def _delete(self, lins):
+    def _delete(self, lins, keep=True):
+        """Remove batches from the buffer; with `keep`, their X files become spares for the next ones.
+
+        Spares only ever replace batches one for one and every task takes one when there is
+        one, so batch files and spares together stay within buffer_size.
+        """
         for lin in sorted(lins):
-            delete_batch(self.folder, *self.pos(lin))
+            if keep and len(self.spares) < self.buffer_size:
+                self._spare_count += 1
+                spare = spare_file(self.folder, self._spare_count)
+                if retire_batch(self.folder, *self.pos(lin), spare):
+                    self.spares.append(spare)
+            else:
+                delete_batch(self.folder, *self.pos(lin))
             self.ready.discard(lin)
 
     def _refill(self, workers, pos, missing):
-        """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back."""
+        """Build `missing` in order, a few tasks in flight; re-plan if the trainer jumps back.
+
+        Once everything planned is handed out, the window is topped up to buffer_size from where
+        the trainer stands now, so the workers never idle between one refill and the next while
+        the trainer keeps consuming (the refill ends when the window is full, or at epoch_end).
+        """
         started = self._fill_started = time.monotonic()
         pending = collections.deque(missing)
         last_check = time.monotonic()
         while pending or workers.in_flight:
             while pending and workers.has_room():
-                workers.submit(*self.pos(pending.popleft()))
+                workers.submit(*self.pos(pending.popleft()), self.spares.pop() if self.spares else None)
             for epoch, batch in workers.collect(timeout=0.5):
                 self.ready.add(self.lin(epoch, batch))
                 self.produced += 1
                 self.bar.update(1)
-            if time.monotonic() - last_check >= 0.5:
+            if time.monotonic() - last_check >= 0.5 or not pending:
                 last_check = time.monotonic()
                 self._check_heartbeat()
                 now = self.trainer_position()
                 if now < pos:
                     pending.clear()  # the trainer restarted earlier: finish what is in flight, then re-plan
+                    continue
                 while pending and pending[0] < now:
                     pending.popleft()  # consumed while we were busy
                 self._delete([lin for lin in self.ready if lin < now])
+                if not pending:
+                    building = {self.lin(*task) for task in workers.tasks()}
+                    pending.extend(plan_refill(now, self.ready | building, self.buffer_size, math.inf,
+                                               self.end_lin)[1])
                 self._show()
         self.busy_seconds += time.monotonic() - started
         self._fill_started = None

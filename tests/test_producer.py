@@ -115,11 +115,14 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     errors, max_on_disk = [], [0]
+    final_started = threading.Event()
 
     def trainer():
         try:
             reader = buffer.BufferReader(cfg, BATCH)
             for lin in range(60):
+                if lin == 59:  # the last batch waits for the final producer, which must see a live trainer
+                    final_started.wait(120)
                 read_all(reader, lin, lin + 1, builder, pause=0.05)
                 max_on_disk[0] = max(max_on_disk[0], complete_count(folder))
         except BaseException as e:  # reported by the main thread
@@ -138,9 +141,10 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
         p.wait()
         kills += 1
     final = start_producer(config, epoch_start="auto", epoch_end="6")
+    final_started.set()
     t.join(60)
-    assert final.wait(30) == 0
     assert not errors, errors
+    assert final.wait(30) == 0
     assert kills >= 10
     assert max_on_disk[0] <= 6
     assert batch_files(folder) == {}  # the finished producer deleted everything consumed
@@ -241,3 +245,57 @@ def test_progress_left_over_past_the_range_is_not_followed(dataset, tmp_path):
     r = run_producer(config, "--once", epoch_start="0", epoch_end="3")
     assert r.returncode == 0 and "left over from an earlier run" in r.stderr
     assert sorted(buffer.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
+
+
+def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path):
+    """Consumed X files are overwritten in place by later batches; never more than buffer_size files in all."""
+    config = config_for(str(tmp_path), dataset, train={"buffer_size": "5"})
+    cfg = utils.load_config(config)
+    folder = cfg.train.buffer_folder
+    builder = reference_builder(config)
+    links = tmp_path / "links"  # a second name for each X file: it shows whether that inode was rewritten
+    links.mkdir()
+    p = start_producer(config, epoch_start="0", epoch_end="2")
+    try:
+        reader = buffer.BufferReader(cfg, BATCH)
+        most = 0
+        for lin in range(20):
+            batch = reader.read(*divmod(lin, 10))
+            assert np.array_equal(batch.images, builder.build(*divmod(lin, 10))[0])
+            os.link(buffer.batch_file(folder, "X", *divmod(lin, 10)), links / f"{lin}.npy")  # kept until reported
+            names = os.listdir(folder)
+            spares = [n for n in names if n.startswith(utils.TMP_PREFIX + buffer.SPARE)]
+            most = max(most, len([n for n in names if n.startswith("X_")]) + len(spares))
+            reader.report_progress(*divmod(lin + 1, 10))
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        p.wait()
+    assert most <= 5
+    rewritten = [lin for lin in range(20) if not np.array_equal(np.load(links / f"{lin}.npy"),
+                                                                 builder.build(*divmod(lin, 10))[0])]
+    assert len(rewritten) >= 10, rewritten  # 20 batches through a 5-batch buffer: files went round
+    assert not [n for n in os.listdir(folder) if n.startswith(utils.TMP_PREFIX) and "progress" not in n]
+
+
+def test_a_dead_worker_is_a_clear_error(dataset, tmp_path):
+    from data.batch_workers import WorkerSet
+    config = config_for(str(tmp_path), dataset)
+    cfg = utils.load_config(config)
+    folder = str(tmp_path / "buffer")
+    os.makedirs(folder)
+    index = load_index(cfg.preprocess.ImageNet_folder, "train")
+    workers = WorkerSet(1, index.paths, index.labels, Recipe.from_config(cfg, BATCH), folder)
+    try:
+        workers.submit(0, 0)
+        assert workers.collect(timeout=30) == [(0, 0)]
+        workers.procs[0].kill()
+        workers.procs[0].join()
+        with pytest.raises(utils.UserError, match=r"producer-worker-0 \(pid \d+\) was killed by signal 9 .*"
+                                                  r"--epoch_start=auto"):
+            workers.check_alive()
+        with pytest.raises(utils.UserError, match="was killed by signal 9"):
+            workers.submit(0, 1)
+            workers.collect(timeout=30)
+    finally:
+        workers.stop()
