@@ -69,6 +69,7 @@ KINDS = ("Y", "L", "X")  # write order; X (images) last marks the batch complete
 _BATCH_NAME = re.compile(r"^([XYL])_(\d+)_(\d+)\.npy$")
 SPARE = "spare-"
 _OWN_FILES = (MANIFEST, HEARTBEAT, SPARE)
+STATUS_POLL = 0.25  # seconds between a waiting reader's looks at the producer's heartbeat
 
 
 # ----------------------------------------------------------------------------
@@ -532,18 +533,21 @@ class BufferReader:
         start = time.monotonic()
         dead_since = None
         delay = 0.01
+        status_due = start
         while True:
-            state, record = producer_status(self.folder)
             now = time.monotonic()
-            if state == "running":
-                dead_since = None
-                self._check_range(record, position)
-                self._greet(record)
-            elif dead_since is None:
-                dead_since = now
-            if dead_since is not None and now - dead_since >= self.wait_timeout:
-                self.wait_seconds += now - start
-                raise UserError(self._no_producer_message(what, state, position))
+            if now >= status_due:  # the heartbeat changes every few seconds; the batch files are polled faster
+                status_due = now + STATUS_POLL
+                state, record = producer_status(self.folder)
+                if state == "running":
+                    dead_since = None
+                    self._check_range(record, position)
+                    self._greet(record)
+                elif dead_since is None:
+                    dead_since = now
+                if dead_since is not None and now - dead_since >= self.wait_timeout:
+                    self.wait_seconds += now - start
+                    raise UserError(self._no_producer_message(what, state, position))
             time.sleep(min(delay, self.sleep_time))
             delay *= 2  # quick for short gaps, then every sleep_time seconds
             result = attempt()
@@ -865,9 +869,12 @@ class Producer:
                 self.ready.add(self.lin(epoch, batch))
                 self.produced += 1
                 self.bar.update(1)
-            if time.monotonic() - last_check >= 0.5 or not pending:
-                last_check = time.monotonic()
-                self._check_heartbeat()
+            periodic = time.monotonic() - last_check >= 0.5
+            if periodic or not pending:
+                if periodic:
+                    last_check = time.monotonic()
+                    self._check_heartbeat()
+                    self._show()
                 now = self.trainer_position()
                 if now < pos:
                     pending.clear()  # the trainer restarted earlier: finish what is in flight, then re-plan
@@ -879,7 +886,6 @@ class Producer:
                     building = {self.lin(*task) for task in workers.tasks()}
                     pending.extend(plan_refill(now, self.ready | building, self.buffer_size, math.inf,
                                                self.end_lin)[1])
-                self._show()
         self.busy_seconds += time.monotonic() - started
         self._fill_started = None
         self._show()
