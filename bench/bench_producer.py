@@ -10,8 +10,9 @@ pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
   decode     bare full PIL decode to RGB
   tf.data    read_file -> decode_and_crop_jpeg(window) -> resize 224 -> flip, num_parallel_calls=1,
              private thread pool of 1, intra/inter-op threads 1
-  augment    ours, in-process: draws, window decode + resample + flip, PCA lighting (a worker's
-             per-image work, without assembling and writing batch files)
+  augment    ours, in-process: draws, window decode + resample + flip into the batch slot (a
+             worker's per-image work, without writing batch files; the PCA lighting shift is
+             computed on the trainer's device, data/device.py)
   producer1  runtime_preprocessing's Producer (main process and 1 worker on the pinned CPU),
              writing batch files to --buffer_dir, in its steady state: a consumer process takes
              the batches as train.py's reader does (on another CPU, as a trainer would be) and
@@ -133,14 +134,15 @@ def measure_decode(folder):
 
 
 def measure_augment(folder):
+    import numpy as np
     from data import augment
     decoder = augment.resolve_decoder("auto")
+    out = np.empty((CROP, CROP, 3), np.uint8)
 
     def one(item):
         position, path = item
         d = augment.image_draws(0, 0, position, SCALES, 0.1)
-        crop = augment.augment_crop(path, CROP, d, decoder)
-        return augment.lighting_shift(crop, d.alpha, MU, SIGMA)
+        return augment.augment_crop(path, CROP, d, decoder, out=out)
     return _timed(one, list(enumerate(image_list(folder) * PASSES)))
 
 
@@ -324,7 +326,7 @@ def main(argv=None):
     best = {k: max(v) for k, v in runs.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     labels = {"naive": "naive decode->resize->crop->float", "decode": "bare full PIL decode",
-              "tfdata": "tf.data decode_and_crop+resize+flip", "augment": "ours: window decode+resample+lighting",
+              "tfdata": "tf.data decode_and_crop+resize+flip", "augment": "ours: draws, window decode+resample+flip",
               "producer1": "ours: producer, 1 worker (1 core)", "producer1u": "ours: producer, 1 worker (2 cores)",
               "producer2": "ours: producer, 2 workers (2 cores)", "pair": "2 independent augment runs at once"}
     print(f"{'':42s} {'best':>7s} {'median':>7s}  img/s")

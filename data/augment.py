@@ -7,9 +7,9 @@ Where each step runs (the one place this is stated):
   2. resize so the shorter side is S         producer CPU                   only the crop window is resampled
   3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
   5. horizontal flip, p = 0.5                producer CPU                   on the uint8 crop
-  6. PCA lighting coefficients               producer CPU                   float32 [3] shift per image (`lighting`)
+  6. PCA lighting coefficients alpha         producer CPU                   drawn per image, float32 [3] (`lighting`)
   4. x/255, (x - mu)/sigma                   trainer device (data/device.py) affine, on the GPU
-  6. + lighting shift                        trainer device (data/device.py) added after normalising
+  6. the crop's PCA and the lighting shift   trainer device (data/device.py) [B,3,3] covariance, batched eigh
 
 With [images] augmentation = tiny, data/tiny_augment.py (seed 002's pipeline) replaces steps
 1-5 and 6 is off (pca_std = 0); with [images] crop_schedule the crop size changes per epoch
@@ -17,7 +17,9 @@ With [images] augmentation = tiny, data/tiny_augment.py (seed 002's pipeline) re
 
 Images travel uint8 through the buffer (150,528 B per 224 crop); normalisation
 and the colour shift are affine per image, so applying them on the device gives
-the same numbers as the original's float16 files at a quarter of the bytes.
+the same numbers as the original's float16 files at a quarter of the bytes. The
+shift depends on the crop's own pixels (the PCA of its colours, data/device.py),
+which the device has at hand: computed there, it costs the producer nothing.
 
 Random draws. Epoch e's order is `epoch_permutation(seed, e, N)`; the image at
 position p of that order (p = batch * batch_size + slot) draws everything from a
@@ -37,11 +39,6 @@ resize(box=...), the antialiased bilinear filter of resize_shorter, which equals
 full resize then crop up to rounding. Non-JPEG and CMYK files take the PIL path.
 When preprocess.py cached the image at S, the window is cut from the cached image
 without resampling. `augment_reference` is the slow reference (full resize, then crop).
-
-PCA lighting (AlexNet-style, per image, as the original): the 3x3 covariance of
-the crop's own normalised pixels is eigendecomposed (eigh: eigenvalues lam_i,
-eigenvectors v_i); with alpha_i ~ N(0, pca_std^2) the shift sum_i alpha_i lam_i v_i
-(lam is a variance, not a std) is added to every normalised pixel.
 """
 import ctypes
 import dataclasses
@@ -170,94 +167,6 @@ def augment_reference(img, draws, crop):
     top, left = crop_origin(resized.shape[1], resized.shape[0], crop, draws)
     out = resized[top:top + crop, left:left + crop]
     return np.ascontiguousarray(out[:, ::-1] if draws.flip else out)
-
-
-# ----------------------------------------------------------------------------
-# PCA lighting
-# ----------------------------------------------------------------------------
-
-def lighting_shifts(crops_uint8, alphas, mu, sigma):
-    """sum_i alpha_i lam_i v_i for each image of a uint8 batch [B, H, W, 3] (float32 [B, 3]).
-
-    For one image, with the covariance of its normalised pixels (x/255 - mu)/sigma, which is
-    cov(x) / (255^2 sigma sigma^T); cov(x) (ddof=1, as np.cov) comes from the channel sums
-    and the Gram matrix sum_p x_i x_j, exact integers however they are computed
-    (pixel_moments), so the result never depends on the summation order. The 3x3 eigen
-    decompositions run as one stacked call: per image they cost more in call overhead than in work.
-    """
-    alphas = np.asarray(alphas, np.float64).reshape(-1, 3)
-    shifts = np.zeros((len(alphas), 3), np.float32)
-    active = np.flatnonzero(alphas.any(axis=1))  # pca_std = 0: no shift, no work
-    if not active.size:
-        return shifts
-    moments = [pixel_moments(crops_uint8[i]) for i in active]
-    sums = np.array([m[0] for m in moments])
-    gram = np.array([m[1] for m in moments])
-    n = crops_uint8.shape[1] * crops_uint8.shape[2]
-    mean = sums / n
-    cov = (gram - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-    scale = 255.0 * np.asarray(sigma, np.float64)
-    cov /= np.outer(scale, scale)
-    lam, vecs = np.linalg.eigh(cov)
-    shifts[active] = np.einsum("bij,bj->bi", vecs, alphas[active] * lam)
-    return shifts
-
-
-def lighting_shift(crop_uint8, alpha, mu, sigma):
-    """lighting_shifts for one HWC image (float32 [3])."""
-    return lighting_shifts(crop_uint8[None], [alpha], mu, sigma)[0]
-
-
-def pixel_moments(crop_uint8):
-    """(channel sums [3], Gram matrix [3, 3] of sum_p x_i x_j) of an HWC uint8 image, float64, exact.
-
-    OpenCV's SIMD squared norms give the Gram matrix about 4x faster than float64 dot
-    products (a producer worker spent a fifth of its time here): x_i x_j =
-    (x_i^2 + x_j^2 - (x_i - x_j)^2) / 2. Its L2SQR result can be off by a few ulps (it
-    goes through a square root), so it is rounded to the exact integer; _moments_fast_ok
-    checks once per process that this reproduces the numpy sums, else numpy is used.
-    """
-    if cv2 is not None and _moments_fast_ok():
-        return _moments_cv2(crop_uint8)
-    return _moments_numpy(crop_uint8)
-
-
-def _moments_numpy(crop_uint8):
-    # Contiguous channel planes: strided reductions over the HWC layout, or BLAS on it, are several times slower.
-    planes = np.ascontiguousarray(crop_uint8.reshape(-1, 3).T).astype(np.float64)
-    gram = np.empty((3, 3))
-    for i in range(3):
-        for j in range(i, 3):
-            gram[i, j] = gram[j, i] = np.dot(planes[i], planes[j])
-    return planes.sum(axis=1), gram
-
-
-def _moments_cv2(crop_uint8):
-    crop_uint8 = np.ascontiguousarray(crop_uint8)
-    planes = cv2.split(crop_uint8)
-    square = [round(cv2.norm(p, cv2.NORM_L2SQR)) for p in planes]
-    gram = np.empty((3, 3))
-    for i in range(3):
-        gram[i, i] = square[i]
-        for j in range(i + 1, 3):
-            gram[i, j] = gram[j, i] = (square[i] + square[j] - round(cv2.norm(planes[i], planes[j], cv2.NORM_L2SQR))) // 2
-    return np.array(cv2.sumElems(crop_uint8)[:3]), gram
-
-
-_moments_checked = {}
-
-
-def _moments_fast_ok():
-    """True if _moments_cv2 equals _moments_numpy on extreme and patterned images (checked once per process)."""
-    if "ok" not in _moments_checked:
-        mixed = (np.arange(224 * 224 * 3) * 7919 % 256).astype(np.uint8).reshape(224, 224, 3)
-        probes = [np.full((300, 300, 3), 255, np.uint8), np.zeros((7, 5, 3), np.uint8),
-                  np.dstack([np.full((300, 200), v, np.uint8) for v in (255, 0, 128)]), mixed, 200 + mixed % 56]
-        _moments_checked["ok"] = all(np.array_equal(a, b) for probe in probes
-                                     for a, b in zip(_moments_cv2(probe), _moments_numpy(probe)))
-        if not _moments_checked["ok"]:
-            log.warning("OpenCV's pixel sums differ from numpy's; PCA lighting uses the slower numpy path")
-    return _moments_checked["ok"]
 
 
 # ----------------------------------------------------------------------------
@@ -557,7 +466,7 @@ class Recipe:
 
 
 class BatchBuilder:
-    """Builds batch (epoch, b) of a dataset: uint8 images, int32 labels, float32 lighting.
+    """Builds batch (epoch, b) of a dataset: uint8 images, int32 labels, float32 lighting coefficients.
 
     Unreadable images are replaced by the next readable one in the epoch's order
     (deterministically), and logged once per process.
@@ -583,14 +492,14 @@ class BatchBuilder:
         crop = r.crop_for(epoch)
         out = np.empty((r.batch_size, crop, crop, 3), np.uint8)
         labels = np.empty(r.batch_size, np.int32)
-        alphas = np.empty((r.batch_size, 3), np.float64)
+        alphas = np.empty((r.batch_size, 3), np.float32)
         for slot in range(r.batch_size):
             position = batch * r.batch_size + slot
             draws = image_draws(r.seed, epoch, position, r.scales, r.pca_std)
             index = self._readable_crop(out, slot, perm, (epoch, position), draws)
             labels[slot] = self.labels[index]
             alphas[slot] = draws.alpha
-        return out, labels, lighting_shifts(out, alphas, r.mu, r.sigma)
+        return out, labels, alphas
 
     def _readable_crop(self, out, slot, perm, at, draws):
         epoch, position = at

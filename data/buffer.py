@@ -2,7 +2,7 @@
 
 Files in buffer_folder (all written through utils' atomic helpers):
   Y_<epoch>_<batch>.npy   int32 [B] labels                      written first
-  L_<epoch>_<batch>.npy   float32 [B, 3] PCA lighting shifts     written second
+  L_<epoch>_<batch>.npy   float32 [B, 3] PCA lighting alphas     written second (the shift: data/device.py)
   X_<epoch>_<batch>.npy   uint8 [B, crop, crop, 3] images        written LAST: a batch is complete iff X exists
   manifest.json           what the producer promises: run id, batch size, crop size per epoch, dtype,
                           seed, num_batches, num_classes, dataset fingerprint, epoch range
@@ -60,7 +60,7 @@ from utils import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: L holds the lighting coefficients, not the shifts
 MANIFEST = "manifest.json"
 HEARTBEAT = "producer.json"
 PROGRESS = "training_progress.txt"

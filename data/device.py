@@ -1,10 +1,14 @@
-"""The trainer-device half of preprocessing: uint8 crops -> normalised model input.
+"""The trainer-device half of preprocessing: uint8 crops -> normalised, colour-shifted model input.
 
 Steps 4 and 6 of seed 001's recipe (see data/augment.py for where every step
-runs): (x/255 - mu)/sigma per channel, plus the per-image PCA lighting shift
-that the producer computed on the CPU. Both are affine, so they run here on
-the GPU as one multiply-add per pixel instead of travelling as float16 files.
-Evaluation uses the same function with lighting=None (no colour shift).
+runs): (x/255 - mu)/sigma per channel, then the per-image PCA lighting shift
+(AlexNet-style, per image as the original): the 3x3 covariance of the crop's
+own normalised pixels is eigendecomposed (eigenvalues lam_i, eigenvectors v_i)
+and sum_i alpha_i lam_i v_i (lam a variance, not a std) is added to every pixel,
+with the coefficients alpha ~ N(0, pca_std^2) drawn by the producer. Here this
+is a [B,3,3] matrix product and a batched 3x3 eigh, free next to a training
+step; on the producer's CPU it was a sixth of the per-image work. Evaluation
+uses the same function with lighting=None (no colour shift).
 """
 import numpy as np
 import tensorflow as tf
@@ -16,10 +20,27 @@ def normalisation_constants(mu, sigma):
     return (1.0 / (255.0 * sigma)).astype(np.float32), (-mu / sigma).astype(np.float32)
 
 
+def pca_lighting_shift(x, alphas):
+    """sum_i alpha_i lam_i v_i per image for normalised images x [B,H,W,3] float32 and alphas [B,3]: [B,3]."""
+    pixels = tf.reshape(x, [tf.shape(x)[0], -1, 3])
+    n = tf.cast(tf.shape(pixels)[1], tf.float32)
+    centred = pixels - tf.reduce_mean(pixels, axis=1, keepdims=True)
+    cov = tf.matmul(centred, centred, transpose_a=True) / tf.maximum(n - 1.0, 1.0)  # ddof=1, as np.cov
+    lam, vecs = tf.linalg.eigh(cov)
+    # An eigenvector's sign is arbitrary (it differs between libraries and devices); fixing it, with
+    # the largest component positive, makes the shift the same wherever it is computed.
+    largest = tf.gather(tf.linalg.matrix_transpose(vecs), tf.argmax(tf.abs(vecs), axis=-2), batch_dims=2)
+    vecs = vecs * tf.where(largest < 0, -1.0, 1.0)[:, tf.newaxis, :]
+    return tf.linalg.matvec(vecs, tf.cast(alphas, tf.float32) * lam)
+
+
 def to_model_input(images_uint8, lighting, mu, sigma, dtype=tf.float32):
-    """((x/255 - mu)/sigma + lighting) as `dtype`; images [B,H,W,3] uint8, lighting [B,3] float32 or None."""
+    """(x/255 - mu)/sigma plus the PCA lighting shift, as `dtype`.
+
+    images [B,H,W,3] uint8; lighting: the producer's [B,3] float32 coefficients alpha, or None.
+    """
     scale, offset = normalisation_constants(mu, sigma)
     x = tf.cast(images_uint8, tf.float32) * scale + offset
     if lighting is not None:
-        x = x + tf.cast(lighting, tf.float32)[:, tf.newaxis, tf.newaxis, :]
+        x = x + pca_lighting_shift(x, lighting)[:, tf.newaxis, tf.newaxis, :]
     return tf.cast(x, dtype)

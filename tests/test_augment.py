@@ -247,18 +247,32 @@ def test_batch_builder_replaces_unreadable_images_deterministically(tmp_path):
 # Lighting and the device half
 # ----------------------------------------------------------------------------
 
-def test_lighting_matches_the_direct_formula():
+def test_device_lighting_matches_the_direct_formula():
+    """The shift sum_i alpha_i lam_i v_i of the crop's normalised pixels, computed on the device, against numpy."""
+    from data.device import to_model_input
     rng = np.random.default_rng(0)
-    for trial in range(5):
-        crop = (rng.random((24, 24, 3)) * [255, 200, 120] + rng.random((24, 24, 1)) * 40).astype(np.uint8)
-        alpha = rng.normal(0, 0.1, 3)
+    crops = (rng.random((5, 24, 24, 3)) * [255, 200, 120] + rng.random((5, 24, 24, 1)) * 40).astype(np.uint8)
+    alphas = rng.normal(0, 0.1, (5, 3)).astype(np.float32)
+    got = to_model_input(crops, alphas, MU, SIGMA).numpy()
+    for crop, alpha, out in zip(crops, alphas, got):
         normalised = (crop.reshape(-1, 3) / 255.0 - np.array(MU)) / np.array(SIGMA)
         lam, vecs = np.linalg.eigh(np.cov(normalised, rowvar=False))
-        expected = sum(alpha[i] * lam[i] * vecs[:, i] for i in range(3))
-        got = augment.lighting_shift(crop, alpha, MU, SIGMA)
-        assert got.dtype == np.float32 and got.shape == (3,)
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-    assert not augment.lighting_shift(crop, (0.0, 0.0, 0.0), MU, SIGMA).any()  # pca_std = 0: no shift
+        vecs *= np.where(vecs[np.abs(vecs).argmax(axis=0), range(3)] < 0, -1.0, 1.0)  # largest component > 0
+        shift = sum(alpha[i] * lam[i] * vecs[:, i] for i in range(3))
+        assert np.abs(shift).max() > 1e-3  # a visible shift, not a vacuous comparison
+        np.testing.assert_allclose(out, normalised.reshape(24, 24, 3) + shift, rtol=1e-4, atol=1e-4)
+    plain = to_model_input(crops, np.zeros((5, 3), np.float32), MU, SIGMA).numpy()
+    np.testing.assert_array_equal(plain, to_model_input(crops, None, MU, SIGMA).numpy())  # pca_std = 0: no shift
+
+
+def test_builder_ships_the_drawn_lighting_coefficients(tmp_path):
+    recipe = Recipe(seed=4, batch_size=3, crop=16, scales=(18, 22), pca_std=0.1, mu=MU, sigma=SIGMA,
+                    decoder=DECODERS[0])
+    paths = [save(str(tmp_path / f"{i}.JPEG"), smooth_image(40, 30, seed=i)) for i in range(3)]
+    _, _, alphas = BatchBuilder(paths, [0, 1, 2], recipe).build(2, 1)
+    want = [augment.image_draws(4, 2, 3 + slot, (18, 22), 0.1).alpha for slot in range(3)]
+    assert alphas.dtype == np.float32 and alphas.shape == (3, 3)
+    np.testing.assert_array_equal(alphas, np.asarray(want, np.float32))
 
 
 def test_device_normalisation_matches_numpy():
@@ -266,9 +280,8 @@ def test_device_normalisation_matches_numpy():
     from data.device import to_model_input
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
-    light = rng.normal(0, 0.05, (2, 3)).astype(np.float32)
-    expected = (x / 255.0 - np.array(MU)) / np.array(SIGMA) + light[:, None, None, :]
-    got = to_model_input(x, light, MU, SIGMA)
+    expected = (x / 255.0 - np.array(MU)) / np.array(SIGMA)
+    got = to_model_input(x, np.zeros((2, 3), np.float32), MU, SIGMA)
     assert got.dtype == tf.float32
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     plain = to_model_input(x, None, MU, SIGMA, dtype=tf.bfloat16)
