@@ -1,6 +1,6 @@
 """Producer throughput against a naive pipeline, a bare decode and a tf.data decode-and-crop pipeline.
 
-    python bench/bench_producer.py [--images 400] [--rounds 3] [--batch_size 64]
+    python bench/bench_producer.py [--images 400] [--rounds 6] [--batch_size 64]
 
 Generates 500x375 JPEGs (quality 90) in a temporary folder and gives every
 pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
@@ -54,7 +54,7 @@ PASSES = 5  # tf.data, augment and the producers all process PASSES x --images i
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=400, help="generated 500x375 JPEGs")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved repetitions; the best is reported")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved repetitions; the best is reported")
     p.add_argument("--batch_size", type=int, default=64, help="producer batch size (config.txt trains with 64)")
     p.add_argument("--cpu", type=int, default=None, help="CPU for the one-core runs (default: the last one)")
     p.add_argument("--buffer_dir", default=tempfile.gettempdir(), help="where the producer runs write batch files")
