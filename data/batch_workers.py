@@ -43,14 +43,12 @@ def _worker_main(conn, paths, labels, recipe, folder):
             task = conn.recv()
         except (EOFError, OSError):
             return
-        if task is None:
-            return
         epoch, batch, reuse = task
         try:
             write_batch(folder, epoch, batch, *builder.build(epoch, batch), reuse=reuse)
             conn.send(("done", epoch, batch))
-        except utils.UserError as e:
-            conn.send(("error", epoch, batch, e))
+        except utils.UserError as e:  # its text travels: the message is what the user needs
+            conn.send(("error", epoch, batch, str(e)))
         except BaseException:
             conn.send(("crash", epoch, batch, traceback.format_exc()))
             return
@@ -114,7 +112,7 @@ class WorkerSet:
             status, epoch, batch = message[:3]
             self.queued[i].remove((epoch, batch))
             if status == "error":
-                raise message[3]
+                raise utils.UserError(message[3])
             if status == "crash":
                 raise RuntimeError(f"A producer worker failed building epoch {epoch} batch {batch}:\n{message[3]}")
             finished.append((epoch, batch))
