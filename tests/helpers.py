@@ -3,6 +3,7 @@ import configparser
 import os
 import signal
 import subprocess
+import time
 
 
 def write_config_file(folder, base, values, name="config.txt"):
@@ -39,3 +40,13 @@ def stop_process(proc, sig=signal.SIGINT, timeout=20):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_until(predicate, timeout=20.0, poll=0.02):
+    """True as soon as predicate() is, False if it is not within `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False

@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+
+from tests.helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "tools", "launch.py")
@@ -97,17 +98,8 @@ def _launch(d, producer="forever", trainer="ok", extra=(), wait=True):
     return proc.returncode, out, err
 
 
-def _wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _all_gone(d):
-    return _wait_for(lambda: not any(_alive(p) for p in _pids(d)), timeout=5)
+    return wait_until(lambda: not any(_alive(p) for p in _pids(d)), timeout=5)
 
 
 def test_trainer_success_stops_the_producer_and_leaves_no_process(fake):
@@ -150,7 +142,7 @@ def test_producer_restarts_are_bounded(fake):
 def test_interrupting_the_launcher_stops_both_process_groups(fake, sig):
     proc = _launch(fake, trainer="forever", wait=False)
     try:
-        assert _wait_for(lambda: len(_pids(fake)) == 4)
+        assert wait_until(lambda: len(_pids(fake)) == 4)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -162,7 +154,7 @@ def test_interrupting_the_launcher_stops_both_process_groups(fake, sig):
 def test_children_and_their_workers_die_with_a_killed_launcher(fake):
     proc = _launch(fake, trainer="forever", wait=False)
     try:
-        assert _wait_for(lambda: len(_pids(fake)) == 4)
+        assert wait_until(lambda: len(_pids(fake)) == 4)
         proc.kill()  # SIGKILL: no cleanup code runs in the launcher itself
         proc.communicate(timeout=30)
     finally:

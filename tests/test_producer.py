@@ -15,6 +15,7 @@ import utils
 from data import buffer
 from data.augment import BatchBuilder, Recipe
 from data.index import load_index
+from tests.helpers import wait_until
 from tests.test_buffer import COLOURS, make_solid_dataset, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,15 +55,6 @@ def reference_builder(config):
     cfg = utils.load_config(config)
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
     return BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, BATCH))
-
-
-def wait_until(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def heartbeat_pid(folder):
