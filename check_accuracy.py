@@ -15,9 +15,8 @@ import utils
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving (or a path)")
-    p.add_argument("--epoch_start", required=True, type=_epoch_start,
-                   help="first epoch to evaluate, or 'auto' = the first without a row in accuracy.csv")
-    p.add_argument("--epoch_end", required=True, type=int, help="evaluate epochs up to this one, exclusive")
+    utils.add_epoch_args(p, "first epoch to evaluate, or 'auto' = the first without a row in accuracy.csv",
+                         "evaluate epochs up to this one, exclusive")
     p.add_argument("--views", type=int, default=10, choices=(10, 1, 50),
                    help="10 = 4 corners + centre, each flipped (default); 1 = centre crop; "
                         "50 = 5 scales x 10 (needs [preprocess_val] views_50 = true)")
@@ -32,15 +31,6 @@ def parse_args(argv=None):
     if args.timeout is not None and args.timeout < 0:
         p.error(f"--timeout must be >= 0, received {args.timeout}")
     return args
-
-
-def _epoch_start(text):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', received '{text}'") from None
 
 
 def main(argv=None):

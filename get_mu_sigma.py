@@ -13,9 +13,9 @@ import os
 import time
 
 import utils
-from data import stats
-from data.images import SkipList
-from data.tfrecord import load_source_index
+from data.sources import stats
+from data.transforms.images import SkipList
+from data.sources.index import load_source_index
 
 
 def main():

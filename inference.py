@@ -6,7 +6,7 @@
 --model is an epoch folder (<path_for_saving>/<run>/<epoch>/) or the saved_model/ folder
 inside it. Each image gets evaluation's single centre crop (check_accuracy.py --views 1):
 decode to RGB by content, resize the shorter side to [images] eval_resize, cut the
-central [images] crop_size square, with the same data.images functions the validation
+central [images] crop_size square, with the same data.transforms.images functions the validation
 store uses. The sizes come from the epoch folder's config.txt (the run's own settings)
 unless --config is given. The top classes print with their synset ids, and with
 human-readable names when a synset-words file ('n01440764 tench, Tinca tinca' per line:
@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 import utils
+from data.sources import shards, synsets
 
 LATENCY_NOTE = "batch 1, including preprocessing"
 
@@ -64,14 +65,14 @@ def resolve_model(path):
 
 def centre_view(path, eval_resize, crop):
     """Evaluation's 1-view protocol for one file: uint8 [crop, crop, 3] (BadImageError if unreadable)."""
-    from data import images
+    from data.transforms import images
     resized = np.asarray(images.resize_shorter(images.decode_rgb(path), eval_resize))
     return np.ascontiguousarray(images.center_crop(resized, crop))
 
 
 def list_images(inputs):
     """The image files named by `inputs` (files as given; folders walked, sorted)."""
-    from data.images import IMAGE_EXTENSIONS
+    from data.sources.index import IMAGE_EXTENSIONS
     files = []
     for item in inputs:
         if os.path.isdir(item):
@@ -89,26 +90,24 @@ def list_images(inputs):
 
 def class_table(cfg, num_outputs, synset_words=None):
     """[(synset id, name)] per model output, or None when no class list of that length is known."""
-    from data import tfrecord
     classes = _store_classes(cfg.preprocess_val.path_to_save)
     if classes is None:
         try:
-            classes = tfrecord.class_names(tfrecord.read_info(cfg.preprocess.ImageNet_folder))
+            classes = shards.class_names(shards.read_info(cfg.preprocess.ImageNet_folder))
         except utils.UserError:
             classes = None
     if classes is None or len(classes) != num_outputs:
         return None
-    names = tfrecord.find_synset_words(cfg.preprocess.ImageNet_folder, synset_words)
+    names = synsets.find_synset_words(cfg.preprocess.ImageNet_folder, synset_words)
     if not names and synset_words is None:
-        names = tfrecord.find_synset_words(cfg.preprocess_val.ImageNet_folder) or _shard_texts(cfg)
+        names = synsets.find_synset_words(cfg.preprocess_val.ImageNet_folder) or _shard_texts(cfg)
     return [(c, names.get(c, "")) for c in classes]
 
 
 def _shard_texts(cfg):
     """{wnid: name} recorded by tools/build_tfrecords.py in the shards' dataset_info.json, or {}."""
-    from data import tfrecord
     try:
-        info = tfrecord.read_info(cfg.preprocess.ImageNet_folder)
+        info = shards.read_info(cfg.preprocess.ImageNet_folder)
     except utils.UserError:
         return {}
     return dict(zip(info["classes"], info.get("texts") or []))
@@ -143,7 +142,7 @@ def load_predictor(saved_model, crop):
 
 def classify(predict, files, eval_resize, crop, top=5, batch_images=32):
     """Yield (file, [(class index, probability)] best first, or an error text) for every file, in order."""
-    from data.images import BadImageError
+    from data.transforms.images import BadImageError
     for start in range(0, len(files), batch_images):
         chunk = files[start:start + batch_images]
         views, ok, results = [], [], {}

@@ -12,8 +12,8 @@ import argparse
 import logging
 
 import utils
-from data import scale_cache
-from data.index import load_index
+from data.sources import scale_cache
+from data.sources.index import load_index
 
 
 def parse_sides(text, cfg):

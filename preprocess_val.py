@@ -13,8 +13,8 @@ import logging
 import time
 
 import utils
-from data import val_store
-from data.tfrecord import load_source_index
+from data.sources import val_store
+from data.sources.index import load_source_index
 
 
 def main():

@@ -21,25 +21,12 @@ import sys  # noqa: E402
 import utils  # noqa: E402
 
 
-def epoch_start_arg(text):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', received '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an epoch >= 0, received {value}")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     utils.add_config_arg(p)
-    p.add_argument("--epoch_start", type=epoch_start_arg, required=True,
-                   help="first epoch to produce, or 'auto' to follow training_progress.txt from wherever it is "
-                        "(a file already past --epoch_end is taken as left over until the trainer writes it)")
-    p.add_argument("--epoch_end", type=int, required=True, help="produce epochs up to epoch_end - 1")
+    utils.add_epoch_args(p, "first epoch to produce, or 'auto' to follow training_progress.txt from wherever it "
+                            "is (a file already past --epoch_end is taken as left over until the trainer writes it)",
+                         "produce epochs up to epoch_end - 1")
     p.add_argument("--batch_size", type=int, required=True, help="images per batch; must match train.py's")
     p.add_argument("--clear_buffer", action="store_true",
                    help="delete batches of another run (different batch size, crop, seed or dataset) instead of refusing")
@@ -55,7 +42,7 @@ def main(argv=None):
     cfg = utils.load_config(args.config)
     # SIGTERM unwinds like Ctrl-C, so the workers stop and the heartbeat says 'stopped'.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    from data.buffer import Producer
+    from data.buffer.producer import Producer
     producer = Producer(cfg, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
                         num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once)
     produced = producer.run()

@@ -25,9 +25,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name; epochs go to <path_for_saving>/<run>/<epoch>/")
-    p.add_argument("--epoch_start", required=True,
-                   help="first epoch to train (E > 0 resumes from epoch E-1), or 'auto' = after the last complete one")
-    p.add_argument("--epoch_end", required=True, type=int, help="train up to this epoch, exclusive")
+    utils.add_epoch_args(p, "first epoch to train (E > 0 resumes from epoch E-1), or 'auto' = after the last "
+                            "complete one", "train up to this epoch, exclusive")
     p.add_argument("--batch_size", required=True, type=int,
                    help="global batch size; must equal runtime_preprocessing.py's (split across replicas)")
     p.add_argument("--learning_rate", type=float, default=None,
@@ -61,7 +60,7 @@ def main(argv=None):
 
 
 def train(cfg, args, run_path, epoch_start, chief):
-    from data.buffer import BufferReader
+    from data.buffer.reader import BufferReader
     resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
     if not chief:
         utils.setup_logging()

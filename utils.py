@@ -8,9 +8,12 @@ script in its first second with one sentence, not an hour into training.
 Paths in the config are resolved relative to the config file's folder, so no
 script depends on the current directory.
 """
+import argparse
 import configparser
 import contextlib
+import ctypes
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -18,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import types
 
 REQUIRED = object()
@@ -402,8 +404,8 @@ def disk_full_error(path, bytes_needed=None, too_large=False):
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    need = f" needs about {_human(bytes_needed)}" if bytes_needed else ""
-    has = f", {_human(free)} free" if free is not None else ""
+    need = f" needs about {human_bytes(bytes_needed)}" if bytes_needed else ""
+    has = f", {human_bytes(free)} free" if free is not None else ""
     if too_large:
         return UserError(f"File size limit hit writing {os.path.basename(path)} in {folder} (write{need}{has}); "
                          f"raise the limit (ulimit -f) or point the config at another disk, then rerun to resume.")
@@ -411,7 +413,7 @@ def disk_full_error(path, bytes_needed=None, too_large=False):
                      f"free space there or point the config at a larger disk, then rerun to resume.")
 
 
-def _human(n):
+def human_bytes(n):
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -531,6 +533,45 @@ def remove_stale_temps(folder):
 # Small helpers
 # ----------------------------------------------------------------------------
 
+
+# ----------------------------------------------------------------------------
+# Processes: one lock policy, one parent-death rule
+# ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def exclusive_lock(path, busy_message=None):
+    """Hold an exclusive flock on `path` (a folder, or a lock file created if missing) for the block.
+
+    With `busy_message`, a second holder is refused at once with that UserError (two writers of one
+    folder); without, it waits its turn (short read-modify-write sections). The lock dies with the
+    process, so a killed holder never leaves a stale lock behind.
+    """
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy_message else 0))
+        except BlockingIOError:
+            raise UserError(busy_message) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def die_with_parent(sig, parent_pid):
+    """Have Linux send `sig` to this process when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG).
+
+    Called in a child (a producer worker, or a launcher's child before exec); if the parent
+    `parent_pid` died before the request took effect, the child exits at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def git_hash():
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -559,6 +600,32 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was kept. Rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)
+
+
+def epoch_start_arg(text):
+    """The argparse type of every script's --epoch_start: an epoch >= 0, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch >= 0 or 'auto', received '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an epoch >= 0 or 'auto', received {value}")
+    return value
+
+
+def add_epoch_args(parser, start_help, end_help):
+    """--epoch_start (epoch_start_arg) and --epoch_end (int), the same in every script."""
+    parser.add_argument("--epoch_start", required=True, type=epoch_start_arg, help=start_help)
+    parser.add_argument("--epoch_end", required=True, type=int, help=end_help)
+
+
+def check_epoch_range(epoch_start, epoch_end):
+    """UserError unless epoch_start < epoch_end: epochs epoch_start..epoch_end-1 are processed."""
+    if epoch_end <= epoch_start:
+        raise UserError(f"--epoch_end ({epoch_end}) must be greater than --epoch_start ({epoch_start}); "
+                        f"epochs epoch_start..epoch_end-1 are processed.")
 
 
 def add_config_arg(parser):

@@ -44,8 +44,8 @@ def parse_args(argv):
 
 
 def build_synthetic_store(folder, images, classes, crop, eval_resize, views_50):
-    from data.index import load_index
-    from data.val_store import build_store, open_val_store
+    from data.sources.index import load_index
+    from data.sources.val_store import build_store, open_val_store
     from tools.make_demo_dataset import make_dataset
     root = os.path.join(folder, "dataset")
     per_class = -(-images // classes)

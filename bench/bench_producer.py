@@ -90,13 +90,13 @@ def make_images(root, count, seed=0):
 
 
 def image_list(folder):
-    from data.index import load_index
+    from data.sources.index import load_index
     return load_index(folder, "train").paths
 
 
 def draws_for(count):
-    from data import augment
-    return [augment.image_draws(0, 0, i, SCALES, 0.1) for i in range(count)]
+    from data.transforms import scale_crop
+    return [scale_crop.image_draws(0, 0, i, SCALES, 0.1) for i in range(count)]
 
 
 # ----------------------------------------------------------------------------
@@ -114,13 +114,14 @@ def _timed(func, items):
 
 def measure_naive(folder):
     import numpy as np
-    from data import augment, images
+    from data.transforms import scale_crop
+    from data.transforms import images
     mu, sigma = np.asarray(MU, np.float32), np.asarray(SIGMA, np.float32)
 
     def one(item):
         path, d = item
         resized = np.asarray(images.resize_shorter(images.decode_rgb(path), d.scale))
-        top, left = augment.crop_origin(resized.shape[1], resized.shape[0], CROP, d)
+        top, left = scale_crop.crop_origin(resized.shape[1], resized.shape[0], CROP, d)
         out = resized[top:top + CROP, left:left + CROP]
         out = out[:, ::-1] if d.flip else out
         return (out.astype(np.float32) / 255.0 - mu) / sigma
@@ -129,20 +130,20 @@ def measure_naive(folder):
 
 
 def measure_decode(folder):
-    from data import images
+    from data.transforms import images
     return _timed(images.decode_rgb, image_list(folder))
 
 
 def measure_augment(folder):
     import numpy as np
-    from data import augment
-    decoder = augment.resolve_decoder("auto")
+    from data.transforms import jpeg_window, scale_crop
+    decoder = jpeg_window.resolve_decoder("auto")
     out = np.empty((CROP, CROP, 3), np.uint8)
 
     def one(item):
         position, path = item
-        d = augment.image_draws(0, 0, position, SCALES, 0.1)
-        return augment.augment_crop(path, CROP, d, decoder, out=out)
+        d = scale_crop.image_draws(0, 0, position, SCALES, 0.1)
+        return scale_crop.scale_crop(path, CROP, d, decoder, out=out)
     return _timed(one, list(enumerate(image_list(folder) * PASSES)))
 
 
@@ -152,7 +153,7 @@ def measure_tfdata(folder):
     import utils
     utils.quiet_tensorflow()
     import tensorflow as tf
-    from data import augment
+    from data.transforms import scale_crop
     from PIL import Image
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -163,7 +164,7 @@ def measure_tfdata(folder):
     windows, flips = [], []
     for path, d in zip(paths, draws_for(len(paths))):
         with Image.open(path) as img:
-            x0, y0, x1, y1 = augment.source_box(img.width, img.height, CROP, d)
+            x0, y0, x1, y1 = scale_crop.source_box(img.width, img.height, CROP, d)
         windows.append([int(y0), int(x0), math.ceil(y1) - int(y0), math.ceil(x1) - int(x0)])
         flips.append(d.flip)
 
@@ -194,7 +195,7 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
     rate is measured in steady state (consume).
     """
     import utils
-    from data.buffer import Producer
+    from data.buffer.producer import Producer
     from tests.test_buffer import write_config
     with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
         config = write_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
@@ -230,15 +231,15 @@ def consume(config, batch_size):
     is counted.
     """
     import utils
-    from data import buffer
-    reader = buffer.BufferReader(utils.load_config(config), batch_size)
+    from data.buffer import files, reader as buffer_reader
+    reader = buffer_reader.BufferReader(utils.load_config(config), batch_size)
     reader.check_manifest()
     first = last = None
     count = counted = 0
     for epoch in range(2 + PASSES):  # epoch 0 warms up, the last one keeps the workers busy to the end
-        for b in range(reader.num_batches(epoch)):
+        for b in range(reader.batches_per_epoch):
             waited = False
-            while not os.path.exists(buffer.batch_file(reader.folder, "X", epoch, b)):
+            while not os.path.exists(files.batch_file(reader.folder, "X", epoch, b)):
                 waited = True
                 time.sleep(0.005)
             reader.report_progress(epoch, b + 1)
@@ -347,10 +348,10 @@ def main(argv=None):
     print(f"producer / naive: {best['producer1'] / best['naive']:.2f}   producer / bare decode: "
           f"{best['producer1'] / best['decode']:.2f}")
     import utils
-    from data import augment
+    from data.transforms import jpeg_window
     result = {"images": args.images, "crop": CROP, "buffer_dir": args.buffer_dir, "rounds": args.rounds, "cpu": cpu, "runs": runs,
               "best_img_per_s": best, "median_img_per_s": median, "load_average_end": load, "producer_vs_tfdata": vs_tf, "two_vs_one_workers": scaling, "machine_two_core_ceiling": ceiling,
-              "decoder": augment.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
+              "decoder": jpeg_window.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
                                                                       "two_vs_one_workers": TARGET_SCALING}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")

@@ -4,8 +4,6 @@ Processes, not threads: decoding and resizing hold the GIL long enough that
 threads do not scale. With one worker everything runs in-process, which keeps
 tests fast and tracebacks readable.
 """
-import contextlib
-import fcntl
 import multiprocessing
 import os
 
@@ -39,20 +37,10 @@ def imap_progress(func, items, num_workers=0, desc="", unit="img", disable=False
         bar.close()
 
 
-@contextlib.contextmanager
 def single_writer(folder, what):
     """Hold an exclusive lock on `folder` while writing it; a second writer gets a UserError.
 
-    Resuming clears temp files left by killed writers, which is only safe when no
-    other writer is active. The lock is on the folder itself and dies with the process.
+    Resuming clears temp files left by killed writers, which is only safe when no other writer is active.
     """
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise utils.UserError(f"Another process is already writing {what} in {folder}; wait for it to "
-                                  f"finish (or stop it) before rerunning.") from None
-        yield
-    finally:
-        os.close(fd)
+    return utils.exclusive_lock(folder, f"Another process is already writing {what} in {folder}; wait for it "
+                                        f"to finish (or stop it) before rerunning.")

@@ -17,7 +17,6 @@ in <run>/accuracy.csv keyed by (epoch, protocol) (re-running replaces it), and <
 """
 import contextlib
 import csv
-import fcntl
 import functools
 import io
 import os
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import run_folder
-from utils import TMP_PREFIX, UserError, atomic_write_text, is_temp_name
+from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, exclusive_lock, is_temp_name
 
 
 PROTOCOLS = (10, 1, 50)
@@ -279,21 +278,6 @@ def _progress_bar(total, desc):
 # accuracy.csv and accuracy.png
 # ----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _locked(folder):
-    """Serialise read-modify-write of the CSV between concurrent evaluators of one run.
-
-    The lock is held on the run folder itself, so no lock file is left behind.
-    """
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def read_rows(csv_path):
     """Rows of accuracy.csv as dicts (epoch, protocol, images int; top1, top5 float); [] if absent."""
     if not os.path.exists(csv_path):
@@ -332,7 +316,7 @@ def record(run_path, result):
     os.makedirs(run_path, exist_ok=True)
     csv_path = os.path.join(run_path, CSV_NAME)
     png_path = os.path.join(run_path, PNG_NAME)
-    with _locked(run_path):
+    with exclusive_lock(run_path):  # serialises concurrent evaluators' read-modify-write of the CSV
         _remove_dead_temps(run_path)
         rows = upsert_row(read_rows(csv_path), result)
         write_rows(csv_path, rows)
@@ -343,7 +327,7 @@ def record(run_path, result):
 def refresh(run_path):
     """Tidy after a killed evaluator: remove its temp files and redraw accuracy.png from accuracy.csv
     (a kill between the two writes leaves the plot one row behind)."""
-    with _locked(run_path):
+    with exclusive_lock(run_path):  # serialises concurrent evaluators' read-modify-write of the CSV
         _remove_dead_temps(run_path)
         rows = read_rows(os.path.join(run_path, CSV_NAME))
         if rows:
@@ -383,7 +367,7 @@ def result_line(result):
 def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
                    poll=2.0, say=say_flushed):
     """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
-    from data.val_store import open_val_store
+    from data.sources.val_store import open_val_store
 
     path = run_folder.run_dir(cfg.train.path_for_saving, run)
     if epoch_start == "auto":
@@ -393,8 +377,7 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
             say(f"Nothing to do: every epoch below {epoch_end} already has a {views}-view row in "
                 f"{os.path.join(path, CSV_NAME)}.")
             return []
-    if epoch_start < 0 or epoch_end <= epoch_start:
-        raise UserError(f"Expected 0 <= --epoch_start < --epoch_end, received {epoch_start} and {epoch_end}.")
+    check_epoch_range(epoch_start, epoch_end)
     store = open_val_store(cfg.preprocess_val.path_to_save)
     check_protocol(store, views)
     expected = cfg.preprocess_val.N

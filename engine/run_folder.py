@@ -15,12 +15,11 @@ a killed save leaves only a temp folder, removed by the next train.py on the run
 A lock file keeps two trainers off one run folder.
 """
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
 
-from utils import UserError, atomic_dir, is_temp_name, remove_stale_temps, _tmp_name
+from utils import UserError, atomic_dir, check_epoch_range, exclusive_lock, is_temp_name, remove_stale_temps, _tmp_name
 
 CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
 LOCK_NAME = "train.lock"
@@ -66,20 +65,12 @@ def resolve_epoch_start(run_path, epoch_start):
     if epoch_start == "auto":
         done = complete_epochs(run_path)
         return done[-1] + 1 if done else 0
-    try:
-        value = int(epoch_start)
-    except ValueError:
-        raise UserError(f"--epoch_start must be an integer >= 0 or 'auto', received '{epoch_start}'.") from None
-    if value < 0:
-        raise UserError(f"--epoch_start must be an integer >= 0 or 'auto', received '{epoch_start}'.")
-    return value
+    return int(epoch_start)  # checked by utils.epoch_start_arg
 
 
 def check_plan(run_path, epoch_start, epoch_end, overwrite):
     """Fail before any training if the epochs cannot be written or the resume source is missing."""
-    if epoch_end <= epoch_start:
-        raise UserError(f"--epoch_end ({epoch_end}) must be greater than --epoch_start ({epoch_start}); "
-                        f"epochs epoch_start..epoch_end-1 are trained.")
+    check_epoch_range(epoch_start, epoch_end)
     existing = [e for e in range(epoch_start, epoch_end) if os.path.exists(epoch_dir(run_path, e))]
     if existing and not overwrite:
         raise UserError(f"{run_path} already holds epoch folder(s) {', '.join(map(str, existing))}; "
@@ -100,11 +91,8 @@ def check_plan(run_path, epoch_start, epoch_end, overwrite):
 def locked(run_path):
     """Hold an exclusive lock on the run folder; stale temp folders of killed saves are removed."""
     os.makedirs(run_path, exist_ok=True)
-    with open(os.path.join(run_path, LOCK_NAME), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another train.py is using {run_path}; wait for it to finish or stop it.") from None
+    with exclusive_lock(os.path.join(run_path, LOCK_NAME),
+                        f"another train.py is using {run_path}; wait for it to finish or stop it."):
         remove_stale_temps(run_path)
         yield
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import logs, run_folder, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
-from utils import UserError, _human, disk_full_error, git_hash, mu_sigma
+from utils import UserError, disk_full_error, human_bytes, git_hash, mu_sigma
 
 log = logging.getLogger("train")
 
@@ -102,7 +102,7 @@ class Trainer:
         for name in ("tensorflow", "absl", "data.buffer"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.mu, self.sigma = mu_sigma(cfg)
-        self.steps_per_epoch = reader.num_batches(0)
+        self.steps_per_epoch = reader.batches_per_epoch
         self.schedule = schedules.from_config(cfg.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
         from model import build_model, model_kwargs
         with self.strategy.scope():
@@ -138,7 +138,7 @@ class Trainer:
 
     def _make_train_step(self):
         tf, net, opt, strategy = self.tf, self.net, self.optimizer, self.strategy
-        from data.device import to_model_input
+        from model.preprocessing import to_model_input
         from model import COMPUTE_DTYPE_OF_POLICY
         compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.cfg.train.mixed_precision])
         mu, sigma = self.mu, self.sigma
@@ -220,7 +220,7 @@ class Trainer:
 
     def train_epoch(self, epoch):
         tf, reader = self.tf, self.reader
-        num_batches = reader.num_batches(epoch)
+        num_batches = reader.batches_per_epoch
         log_every = self.cfg.train.log_every
         step = self.global_step()
         window = _Window()
@@ -329,8 +329,8 @@ class Trainer:
         import shutil
         need, free = self.epoch_bytes(), shutil.disk_usage(self.run_path).free
         if free < need:
-            raise UserError(f"The run folder {self.run_path} has {_human(free)} free but saving epoch {epoch} needs "
-                            f"about {_human(need)}; free space there or set [train] path_for_saving to a larger "
+            raise UserError(f"The run folder {self.run_path} has {human_bytes(free)} free but saving epoch {epoch} needs "
+                            f"about {human_bytes(need)}; free space there or set [train] path_for_saving to a larger "
                             f"disk, then rerun with --epoch_start=auto.")
 
     def config_text(self, epoch):

@@ -2,9 +2,10 @@
 
 Signatures (both return {'logits', 'probabilities'}, float32 [B, num_classes]):
   serving_default  images: uint8 [B, H, W, 3] RGB; normalised inside with the baked-in
-                   mu/sigma as (x / 255 - mu) / sigma.
+                   mu/sigma as (x / 255 - mu) / sigma, by the trainer's own function
+                   (model.preprocessing.normalise), so serving sees what training saw.
   normalized       images: float32 [B, H, W, 3], already normalised that way
-                   (what data.device.to_model_input returns with zero lighting).
+                   (what model.preprocessing.to_model_input returns with zero lighting).
 
 The loaded object also carries `mu` and `sigma` (float32 [3]). Loading needs only TensorFlow: tf.saved_model.load(path).
 """
@@ -12,6 +13,7 @@ import os
 
 import tensorflow as tf
 
+from model.preprocessing import normalisation_constants, normalise
 from utils import UserError, atomic_dir
 
 _IMAGES_UINT8 = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
@@ -24,11 +26,13 @@ class _Serving(tf.Module):
         self.net = net
         self.mu = tf.Variable(tf.constant(mu, tf.float32, [3]), trainable=False, name="mu")
         self.sigma = tf.Variable(tf.constant(sigma, tf.float32, [3]), trainable=False, name="sigma")
+        scale, offset = normalisation_constants(mu, sigma)
+        self.scale = tf.Variable(scale, trainable=False, name="scale")
+        self.offset = tf.Variable(offset, trainable=False, name="offset")
 
     @tf.function(input_signature=[_IMAGES_UINT8])
     def serve_uint8(self, images):
-        return self.serve_normalized(
-            (tf.cast(images, tf.float32) / 255.0 - self.mu) / self.sigma)
+        return self.serve_normalized(normalise(images, self.scale, self.offset))
 
     @tf.function(input_signature=[_IMAGES_FLOAT])
     def serve_normalized(self, images):

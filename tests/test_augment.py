@@ -7,11 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from data import augment, images, scale_cache
-from data.augment import BatchBuilder, Recipe
+from data.sources import index as dataset_index
+from data.transforms import jpeg_window, scale_crop
+from data.transforms import images
+from data.sources import scale_cache
+from data.buffer.builder import BatchBuilder, Recipe
 
 MU, SIGMA = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
-DECODERS = ["turbojpeg", "pil"] if augment.get_turbojpeg() is not None else ["pil"]
+DECODERS = ["turbojpeg", "pil"] if jpeg_window.get_turbojpeg() is not None else ["pil"]
 
 
 def smooth_image(w, h, seed=0, noise=0.0, max_freq=0.2):
@@ -41,9 +44,9 @@ def compare(path, crop, scales, decoder, positions=8):
     """(max, mean) absolute difference of the fast path against full resize then crop, over some draws."""
     worst_max, worst_mean = 0, 0.0
     for pos in range(positions):
-        draws = augment.image_draws(3, 1, pos, scales, 0.1)
-        ref = augment.augment_reference(images.decode_rgb(path), draws, crop).astype(int)
-        fast = augment.augment_crop(path, crop, draws, decoder)
+        draws = scale_crop.image_draws(3, 1, pos, scales, 0.1)
+        ref = scale_crop.augment_reference(images.decode_rgb(path), draws, crop).astype(int)
+        fast = scale_crop.scale_crop(path, crop, draws, decoder)
         assert fast.dtype == np.uint8 and fast.shape == (crop, crop, 3)
         diff = np.abs(ref - fast.astype(int))
         worst_max, worst_mean = max(worst_max, diff.max()), max(worst_mean, diff.mean())
@@ -56,10 +59,10 @@ def compare(path, crop, scales, decoder, positions=8):
 
 def test_draws_are_a_function_of_seed_epoch_position():
     scales = list(range(256, 481, 7))
-    a = augment.image_draws(0, 2, 17, scales, 0.1)
-    assert a == augment.image_draws(0, 2, 17, scales, 0.1)
-    assert a != augment.image_draws(0, 2, 18, scales, 0.1) and a != augment.image_draws(0, 3, 17, scales, 0.1)
-    draws = [augment.image_draws(0, 0, p, scales, 0.1) for p in range(3000)]
+    a = scale_crop.image_draws(0, 2, 17, scales, 0.1)
+    assert a == scale_crop.image_draws(0, 2, 17, scales, 0.1)
+    assert a != scale_crop.image_draws(0, 2, 18, scales, 0.1) and a != scale_crop.image_draws(0, 3, 17, scales, 0.1)
+    draws = [scale_crop.image_draws(0, 0, p, scales, 0.1) for p in range(3000)]
     assert {d.scale for d in draws} == set(scales)  # uniform over all 33 scales
     assert 0.45 < np.mean([d.flip for d in draws]) < 0.55
     alpha = np.array([d.alpha for d in draws])
@@ -67,11 +70,11 @@ def test_draws_are_a_function_of_seed_epoch_position():
 
 
 def test_epoch_permutation():
-    p0 = augment.epoch_permutation(5, 0, 1000)
+    p0 = dataset_index.epoch_permutation(5, 0, 1000)
     assert sorted(p0.tolist()) == list(range(1000))
-    assert np.array_equal(p0, augment.epoch_permutation(5, 0, 1000))
-    assert not np.array_equal(p0, augment.epoch_permutation(5, 1, 1000))
-    assert not np.array_equal(p0, augment.epoch_permutation(6, 0, 1000))
+    assert np.array_equal(p0, dataset_index.epoch_permutation(5, 0, 1000))
+    assert not np.array_equal(p0, dataset_index.epoch_permutation(5, 1, 1000))
+    assert not np.array_equal(p0, dataset_index.epoch_permutation(6, 0, 1000))
 
 
 @settings(max_examples=300, deadline=None)
@@ -79,11 +82,11 @@ def test_epoch_permutation():
        u=st.tuples(st.floats(0, 1, exclude_max=True), st.floats(0, 1, exclude_max=True)))
 def test_source_box_stays_inside_the_image(w, h, scale, crop_frac, u):
     crop = max(1, int(scale * crop_frac))
-    draws = augment.Draws(scale, u[0], u[1], False, (0.0, 0.0, 0.0))
+    draws = scale_crop.Draws(scale, u[0], u[1], False, (0.0, 0.0, 0.0))
     rw, rh = images.resized_size(w, h, scale)
-    top, left = augment.crop_origin(rw, rh, crop, draws)
+    top, left = scale_crop.crop_origin(rw, rh, crop, draws)
     assert 0 <= top <= rh - crop and 0 <= left <= rw - crop
-    x0, y0, x1, y1 = augment.source_box(w, h, crop, draws)
+    x0, y0, x1, y1 = scale_crop.source_box(w, h, crop, draws)
     eps = 1e-9 * max(w, h)
     assert -eps <= x0 < x1 <= w + eps and -eps <= y0 < y1 <= h + eps
     assert x1 - x0 == pytest.approx(crop * w / rw) and y1 - y0 == pytest.approx(crop * h / rh)
@@ -121,7 +124,7 @@ def test_dct_scaled_decode_stays_close_to_the_reference(tmp_path, decoder):
     # that both pass (periods of 200+ source pixels, i.e. 25+ pixels after 8x reduction).
     path = save(str(tmp_path / "big.JPEG"), smooth_image(400, 300, max_freq=0.03))
     scales = [36, 40, 60, 100]  # windows of 96..267 source pixels for a 32 crop: k = 2, 4 and 8
-    ks = {augment.dct_factor(augment.source_box(400, 300, 32, augment.image_draws(3, 1, p, scales, 0.1)), 32)
+    ks = {jpeg_window.dct_factor(scale_crop.source_box(400, 300, 32, scale_crop.image_draws(3, 1, p, scales, 0.1)), 32)
           for p in range(12)}
     assert {2, 4, 8} <= ks
     worst_max, worst_mean = compare(path, 32, scales, decoder, positions=12)
@@ -129,7 +132,7 @@ def test_dct_scaled_decode_stays_close_to_the_reference(tmp_path, decoder):
 
 
 def test_turbojpeg_region_decode_equals_full_decode(tmp_path):
-    tj = augment.get_turbojpeg()
+    tj = jpeg_window.get_turbojpeg()
     if tj is None:
         pytest.skip("turbojpeg wheel not installed")
     rng = np.random.default_rng(0)
@@ -152,8 +155,8 @@ def test_turbojpeg_region_decode_equals_full_decode(tmp_path):
 def test_fast_resample_is_close_to_exact_resample():
     arr = smooth_image(90, 70, max_freq=0.1)
     for box in [(3.3, 2.7, 60.1, 58.9), (0.0, 0.0, 90.0, 70.0), (10.5, 5.25, 30.75, 25.5)]:
-        exact = np.asarray(augment.resample_window(Image.fromarray(arr), box, 32)).astype(int)
-        fast = augment.resample_fast(arr, box, 32)
+        exact = np.asarray(jpeg_window.resample_window(Image.fromarray(arr), box, 32)).astype(int)
+        fast = jpeg_window.resample_fast(arr, box, 32)
         assert fast.shape == (32, 32, 3) and fast.dtype == np.uint8
         assert np.abs(exact - fast).mean() <= 2.0
 
@@ -163,39 +166,39 @@ def test_unreadable_file_raises_bad_image(tmp_path):
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    draws = augment.image_draws(0, 0, 0, [40], 0.1)
+    draws = scale_crop.image_draws(0, 0, 0, [40], 0.1)
     for decoder in DECODERS:
         with pytest.raises(images.BadImageError):
-            augment.augment_crop(path, 32, draws, decoder)
+            scale_crop.scale_crop(path, 32, draws, decoder)
     good = save(str(tmp_path / "good.JPEG"), smooth_image(80, 60, seed=1, max_freq=0.06))
     for decoder in DECODERS:  # the decoder is still usable after the failure
-        assert np.abs(augment.augment_crop(good, 32, draws, decoder).astype(int)
-                      - augment.augment_reference(images.decode_rgb(good), draws, 32)).mean() <= 1.5
+        assert np.abs(scale_crop.scale_crop(good, 32, draws, decoder).astype(int)
+                      - scale_crop.augment_reference(images.decode_rgb(good), draws, 32)).mean() <= 1.5
 
 
 def test_cached_scale_is_cut_without_resampling(tmp_path):
     src = save(str(tmp_path / "src.JPEG"), smooth_image(150, 100, noise=4.0))
     for pos in range(6):
-        draws = augment.image_draws(1, 0, pos, [40, 44, 48], 0.1)
+        draws = scale_crop.image_draws(1, 0, pos, [40, 44, 48], 0.1)
         cached = str(tmp_path / f"cached_{draws.scale}.jpg")
         images.resize_shorter(images.decode_rgb(src), draws.scale).save(cached, "JPEG", quality=95)
         arr = np.asarray(images.decode_rgb(cached))
-        top, left = augment.crop_origin(arr.shape[1], arr.shape[0], 32, draws)
+        top, left = scale_crop.crop_origin(arr.shape[1], arr.shape[0], 32, draws)
         expect = arr[top:top + 32, left:left + 32]
         expect = expect[:, ::-1] if draws.flip else expect
         for decoder in DECODERS:
-            got = augment.augment_crop(src, 32, draws, decoder, cached_path=cached)
+            got = scale_crop.scale_crop(src, 32, draws, decoder, cached_path=cached)
             assert np.abs(got.astype(int) - expect).max() <= 2
     wrong = str(tmp_path / "wrong.jpg")  # a cache file of another size is ignored, not trusted
     Image.fromarray(smooth_image(90, 60)).save(wrong, "JPEG", quality=95)
-    draws = augment.image_draws(1, 0, 0, [40], 0.1)
-    assert np.array_equal(augment.augment_crop(src, 32, draws, DECODERS[0], cached_path=wrong),
-                          augment.augment_crop(src, 32, draws, DECODERS[0]))
+    draws = scale_crop.image_draws(1, 0, 0, [40], 0.1)
+    assert np.array_equal(scale_crop.scale_crop(src, 32, draws, DECODERS[0], cached_path=wrong),
+                          scale_crop.scale_crop(src, 32, draws, DECODERS[0]))
 
 
 def test_batch_builder_uses_the_scale_cache(tmp_path):
     from tools.make_demo_dataset import make_dataset
-    from data.index import load_index
+    from data.sources.index import load_index
     root = make_dataset(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=1, seed=0,
                         odd_files=True)
     index = load_index(str(tmp_path / "data"), "train")
@@ -210,9 +213,9 @@ def test_batch_builder_uses_the_scale_cache(tmp_path):
     cached = Recipe(**{**plain.__dict__, "cache_root": cache_root, "cached_scales": frozenset(scales)})
     a, b = BatchBuilder(index.paths, index.labels, plain), BatchBuilder(index.paths, index.labels, cached)
     used = []
-    original = augment._cut_cached
+    original = scale_crop._cut_cached
     try:
-        augment._cut_cached = lambda *args: used.append(args[0]) or original(*args)
+        scale_crop._cut_cached = lambda *args: used.append(args[0]) or original(*args)
         for batch in range(3):
             xa, ya, la = a.build(0, batch)
             xb, yb, lb = b.build(0, batch)
@@ -220,7 +223,7 @@ def test_batch_builder_uses_the_scale_cache(tmp_path):
             # Same window; differences are the cache's JPEG re-encoding (4:2:0 at small size) of sharp shapes.
             assert np.abs(xa.astype(int) - xb).mean() < 8
     finally:
-        augment._cut_cached = original
+        scale_crop._cut_cached = original
     assert len(used) >= 10 and all(p.startswith(cache_root) for p in used)
 
 
@@ -249,7 +252,7 @@ def test_batch_builder_replaces_unreadable_images_deterministically(tmp_path):
 
 def test_device_lighting_matches_the_direct_formula():
     """The shift sum_i alpha_i lam_i v_i of the crop's normalised pixels, computed on the device, against numpy."""
-    from data.device import to_model_input
+    from model.preprocessing import to_model_input
     rng = np.random.default_rng(0)
     crops = (rng.random((5, 24, 24, 3)) * [255, 200, 120] + rng.random((5, 24, 24, 1)) * 40).astype(np.uint8)
     alphas = rng.normal(0, 0.1, (5, 3)).astype(np.float32)
@@ -270,14 +273,14 @@ def test_builder_ships_the_drawn_lighting_coefficients(tmp_path):
                     decoder=DECODERS[0])
     paths = [save(str(tmp_path / f"{i}.JPEG"), smooth_image(40, 30, seed=i)) for i in range(3)]
     _, _, alphas = BatchBuilder(paths, [0, 1, 2], recipe).build(2, 1)
-    want = [augment.image_draws(4, 2, 3 + slot, (18, 22), 0.1).alpha for slot in range(3)]
+    want = [scale_crop.image_draws(4, 2, 3 + slot, (18, 22), 0.1).alpha for slot in range(3)]
     assert alphas.dtype == np.float32 and alphas.shape == (3, 3)
     np.testing.assert_array_equal(alphas, np.asarray(want, np.float32))
 
 
 def test_device_normalisation_matches_numpy():
     import tensorflow as tf
-    from data.device import to_model_input
+    from model.preprocessing import to_model_input
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
     expected = (x / 255.0 - np.array(MU)) / np.array(SIGMA)

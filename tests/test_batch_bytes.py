@@ -12,8 +12,9 @@ import os
 
 import pytest
 
-from data.augment import BatchBuilder, Recipe, get_turbojpeg
-from data.tiny_augment import TinyAugmentConfig
+from data.buffer.builder import BatchBuilder, Recipe
+from data.transforms.jpeg_window import get_turbojpeg
+from data.transforms.tiny_augment import TinyAugmentConfig
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden")
 RECORD = os.path.join(GOLDEN, "batches.json")

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import utils
-from data import buffer
-from data.augment import Recipe
+from data.buffer import files, protocol, reader as buffer_reader
+from data.buffer.builder import Recipe
 
 # ----------------------------------------------------------------------------
 # Helpers shared with tests/test_producer.py
@@ -77,7 +77,7 @@ def write_config(folder, **overrides):
 def fake_manifest(batch_size=4, crop=16, num_batches=5, num_classes=5, seed=0):
     recipe = Recipe(seed=seed, batch_size=batch_size, crop=crop, scales=(18, 22), pca_std=0.1,
                     mu=(0.5, 0.45, 0.4), sigma=(0.25, 0.26, 0.27))
-    return buffer.make_manifest(recipe, "f" * 32, num_batches * batch_size, num_classes, 0, 3)
+    return protocol.make_manifest(recipe, "f" * 32, num_batches * batch_size, num_classes, 0, 3)
 
 
 def fake_batch(batch_size=4, crop=16, value=0):
@@ -89,14 +89,14 @@ def write_heartbeat(folder, pid=None, state="running", epoch_end=3, stamp=None):
     record = {"run_id": "x", "epoch_start_floor": 0, "epoch_end": epoch_end, "pid": pid or os.getpid(),
               "host": __import__("socket").gethostname(), "time": stamp or time.time(), "interval": 0.1,
               "state": state}
-    utils.atomic_write_text(os.path.join(folder, buffer.HEARTBEAT), json.dumps(record))
+    utils.atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
 
 
 @pytest.fixture
 def buffer_setup(tmp_path):
     cfg = utils.load_config(write_config(str(tmp_path), train={"wait_timeout": "0.5"}))
     os.makedirs(cfg.train.buffer_folder)
-    utils.atomic_write_text(os.path.join(cfg.train.buffer_folder, buffer.MANIFEST), json.dumps(fake_manifest()))
+    utils.atomic_write_text(os.path.join(cfg.train.buffer_folder, protocol.MANIFEST), json.dumps(fake_manifest()))
     return cfg, cfg.train.buffer_folder
 
 
@@ -106,25 +106,25 @@ def buffer_setup(tmp_path):
 
 def test_batch_is_complete_only_with_images_file(tmp_path):
     folder = str(tmp_path)
-    buffer.write_batch(folder, 2, 7, *fake_batch())
+    files.write_batch(folder, 2, 7, *fake_batch())
     assert sorted(os.listdir(folder)) == ["L_2_7.npy", "X_2_7.npy", "Y_2_7.npy"]
-    assert buffer.scan_batches(folder) == ({(2, 7)}, set())
-    assert buffer.batch_header_ok(folder, 2, 7, 4, 16)
-    assert not buffer.batch_header_ok(folder, 2, 7, 8, 16)  # another batch size
-    os.remove(buffer.batch_file(folder, "X", 2, 7))
-    assert buffer.scan_batches(folder) == (set(), {(2, 7)})
-    buffer.write_batch(folder, 2, 7, *fake_batch())
-    with open(buffer.batch_file(folder, "X", 2, 7), "r+b") as f:
+    assert files.scan_batches(folder) == ({(2, 7)}, set())
+    assert files.batch_header_ok(folder, 2, 7, 4, 16)
+    assert not files.batch_header_ok(folder, 2, 7, 8, 16)  # another batch size
+    os.remove(files.batch_file(folder, "X", 2, 7))
+    assert files.scan_batches(folder) == (set(), {(2, 7)})
+    files.write_batch(folder, 2, 7, *fake_batch())
+    with open(files.batch_file(folder, "X", 2, 7), "r+b") as f:
         f.truncate(1000)  # a torn write (cannot happen through atomic_save_npy, but a copy could)
-    assert not buffer.batch_header_ok(folder, 2, 7, 4, 16)
-    buffer.delete_batch(folder, 2, 7)
+    assert not files.batch_header_ok(folder, 2, 7, 4, 16)
+    files.delete_batch(folder, 2, 7)
     assert os.listdir(folder) == []
 
 
 def test_buffer_bytes_per_image_are_uint8():
-    per_image = buffer.bytes_per_batch(64, 224) / 64
+    per_image = files.bytes_per_batch(64, 224) / 64
     assert 224 * 224 * 3 <= per_image < 224 * 224 * 3 + 40  # images 150,528 B, labels/lighting 16 B, headers
-    assert 1000 * buffer.bytes_per_batch(64, 224) < 9.7e9  # the 9.6 GB for buffer_size 1000
+    assert 1000 * files.bytes_per_batch(64, 224) < 9.7e9  # the 9.6 GB for buffer_size 1000
 
 
 @pytest.mark.parametrize("pos, ready, expect_stale, expect_build", [
@@ -137,26 +137,26 @@ def test_buffer_bytes_per_image_are_uint8():
     (0, {0, 1, 3, 4, 5, 6, 7, 8, 9}, set(), [2]),                   # a hole caps the lead
 ])
 def test_refill_rule(pos, ready, expect_stale, expect_build):
-    stale, build = buffer.plan_refill(pos, ready, 10, 8.0, 100)
+    stale, build = files.plan_refill(pos, ready, 10, 8.0, 100)
     assert stale == expect_stale and build == expect_build
     assert len((ready - stale) | set(build)) <= 10
 
 
 def test_progress_file_roundtrip_and_garbage(tmp_path):
     folder = str(tmp_path)
-    assert buffer.read_progress(folder) is None
-    buffer.write_progress(folder, 3, 17)
-    assert buffer.read_progress(folder) == (3, 17)
-    with open(os.path.join(folder, buffer.PROGRESS), "w") as f:
+    assert protocol.read_progress(folder) is None
+    protocol.write_progress(folder, 3, 17)
+    assert protocol.read_progress(folder) == (3, 17)
+    with open(os.path.join(folder, protocol.PROGRESS), "w") as f:
         f.write("")  # the original's non-atomic write could leave this
-    assert buffer.read_progress(folder) is None
+    assert protocol.read_progress(folder) is None
     assert not any(utils.is_temp_name(n) for n in os.listdir(folder))
 
 
 def test_manifest_differences_name_the_setting():
     a, b = fake_manifest(batch_size=4), fake_manifest(batch_size=8)
-    assert buffer.manifest_differences(a, a) == []
-    diffs = buffer.manifest_differences(a, b)
+    assert protocol.manifest_differences(a, a) == []
+    diffs = protocol.manifest_differences(a, b)
     assert any(d.startswith("batch_size 4 -> 8") for d in diffs)
     assert a["run_id"] != b["run_id"]
 
@@ -168,12 +168,12 @@ def test_manifest_differences_name_the_setting():
 def test_reader_waits_reads_in_order_and_reports(buffer_setup):
     cfg, folder = buffer_setup
     write_heartbeat(folder)
-    reader = buffer.BufferReader(cfg, 4)
-    assert reader.num_batches(0) == 5 and reader.crop_size(0) == 16 and reader.num_classes == 5
+    reader = buffer_reader.BufferReader(cfg, 4)
+    assert reader.batches_per_epoch == 5 and reader.crop_size(0) == 16 and reader.num_classes == 5
 
     def late_writer():
         time.sleep(0.3)
-        buffer.write_batch(folder, 0, 0, *fake_batch(value=7))
+        files.write_batch(folder, 0, 0, *fake_batch(value=7))
     t = threading.Thread(target=late_writer)
     t.start()
     batch = reader.read(0, 0)
@@ -181,39 +181,39 @@ def test_reader_waits_reads_in_order_and_reports(buffer_setup):
     assert batch.images.dtype == np.uint8 and batch.images.shape == (4, 16, 16, 3) and int(batch.images[0, 0, 0, 0]) == 7
     assert batch.labels.dtype == np.int32 and batch.lighting.dtype == np.float32
     assert reader.wait_seconds >= 0.2
-    assert buffer.read_progress(folder) == (0, 0)  # the first read announces where the trainer starts
+    assert protocol.read_progress(folder) == (0, 0)  # the first read announces where the trainer starts
     reader.report_progress(0, 1)
-    assert buffer.read_progress(folder) == (0, 1)
+    assert protocol.read_progress(folder) == (0, 1)
     with pytest.raises(ValueError, match="in order"):
         reader.read(0, 0)  # never twice
     with pytest.raises(ValueError, match="in order"):
         reader.read(0, 2)  # never skipped
     reader.report_progress(0, 5)
-    assert buffer.read_progress(folder) == (1, 0)  # the end of an epoch is the start of the next
+    assert protocol.read_progress(folder) == (1, 0)  # the end of an epoch is the start of the next
 
 
 def test_reader_refuses_foreign_batch_files(buffer_setup):
     cfg, folder = buffer_setup
     images, labels, lighting = fake_batch(crop=20)
-    buffer.write_batch(folder, 0, 0, images, labels, lighting)
+    files.write_batch(folder, 0, 0, images, labels, lighting)
     with pytest.raises(utils.UserError, match="does not belong to this buffer"):
-        buffer.BufferReader(cfg, 4).read(0, 0)
-    utils.atomic_write_bytes(buffer.batch_file(folder, "X", 0, 0), b"not an npy file")
+        buffer_reader.BufferReader(cfg, 4).read(0, 0)
+    utils.atomic_write_bytes(files.batch_file(folder, "X", 0, 0), b"not an npy file")
     with pytest.raises(utils.UserError, match="not a readable batch file"):
-        buffer.BufferReader(cfg, 4).read(0, 0)
+        buffer_reader.BufferReader(cfg, 4).read(0, 0)
 
 
 def test_reader_refuses_batch_size_mismatch_in_one_sentence(buffer_setup):
     cfg, _ = buffer_setup
     with pytest.raises(utils.UserError) as err:
-        buffer.BufferReader(cfg, 8).check_manifest()
+        buffer_reader.BufferReader(cfg, 8).check_manifest()
     text = str(err.value)
     assert "4 images" in text and "--batch_size=8" in text and text.count(". ") == 0 and "\n" not in text
 
 
 def test_reader_refuses_other_normalisation(buffer_setup):
     cfg, _ = buffer_setup
-    reader = buffer.BufferReader(cfg, 4)
+    reader = buffer_reader.BufferReader(cfg, 4)
     reader.check_manifest((0.5, 0.45, 0.4), (0.25, 0.26, 0.27))
     with pytest.raises(utils.UserError, match="normalises with"):
         reader.check_manifest((0.4, 0.45, 0.4), (0.25, 0.26, 0.27))
@@ -221,7 +221,7 @@ def test_reader_refuses_other_normalisation(buffer_setup):
 
 def test_reader_times_out_without_producer(buffer_setup):
     cfg, folder = buffer_setup
-    reader = buffer.BufferReader(cfg, 4)
+    reader = buffer_reader.BufferReader(cfg, 4)
     t0 = time.monotonic()
     with pytest.raises(utils.UserError) as err:
         reader.read(0, 0)
@@ -234,17 +234,17 @@ def test_reader_detects_killed_producer_by_pid(buffer_setup):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     write_heartbeat(folder, pid=dead.pid)  # fresh timestamp, but the process is gone
-    assert buffer.producer_status(folder)[0] == "dead"
+    assert protocol.producer_status(folder)[0] == "dead"
     write_heartbeat(folder, stamp=time.time() - 60)  # our pid, but no beat for a minute
-    assert buffer.producer_status(folder)[0] == "dead"
+    assert protocol.producer_status(folder)[0] == "dead"
     with pytest.raises(utils.UserError, match="heartbeat stopped"):
-        buffer.BufferReader(cfg, 4).read(0, 0)
+        buffer_reader.BufferReader(cfg, 4).read(0, 0)
 
 
 def test_reader_names_epoch_range_mismatch(buffer_setup):
     cfg, folder = buffer_setup
     write_heartbeat(folder, epoch_end=1)
-    reader = buffer.BufferReader(cfg, 4)
+    reader = buffer_reader.BufferReader(cfg, 4)
     reader.check_manifest()
     reader._last = (0, 4)  # as if epoch 0 was read
     with pytest.raises(utils.UserError, match="--epoch_end=2"):
@@ -254,12 +254,12 @@ def test_reader_names_epoch_range_mismatch(buffer_setup):
 def test_reader_refuses_manifest_of_another_run_mid_training(buffer_setup):
     cfg, folder = buffer_setup
     write_heartbeat(folder)
-    buffer.write_batch(folder, 0, 0, *fake_batch())
-    reader = buffer.BufferReader(cfg, 4)
+    files.write_batch(folder, 0, 0, *fake_batch())
+    reader = buffer_reader.BufferReader(cfg, 4)
     reader.read(0, 0)
     other = fake_manifest(num_classes=7)
     time.sleep(0.01)
-    utils.atomic_write_text(os.path.join(folder, buffer.MANIFEST), json.dumps(other))
-    buffer.write_batch(folder, 0, 1, *fake_batch())
+    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(other))
+    files.write_batch(folder, 0, 1, *fake_batch())
     with pytest.raises(utils.UserError, match="switched to another run"):
         reader.read(0, 1)

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 import utils
-from data import buffer
+from data.buffer import files, protocol, reader as buffer_reader
 from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_for, dataset, heartbeat_pid,  # noqa: F401
                                  read_all, reference_builder, run_producer, start_producer)
 from tests.helpers import stop_process, wait_until
@@ -67,15 +67,15 @@ def test_trainer_started_first_waits_out_a_previous_runs_manifest(dataset, tmp_p
     folder = cfg.train.buffer_folder
     # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
     assert run_producer(config, "--once", batch_size=2).returncode == 0
-    for key in buffer.scan_batches(folder)[0]:
-        buffer.delete_batch(folder, *key)
-    buffer.write_progress(folder, 3, 0)
+    for key in files.scan_batches(folder)[0]:
+        files.delete_batch(folder, *key)
+    protocol.write_progress(folder, 3, 0)
     builder = reference_builder(config)
     errors = []
 
     def trainer():
         try:
-            read_all(buffer.BufferReader(cfg, SOLID_BATCH), 0, 20, builder)
+            read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, builder)
         except BaseException as e:  # noqa: BLE001 - reported by the test thread
             errors.append(e)
     thread = threading.Thread(target=trainer)
@@ -94,12 +94,12 @@ def test_producer_started_first_sets_aside_a_previous_runs_progress(dataset, tmp
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
-    buffer.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
+    protocol.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
     producer = start_producer(config, epoch_start="0", epoch_end="2")
     try:
         assert wait_until(lambda: complete_count(folder) == 4)
-        assert sorted(buffer.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
-        read_all(buffer.BufferReader(cfg, SOLID_BATCH), 0, 20, reference_builder(config))
+        assert sorted(files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
+        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, reference_builder(config))
         assert producer.wait(30) == 0
     finally:
         producer.kill()
@@ -112,13 +112,13 @@ def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_tra
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     producer = start_producer(config, epoch_start="0", epoch_end="3")
-    reader = buffer.BufferReader(cfg, SOLID_BATCH)
+    reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
     try:
         read_all(reader, 0, 14, builder)  # the trainer stands at epoch 1 batch 4
         producer.kill()
         producer.wait()
-        for key in buffer.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
-            buffer.delete_batch(folder, *key)
+        for key in files.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
+            files.delete_batch(folder, *key)
         producer = start_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
         started = time.monotonic()
         read_all(reader, 14, 15, builder)
@@ -135,13 +135,13 @@ def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(dataset, t
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
-    buffer.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
+    protocol.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
     producer = start_producer(config, epoch_start="auto", epoch_end="2")
     try:
         assert wait_until(lambda: heartbeat_pid(folder) == producer.pid)
         time.sleep(0.5)
         assert complete_count(folder) == 0  # no batches built on a guess
-        read_all(buffer.BufferReader(cfg, SOLID_BATCH), 10, 20, reference_builder(config))  # a trainer resumed at 1
+        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10, 20, reference_builder(config))  # a trainer resumed at 1
         assert producer.wait(30) == 0
     finally:
         producer.kill()
@@ -312,7 +312,7 @@ class Pipeline:
             last = lines[-1] if lines else "none"
             return f"{'saving an epoch, ' if self.saving() else ''}last trained batch {last}"
         if target == "producer":
-            return (f"{complete_count(self.buffer)} batches ready, trainer at {buffer.read_progress(self.buffer)}"
+            return (f"{complete_count(self.buffer)} batches ready, trainer at {protocol.read_progress(self.buffer)}"
                     f"{', a batch being written' if self.writing_batch() else ''}")
         from engine import run_folder
         return (f"{len(self.accuracy_rows())} epochs evaluated, "
@@ -493,7 +493,7 @@ def test_chaos_leaves_no_temp_or_partial_file(chaos_runs):
         temps = [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in dirs + names
                  if utils.is_temp_name(n)]
         assert temps == []
-    assert buffer.scan_batches(pipeline.buffer)[1] == set()
+    assert files.scan_batches(pipeline.buffer)[1] == set()
 
 
 def test_chaos_accuracy_has_one_row_per_epoch(chaos_runs):

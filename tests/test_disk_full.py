@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import utils
-from data import buffer
-from data.augment import BatchBuilder, Recipe
-from data.index import load_index
+from data.buffer import files, reader as buffer_reader
+from data.buffer.builder import BatchBuilder, Recipe
+from data.sources.index import load_index
 from tests.test_chaos import surviving_batches
 from tests.helpers import stop_process
 from tests.test_producer import read_all
@@ -90,7 +90,7 @@ def assert_clean(folder):
     """No temp file anywhere below `folder`, and no half-written batch in it."""
     temps = [n for _, dirs, names in os.walk(folder) for n in dirs + names if utils.is_temp_name(n)]
     assert temps == []
-    assert buffer.scan_batches(folder)[1] == set()
+    assert files.scan_batches(folder)[1] == set()
 
 
 class Filler(threading.Thread):
@@ -126,7 +126,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
     builder = builder_for(cfg)
     producer = subprocess.Popen(producer_cmd(config, 0, 3), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-    reader = buffer.BufferReader(cfg, BATCH)
+    reader = buffer_reader.BufferReader(cfg, BATCH)
     filler = Filler(str(disk / "filler"), leave=16384)  # room for progress and heartbeat, not for a batch
     try:
         read_and_check(reader, builder, 0, 2)
@@ -142,7 +142,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
                     unreported = None
                 except utils.UserError as e:  # its progress write met the full disk too: the trainer's stop
                     trainer_errors.append(str(e))
-            elif os.path.exists(buffer.batch_file(folder, "X", epoch, b)):
+            elif os.path.exists(files.batch_file(folder, "X", epoch, b)):
                 read_and_check(reader, builder, position, position + 1, report=False)
                 position, unreported = position + 1, (epoch, b + 1)
             time.sleep(0.01)
@@ -168,7 +168,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
     finally:
         stop_process(producer)
     assert_clean(folder)
-    assert buffer.scan_batches(folder)[0] == set()
+    assert files.scan_batches(folder)[0] == set()
 
 
 def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_path):
@@ -182,10 +182,10 @@ def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_pat
     assert re.match(rf"error: File size limit hit writing X_0_\d+\.npy in {re.escape(folder)} \(write needs about "
                     rf"49\.\d KB, .* free\); raise the limit", line), line
     assert_clean(folder)
-    assert buffer.scan_batches(folder)[0] == set()
+    assert files.scan_batches(folder)[0] == set()
     producer = start_producer(config, "auto", 2)
     try:
-        read_and_check(buffer.BufferReader(cfg, BATCH), builder_for(cfg), 0, 2 * STEPS)
+        read_and_check(buffer_reader.BufferReader(cfg, BATCH), builder_for(cfg), 0, 2 * STEPS)
         assert producer.wait(timeout=30) == 0
     finally:
         stop_process(producer)

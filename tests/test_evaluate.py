@@ -284,7 +284,7 @@ def _coordinate_image(h, w):
 @pytest.fixture(scope="module")
 def coded_dataset(tmp_path_factory):
     """A 3-class folders dataset whose 2 val images already have shorter side EVAL_RESIZE (no resampling)."""
-    from data.index import load_index
+    from data.sources.index import load_index
     root = tmp_path_factory.mktemp("coded")
     images = {"n00000001": _coordinate_image(EVAL_RESIZE, 28), "n00000002": _coordinate_image(30, EVAL_RESIZE)}
     for k in range(3):
@@ -306,7 +306,7 @@ def _hand_views(arr):
 
 
 def test_the_10_views_reaching_the_model_are_the_corner_and_centre_crops_and_flips(coded_dataset, tmp_path):
-    from data.val_store import build_store, open_val_store
+    from data.sources.val_store import build_store, open_val_store
     index, images = coded_dataset
     build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, views_50=True, scales_50=(16, 20, 24, 28, 32),
                 num_workers=1, progress=False, say=lambda m: None)
@@ -341,7 +341,7 @@ def _write_config(tmp_path, store):
 
 def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, table_model_dir, capsys):
     import check_accuracy
-    from data.val_store import build_store
+    from data.sources.val_store import build_store
     from model import build_model, export_saved_model
     index, _ = coded_dataset
     build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, num_workers=1, progress=False, say=lambda m: None)

@@ -26,9 +26,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import utils
-from data import augment, buffer, images
-from data.augment import BatchBuilder, Recipe, image_draws
-from data.index import load_index
+from data.transforms import jpeg_window, scale_crop
+from data.buffer import files, protocol, reader as buffer_reader
+from data.transforms import images
+from data.buffer.builder import BatchBuilder, Recipe
+from data.transforms.scale_crop import image_draws
+from data.sources.index import load_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.txt")
@@ -96,7 +99,7 @@ def apply_edits(edits):
 def load_and_derive(path):
     """What the scripts do with a config before any real work; only UserError may escape."""
     cfg = utils.load_config(path)
-    from data import progressive
+    from data.transforms import progressive
     from engine import schedules
     from model import model_kwargs
     utils.scales(cfg)
@@ -202,7 +205,7 @@ def mutate(kind, cut, flips):
     return bytes(data)
 
 
-DECODERS = ["pil"] + (["turbojpeg"] if augment.get_turbojpeg() is not None else [])
+DECODERS = ["pil"] + (["turbojpeg"] if jpeg_window.get_turbojpeg() is not None else [])
 
 
 @FUZZ
@@ -211,12 +214,13 @@ def test_damaged_image_bytes_decode_or_raise_bad_image_error_on_every_path(tmp_p
     path = str(tmp_path / "n00000001_0.JPEG")
     with open(path, "wb") as f:
         f.write(mutate(*mutation))
-    from data import inception_crop, tiny_augment
+    from data.transforms import inception_crop
+    from data.transforms import tiny_augment
     attempts = [lambda: images.decode_rgb(path),
                 lambda: images.eval_views(np.asarray(images.resize_shorter(images.decode_rgb(path), 18)), 16),
                 lambda: inception_crop.augment(path, 16, 0, 0, 3),
                 lambda: tiny_augment.training_crop(path, 20, 16, tiny_augment.image_rng(0, 0, 3))]
-    attempts += [lambda d=decoder: augment.augment_crop(path, 16, image_draws(0, 0, 3, (18, 22), 0.1), d)
+    attempts += [lambda d=decoder: scale_crop.scale_crop(path, 16, image_draws(0, 0, 3, (18, 22), 0.1), d)
                  for decoder in DECODERS]
     for attempt in attempts:
         try:
@@ -250,7 +254,7 @@ def test_a_damaged_file_in_a_class_folder_is_decoded_or_skipped_never_mislabelle
     paths = list(index.paths)
     paths[victim] = damaged
     recipe = Recipe(seed=0, batch_size=5, crop=16, scales=(18, 22), pca_std=0.1, mu=(0.5,) * 3, sigma=(0.25,) * 3,
-                    decoder=augment.resolve_decoder("auto"))
+                    decoder=jpeg_window.resolve_decoder("auto"))
     builder = BatchBuilder(paths, index.labels, recipe)
     caplog.clear()
     out, labels, _ = builder.build(epoch, 0)  # the whole epoch in one batch
@@ -258,7 +262,7 @@ def test_a_damaged_file_in_a_class_folder_is_decoded_or_skipped_never_mislabelle
         draws = image_draws(0, epoch, slot, recipe.scales, recipe.pca_std)
         source = paths[int(np.flatnonzero(index.labels == labels[slot])[0])]
         # The crop must be exactly the one cut from the file its label names.
-        assert np.array_equal(out[slot], augment.augment_crop(source, 16, draws, recipe.decoder)), slot
+        assert np.array_equal(out[slot], scale_crop.scale_crop(source, 16, draws, recipe.decoder)), slot
     if damaged in builder.skipped.entries:
         assert f"skipping unreadable training image {damaged}" in caplog.text
         assert victim not in labels
@@ -339,15 +343,15 @@ def test_the_reader_takes_only_batches_of_its_own_format(tmp_path, arrays):
     folder = cfg.train.buffer_folder
     os.makedirs(folder, exist_ok=True)
     manifest = fake_manifest()  # batch 4, crop 16, 5 classes
-    utils.atomic_write_text(os.path.join(folder, buffer.MANIFEST), json.dumps(manifest))
+    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(manifest))
     write_heartbeat(folder)
     for kind in ("Y", "L", "X"):
         shape, dtype, value = arrays[kind]
         array = np.full(shape, value).astype(dtype)
-        with open(buffer.batch_file(folder, kind, 0, 0), "wb") as f:
+        with open(files.batch_file(folder, kind, 0, 0), "wb") as f:
             np.save(f, array, allow_pickle=True)  # a foreign writer may pickle
     own = all(arrays[k][:2] == EXPECTED[k] for k in EXPECTED) and 0 <= arrays["Y"][2] < 5
-    reader = buffer.BufferReader(cfg, 4)
+    reader = buffer_reader.BufferReader(cfg, 4)
     if own:
         batch = reader.read(0, 0)
         assert batch.images.shape == (4, 16, 16, 3) and batch.labels.dtype == np.int32

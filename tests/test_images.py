@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import images
-from data.images import BadImageError, center_crop, decode_rgb, eval_views, resize_shorter, views_at_scales
+from data.transforms import images
+from data.transforms.images import BadImageError, center_crop, decode_rgb, eval_views, resize_shorter, views_at_scales
 
 
 def gradient(h=30, w=40):

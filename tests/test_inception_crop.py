@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import images, inception_crop as ic
-from data.augment import resample_window
-from data.tfrecord import ImageRecord
+from data.transforms import images
+from data.transforms import inception_crop as ic
+from data.transforms.jpeg_window import resample_window
+from data.sources.tfrecord import ImageRecord
 
 DRAWS = 3000
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.index import load_index
+from data.sources.index import load_index
 from tools.make_demo_dataset import make_dataset
 from utils import UserError
 

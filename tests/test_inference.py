@@ -7,8 +7,8 @@ import pytest
 
 import inference
 import utils
-from data import val_store
-from data.index import load_index
+from data.sources import val_store
+from data.sources.index import load_index
 from tests.test_buffer import write_config
 from tools.make_demo_dataset import make_dataset, wnid
 

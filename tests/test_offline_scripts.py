@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 import utils
-from data import images, scale_cache, stats, val_store
-from data.index import load_index
+from data.transforms import images
+from data.sources import scale_cache
+from data.sources import stats
+from data.sources import val_store
+from data.sources.index import load_index
 from data.pool import single_writer
 from tools.make_demo_dataset import MARKER, make_dataset
 

@@ -1,6 +1,7 @@
 """runtime_preprocessing.py end to end: determinism, SIGKILL safety, refill rule, resume, stale buffers."""
 import glob
 import os
+import shutil
 import random
 import signal
 import subprocess
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 import utils
-from data import buffer
-from data.augment import BatchBuilder, Recipe
-from data.index import load_index
+from data.buffer import files as buffer_files, producer as buffer_producer, protocol, reader as buffer_reader
+from data.buffer.builder import BatchBuilder, Recipe
+from data.sources.index import load_index
 from tests.helpers import wait_until
 from tests.test_buffer import COLOURS, make_solid_dataset, write_config
 
@@ -58,11 +59,11 @@ def reference_builder(config):
 
 
 def heartbeat_pid(folder):
-    return (buffer.producer_status(folder)[1] or {}).get("pid")
+    return (protocol.producer_status(folder)[1] or {}).get("pid")
 
 
 def complete_count(folder):
-    return len(buffer.scan_batches(folder)[0])
+    return len(buffer_files.scan_batches(folder)[0])
 
 
 def read_all(reader, start, stop, builder, num_batches=10, pause=0.0, report=True):
@@ -88,7 +89,7 @@ def test_batches_identical_for_1_and_2_workers_and_labels_match(dataset, tmp_pat
     assert len(a) == 3 * 25 and a == b  # epochs 0, 1 and half of 2, byte for byte
 
     cfg = utils.load_config(config_a)
-    reader = buffer.BufferReader(cfg, BATCH)
+    reader = buffer_reader.BufferReader(cfg, BATCH)
     colours = np.asarray(COLOURS, np.float64)
     seen_labels = set()
     for lin in range(25):
@@ -111,7 +112,7 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
 
     def trainer():
         try:
-            reader = buffer.BufferReader(cfg, BATCH)
+            reader = buffer_reader.BufferReader(cfg, BATCH)
             for lin in range(60):
                 if lin == 59:  # a producer started after the last report would wait for the trainer forever
                     final_started.wait(120)
@@ -157,7 +158,7 @@ def test_restart_reproduces_the_same_bytes(dataset, tmp_path):
     assert len(files) == 3 * 12
     for lin in range(12):
         images, labels, lighting = builder.build(*divmod(lin, 10))
-        x = np.load(buffer.batch_file(folder, "X", *divmod(lin, 10)), allow_pickle=False)
+        x = np.load(buffer_files.batch_file(folder, "X", *divmod(lin, 10)), allow_pickle=False)
         assert np.array_equal(x, images)
 
 
@@ -167,15 +168,15 @@ def test_refill_rule_and_deletion_of_consumed(dataset, tmp_path):
     folder = utils.load_config(config).train.buffer_folder
     p = start_producer(config)
     try:
-        ready = lambda: sorted(buffer.scan_batches(folder)[0]) if os.path.isdir(folder) else []  # noqa: E731
+        ready = lambda: sorted(buffer_files.scan_batches(folder)[0]) if os.path.isdir(folder) else []  # noqa: E731
         assert wait_until(lambda: ready() == [(0, b) for b in range(6)])
-        buffer.write_progress(folder, 0, 1)  # lead 5 >= 4.8: delete batch 0, no refill
+        protocol.write_progress(folder, 0, 1)  # lead 5 >= 4.8: delete batch 0, no refill
         assert wait_until(lambda: ready() == [(0, b) for b in range(1, 6)])
         time.sleep(0.3)
         assert ready() == [(0, b) for b in range(1, 6)]
-        buffer.write_progress(folder, 0, 2)  # lead 4 < 4.8: refill up to 2 + 6
+        protocol.write_progress(folder, 0, 2)  # lead 4 < 4.8: refill up to 2 + 6
         assert wait_until(lambda: ready() == [(0, b) for b in range(2, 8)])
-        buffer.write_progress(folder, 0, 8)  # across the epoch boundary
+        protocol.write_progress(folder, 0, 8)  # across the epoch boundary
         assert wait_until(lambda: ready() == [(0, 8), (0, 9), (1, 0), (1, 1), (1, 2), (1, 3)])
         assert p.poll() is None
     finally:
@@ -188,12 +189,12 @@ def test_resume_at_epoch_start_after_mid_epoch_crash(dataset, tmp_path):
     cfg = utils.load_config(config)
     builder = reference_builder(config)
     p = start_producer(config, epoch_start="0", epoch_end="3")
-    read_all(buffer.BufferReader(cfg, BATCH), 0, 16, builder)  # epoch 0 and batches 0-5 of epoch 1
+    read_all(buffer_reader.BufferReader(cfg, BATCH), 0, 16, builder)  # epoch 0 and batches 0-5 of epoch 1
     p.send_signal(signal.SIGKILL)  # crash: the trainer restarts from its epoch-0 checkpoint, at epoch 1
     p.wait()
-    assert buffer.read_progress(cfg.train.buffer_folder) == (1, 6)
+    assert protocol.read_progress(cfg.train.buffer_folder) == (1, 6)
     p = start_producer(config, epoch_start="1", epoch_end="3")
-    read_all(buffer.BufferReader(cfg, BATCH), 10, 30, builder)  # all of epochs 1 and 2, from (1, 0)
+    read_all(buffer_reader.BufferReader(cfg, BATCH), 10, 30, builder)  # all of epochs 1 and 2, from (1, 0)
     assert p.wait(30) == 0
     assert batch_files(cfg.train.buffer_folder) == {}
 
@@ -220,12 +221,12 @@ def test_unwritable_folder_and_full_disk_are_clear_errors(dataset, tmp_path, mon
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     config = config_for(str(tmp_path), dataset, train={"buffer_folder": str(blocker / "buffer")})
-    producer = buffer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
+    producer = buffer_producer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
     with pytest.raises(utils.UserError, match="Cannot write to the buffer folder .*a_file/buffer.*KB"):
         producer.setup()
     config = config_for(str(tmp_path / "ok"), dataset)
-    monkeypatch.setattr(buffer.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    producer = buffer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    producer = buffer_producer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
     with pytest.raises(utils.UserError, match=r"ok/buffer has 1\.0 KB free but 6 batches need about 21\.1 KB"):
         producer.setup()
 
@@ -234,10 +235,10 @@ def test_progress_left_over_past_the_range_is_not_followed(dataset, tmp_path):
     config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
     folder = utils.load_config(config).train.buffer_folder
     os.makedirs(folder)
-    buffer.write_progress(folder, 9, 0)  # an earlier run's last report
+    protocol.write_progress(folder, 9, 0)  # an earlier run's last report
     r = run_producer(config, "--once", epoch_start="0", epoch_end="3")
     assert r.returncode == 0 and "left over from an earlier run" in r.stderr
-    assert sorted(buffer.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
+    assert sorted(buffer_files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
 
 
 def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path):
@@ -250,14 +251,14 @@ def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path)
     links.mkdir()
     p = start_producer(config, epoch_start="0", epoch_end="2")
     try:
-        reader = buffer.BufferReader(cfg, BATCH)
+        reader = buffer_reader.BufferReader(cfg, BATCH)
         most = 0
         for lin in range(20):
             batch = reader.read(*divmod(lin, 10))
             assert np.array_equal(batch.images, builder.build(*divmod(lin, 10))[0])
-            os.link(buffer.batch_file(folder, "X", *divmod(lin, 10)), links / f"{lin}.npy")  # kept until reported
+            os.link(buffer_files.batch_file(folder, "X", *divmod(lin, 10)), links / f"{lin}.npy")  # kept until reported
             names = os.listdir(folder)
-            spares = [n for n in names if n.startswith(utils.TMP_PREFIX + buffer.SPARE)]
+            spares = [n for n in names if n.startswith(utils.TMP_PREFIX + buffer_files.SPARE)]
             most = max(most, len([n for n in names if n.startswith("X_")]) + len(spares))
             reader.report_progress(*divmod(lin + 1, 10))
         assert p.wait(30) == 0
@@ -272,7 +273,7 @@ def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path)
 
 
 def test_a_dead_worker_is_a_clear_error(dataset, tmp_path):
-    from data.batch_workers import WorkerSet
+    from data.buffer.workers import WorkerSet
     config = config_for(str(tmp_path), dataset)
     cfg = utils.load_config(config)
     folder = str(tmp_path / "buffer")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import utils
-from data.inception_crop import mean_only_mu_sigma
+from data.transforms.inception_crop import mean_only_mu_sigma
 from engine import schedules
 
 PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "seed003_recipe.txt")

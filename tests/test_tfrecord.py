@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 import utils
-from data import images, tfrecord
-from data.index import load_index
+from data.transforms import images
+from data.sources import index as dataset_index, shards as shard_folder, tfrecord
+from data.sources.index import load_index
 from tools import build_tfrecords
 from tools.make_demo_dataset import make_dataset, wnid
 
@@ -64,12 +65,12 @@ def test_shard_names_follow_build_imagenet_data(shards):
 
 
 def test_round_trip_labels_and_pixels_match_the_source(source, shards):
-    info = tfrecord.read_info(shards)
+    info = shard_folder.read_info(shards)
     assert info["label_offset"] == 1 and info["num_outputs"] == CLASSES + 1
     assert info["texts"] == [f"shape {k}, test class" for k in range(CLASSES)]
     for split in ("train", "val"):
         folder = load_index(str(source), split)
-        index = tfrecord.load_tfrecord_index(str(shards), split)
+        index = dataset_index.load_tfrecord_index(str(shards), split)
         assert index.classes == ["background"] + folder.classes  # 1001-style numbering: K + 1 outputs
         by_name = {os.path.basename(p): (p, int(label)) for p, label in zip(folder.paths, folder.labels)}
         seen = []
@@ -111,12 +112,12 @@ def test_tensorflow_reads_the_shards_with_the_official_feature_spec(shards):
         boxes += int(tf.size(parsed["image/object/bbox/xmin"].values))
         assert tf.io.decode_jpeg(parsed["image/encoded"]).shape[-1] == 3
         count += 1
-    assert count == len(tfrecord.load_tfrecord_index(str(shards), "train"))
+    assert count == len(dataset_index.load_tfrecord_index(str(shards), "train"))
     assert labels == set(range(1, CLASSES + 1)) and boxes == 3
 
 
 def test_bounding_boxes_round_trip_as_ymin_xmin_ymax_xmax(shards):
-    index = tfrecord.load_tfrecord_index(str(shards), "train")
+    index = dataset_index.load_tfrecord_index(str(shards), "train")
     records = {r.filename: r for r in (ref.read_record() for ref in index.paths)}
     assert np.allclose(records["n00000002_3.JPEG"].boxes, [[0.2, 0.1, 0.9, 0.6], [0.0, 0.0, 0.5, 1.0]])
     assert np.allclose(records["n00000004_0.JPEG"].boxes, [[0.25, 0.25, 0.75, 0.75]])
@@ -126,7 +127,7 @@ def test_bounding_boxes_round_trip_as_ymin_xmin_ymax_xmax(shards):
 def test_label_offset_zero_keeps_folder_labels_and_a_rerun_resumes_per_shard(source, tmp_path):
     out = tmp_path / "tf0"
     build(source, out, label_offset=0, train_shards=2, val_shards=1)
-    index = tfrecord.load_tfrecord_index(str(out), "train")
+    index = dataset_index.load_tfrecord_index(str(out), "train")
     folder = load_index(str(source), "train")
     assert index.classes == folder.classes
     label_of = {os.path.basename(p): int(k) for p, k in zip(folder.paths, folder.labels)}
@@ -144,30 +145,30 @@ def test_label_offset_zero_keeps_folder_labels_and_a_rerun_resumes_per_shard(sou
 
 def test_missing_info_or_shard_is_a_clear_error_and_describe_records_the_offset(shards, tmp_path):
     copy = tmp_path / "elsewhere"
-    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(tfrecord.INFO_FILE, tfrecord.INDEX_DIR))
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(shard_folder.INFO_FILE, shard_folder.INDEX_DIR))
     with pytest.raises(utils.UserError, match="--describe"):
-        tfrecord.load_tfrecord_index(str(copy), "train")
+        dataset_index.load_tfrecord_index(str(copy), "train")
     with pytest.raises(utils.UserError, match="start at 1, not at --label_offset 0"):
-        tfrecord.describe(str(copy), 0, progress=False)
-    tfrecord.describe(str(copy), 1, progress=False)
-    index = tfrecord.load_tfrecord_index(str(copy), "train")
+        shard_folder.describe(str(copy), 0, progress=False)
+    shard_folder.describe(str(copy), 1, progress=False)
+    index = dataset_index.load_tfrecord_index(str(copy), "train")
     assert index.classes[0] == "background" and len(index.classes) == CLASSES + 1
-    assert index.fingerprint() == tfrecord.load_tfrecord_index(str(shards), "train").fingerprint()
+    assert index.fingerprint() == dataset_index.load_tfrecord_index(str(shards), "train").fingerprint()
     (copy / "train-00001-of-00003").unlink()
     with pytest.raises(utils.UserError, match="train-00001-of-00003 is missing"):
-        tfrecord.load_tfrecord_index(str(copy), "train")
+        dataset_index.load_tfrecord_index(str(copy), "train")
 
 
 def test_index_cache_is_rebuilt_when_a_shard_changes(shards, tmp_path):
     copy = tmp_path / "c"
-    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(tfrecord.INDEX_DIR))
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(shard_folder.INDEX_DIR))
     shard = str(copy / "validation-00000-of-00002")
-    first = tfrecord.shard_index(shard)
-    assert os.path.isfile(os.path.join(copy, tfrecord.INDEX_DIR, "validation-00000-of-00002.npz"))
+    first = shard_folder.shard_index(shard)
+    assert os.path.isfile(os.path.join(copy, shard_folder.INDEX_DIR, "validation-00000-of-00002.npz"))
     payloads = [p for _, p in tfrecord.iter_records(shard)]
     with open(shard, "wb") as f:  # the same records minus the first, framed by the pure-Python writer
         f.write(b"".join(tfrecord.frame(p) for p in payloads[1:]))
-    second = tfrecord.shard_index(shard)
+    second = shard_folder.shard_index(shard)
     assert len(second["offsets"]) == len(first["offsets"]) - 1
     ref = tfrecord.RecordRef(shard, int(second["offsets"][0]), int(second["lengths"][0]))
     assert ref.read_payload(verify=True) == payloads[1]
@@ -178,17 +179,17 @@ def test_truncated_shard_is_reported(shards, tmp_path):
     data = (shards / "validation-00000-of-00002").read_bytes()
     shard.write_bytes(data[:len(data) - 10])
     with pytest.raises(utils.UserError, match="truncated"):
-        tfrecord.scan_shard(str(shard))
+        shard_folder.scan_shard(str(shard))
 
 
 def test_info_without_label_offset_is_refused(shards, tmp_path):
     copy = tmp_path / "noinfo"
-    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(tfrecord.INDEX_DIR))
-    info = json.loads((copy / tfrecord.INFO_FILE).read_text())
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(shard_folder.INDEX_DIR))
+    info = json.loads((copy / shard_folder.INFO_FILE).read_text())
     del info["label_offset"]
-    (copy / tfrecord.INFO_FILE).write_text(json.dumps(info))
+    (copy / shard_folder.INFO_FILE).write_text(json.dumps(info))
     with pytest.raises(utils.UserError, match="label_offset"):
-        tfrecord.load_tfrecord_index(str(copy), "val")
+        dataset_index.load_tfrecord_index(str(copy), "val")
 
 
 # ----------------------------------------------------------------------------
@@ -230,11 +231,11 @@ def plain_rgb_jpeg(path):
 
 @pytest.mark.parametrize("augmentation,decoder", [("scale", "auto"), ("scale", "pil"), ("inception", "pil")])
 def test_producer_batches_from_shards_equal_those_from_the_folder(tmp_path, twin, augmentation, decoder):
-    from data.augment import BatchBuilder, Recipe
+    from data.buffer.builder import BatchBuilder, Recipe
     configs = twin_configs(tmp_path, twin, decoder, augmentation=augmentation)
     builders, indexes = {}, {}
     for name, cfg in configs.items():
-        indexes[name] = tfrecord.load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", progress=False)
+        indexes[name] = dataset_index.load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", progress=False)
         builders[name] = BatchBuilder(indexes[name].paths, indexes[name].labels, Recipe.from_config(cfg, 4))
     assert indexes["tfrecord"].classes == ["background"] + indexes["folder"].classes
     assert builders["tfrecord"].recipe.augmentation == augmentation
@@ -262,8 +263,8 @@ def test_producer_batches_from_shards_equal_those_from_the_folder(tmp_path, twin
 def test_runtime_preprocessing_and_preprocess_val_read_shards(tmp_path, twin):
     import subprocess
     import sys
-    from data import val_store
-    from data.buffer import load_manifest
+    from data.sources import val_store
+    from data.buffer.protocol import load_manifest
     configs = twin_configs(tmp_path, twin, augmentation="inception")
     cfg = configs["tfrecord"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,7 +278,7 @@ def test_runtime_preprocessing_and_preprocess_val_read_shards(tmp_path, twin):
     assert labels.min() >= 1 and labels.max() <= CLASSES
     stores = {}
     for name, c in configs.items():
-        index = tfrecord.load_source_index(c, c.preprocess_val.ImageNet_folder, "val", progress=False)
+        index = dataset_index.load_source_index(c, c.preprocess_val.ImageNet_folder, "val", progress=False)
         val_store.build_store(c.preprocess_val.path_to_save, index, 16, 18, num_workers=1, progress=False,
                               say=lambda *a: None)
         stores[name] = val_store.ValStore(c.preprocess_val.path_to_save)

@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from data import tiny_augment as ta
+from data.transforms import tiny_augment as ta
 
 
 def marker(h, w, y, x, value=255):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.index import load_index
+from data.sources.index import load_index
 from tests.helpers import merge_sections, write_config_file
 from utils import UserError
 
@@ -96,7 +96,7 @@ def test_tiny_train_errors(tmp_path):
 # ----------------------------------------------------------------------------
 
 def test_crop_schedule_parsing():
-    from data.progressive import crop_for, parse_crop_schedule
+    from data.transforms.progressive import crop_for, parse_crop_schedule
     schedule = parse_crop_schedule("0:32, 10:48, 20:64", 64)
     assert schedule == [[0, 32], [10, 48], [20, 64]]
     assert [crop_for(schedule, e) for e in (0, 9, 10, 19, 20, 100)] == [32, 32, 48, 48, 64, 64]
@@ -163,7 +163,8 @@ def test_preset_loads_with_the_seeds_settings():
 
 def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
     import utils
-    from data.buffer import BufferReader, load_manifest
+    from data.buffer.reader import BufferReader
+    from data.buffer.protocol import load_manifest
     config = write_preset(str(tmp_path), tiny_set, images={"crop_size": "32", "crop_schedule": "0:16, 1:24, 2:32",
                                                            "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
                           train={"buffer_size": "18"})

@@ -7,7 +7,7 @@
 
 Shards are train-00000-of-01024 ... and validation-00000-of-00128 (counts configurable),
 each a TFRecord file of tf.train.Example protos with build_imagenet_data's keys
-(data/tfrecord.py FEATURES). The images of a split are shuffled with Python's
+(data/sources/tfrecord.py FEATURES). The images of a split are shuffled with Python's
 random.seed(12345) before sharding, as Inception does, so every shard mixes classes.
 RGB JPEGs are stored byte for byte; CMYK, grayscale and PNG files (ImageNet has all
 three, whatever their extension) are decoded and re-encoded as RGB JPEG at
@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import utils  # noqa: E402
-from data import images, tfrecord  # noqa: E402
-from data.index import load_index  # noqa: E402
 from data.pool import resolve_workers, single_writer  # noqa: E402
+from data.sources import index as dataset_index, shards as shard_folder, synsets, tfrecord  # noqa: E402
+from data.sources.index import load_index  # noqa: E402
+from data.transforms import images  # noqa: E402
 
 SHUFFLE_SEED = 12345  # build_imagenet_data's random.seed(12345)
 
@@ -114,7 +115,7 @@ def _write_shard(job):
                     continue
                 writer.write(tfrecord.encode_example(record))
                 written += 1
-    tfrecord.shard_index(final)  # cache the record index while the shard is in the page cache
+    shard_folder.shard_index(final)  # cache the record index while the shard is in the page cache
     return written, skipped
 
 
@@ -179,7 +180,7 @@ def settings_for(indexes, label_offset, shards, quality, box_file, splits, texts
     """What the shards are built from and how; a resume must match it (except the source's location)."""
     first = next(iter(indexes.values()))
     classes = first.classes
-    return {"format": tfrecord.INFO_FORMAT, "format_version": tfrecord.INFO_VERSION, "label_offset": label_offset,
+    return {"format": shard_folder.INFO_FORMAT, "format_version": shard_folder.INFO_VERSION, "label_offset": label_offset,
             "num_outputs": len(classes) + label_offset, "classes": list(classes),
             "texts": [texts.get(c, "") for c in classes], "source": first.root,
             "source_fingerprints": {split: index.fingerprint() for split, index in indexes.items()},
@@ -188,7 +189,7 @@ def settings_for(indexes, label_offset, shards, quality, box_file, splits, texts
 
 
 def start_info(out, settings):
-    path = os.path.join(out, tfrecord.INFO_FILE)
+    path = os.path.join(out, shard_folder.INFO_FILE)
     try:
         with open(path) as f:
             existing = json.load(f)
@@ -199,7 +200,7 @@ def start_info(out, settings):
             from None
     if existing is None:
         if any(tfrecord.SHARD_NAME.match(n) for n in os.listdir(out)):
-            raise utils.UserError(f"{out} holds shards but no {tfrecord.INFO_FILE}; choose an empty --out, or use "
+            raise utils.UserError(f"{out} holds shards but no {shard_folder.INFO_FILE}; choose an empty --out, or use "
                                   f"--describe to record the label numbering of those shards.")
         utils.atomic_write_text(path, json.dumps({**settings, "splits": {}}, indent=1) + "\n")
         return {**settings, "splits": {}}
@@ -224,7 +225,7 @@ def finish_info(out, info, split, num_records, skipped):
         "prefix": tfrecord.SPLIT_PREFIX[split], "num_shards": info["shards"][split], "num_records": num_records,
         "skipped": skipped}
     info["git"] = utils.git_hash()
-    utils.atomic_write_text(os.path.join(out, tfrecord.INFO_FILE), json.dumps(info, indent=1) + "\n")
+    utils.atomic_write_text(os.path.join(out, shard_folder.INFO_FILE), json.dumps(info, indent=1) + "\n")
 
 
 def build(args, cfg):
@@ -236,13 +237,13 @@ def build(args, cfg):
         raise utils.UserError(f"--splits must list train and/or val, received '{args.splits}'.")
     indexes = {split: load_index(source, split) for split in splits}
     classes = next(iter(indexes.values())).classes
-    texts = tfrecord.find_synset_words(source, args.synset_words)
+    texts = synsets.find_synset_words(source, args.synset_words)
     boxes = read_bounding_boxes(args.bounding_box_file) if args.bounding_box_file else {}
     shards = {"train": args.train_shards, "val": args.validation_shards}
     workers = args.num_workers if args.num_workers is not None else cfg.preprocess.num_workers
     with single_writer(out, "TFRecord shards"):
         utils.remove_stale_temps(out)
-        utils.remove_stale_temps(tfrecord.cache_folder(out))
+        utils.remove_stale_temps(shard_folder.cache_folder(out))
         info = start_info(out, settings_for(indexes, args.label_offset, shards, args.jpeg_quality,
                                             args.bounding_box_file, splits, texts))
         for split in splits:
@@ -250,13 +251,13 @@ def build(args, cfg):
             index = indexes[split]
             written, _ = build_split(out, split, index, shards[split], args.label_offset, texts, boxes,
                                            args.jpeg_quality, resolve_workers(workers), progress=not args.no_progress)
-            shard_index = tfrecord.load_tfrecord_index(out, split)
+            shard_index = dataset_index.load_tfrecord_index(out, split)
             stored = set(shard_index_names(shard_index))
             missing = sorted(os.path.relpath(p, source) for p in index.paths if os.path.basename(p) not in stored)
             finish_info(out, info, split, len(shard_index), missing)
             print(f"{tfrecord.SPLIT_PREFIX[split]}: {len(shard_index)} records in {shards[split]} shards "
                   f"({written} written now in {time.time() - t0:.0f} s; {len(missing)} unreadable files skipped"
-                  f"{', listed in ' + tfrecord.INFO_FILE if missing else ''}); labels "
+                  f"{', listed in ' + shard_folder.INFO_FILE if missing else ''}); labels "
                   f"{args.label_offset}..{len(classes) - 1 + args.label_offset}, "
                   f"{len(classes) + args.label_offset} model outputs -> {out}")
     return 0
@@ -266,7 +267,7 @@ def shard_index_names(index):
     """File names stored in the shards of an index (from the cached record indexes)."""
     names = []
     for shard in sorted({r.shard for r in index.paths}):
-        names.extend(tfrecord.shard_index(shard)["filenames"].tolist())
+        names.extend(shard_folder.shard_index(shard)["filenames"].tolist())
     return names
 
 
@@ -277,7 +278,7 @@ def verify(folder, num_workers):
     total = 0
     for split in tfrecord.SPLIT_PREFIX:
         try:
-            shards = tfrecord.find_shards(folder, split)
+            shards = shard_folder.find_shards(folder, split)
         except utils.UserError:
             continue
         from tqdm import tqdm
@@ -287,10 +288,10 @@ def verify(folder, num_workers):
             except tf.errors.DataLossError as e:
                 raise utils.UserError(f"{shard} is corrupt ({str(e).splitlines()[0]}); delete it and rerun "
                                       f"tools/build_tfrecords.py to rebuild it.") from None
-            indexed = len(tfrecord.shard_index(shard)["offsets"])
+            indexed = len(shard_folder.shard_index(shard)["offsets"])
             if count != indexed:
                 raise utils.UserError(f"{shard} holds {count} records but its cached index {indexed}; delete "
-                                      f"{tfrecord.cache_folder(folder)} and rerun --verify.")
+                                      f"{shard_folder.cache_folder(folder)} and rerun --verify.")
             total += count
     if not total:
         raise utils.UserError(f"{folder} has no shards to verify.")
@@ -330,7 +331,7 @@ def main(argv=None):
     args = parse_args(argv)
     utils.setup_logging()
     if args.describe:
-        path, info = tfrecord.describe(args.describe, args.label_offset, num_workers=args.num_workers or 0)
+        path, info = shard_folder.describe(args.describe, args.label_offset, num_workers=args.num_workers or 0)
         print(f"{path}: label_offset {info['label_offset']}, {len(info['classes'])} classes, "
               f"{info['num_outputs']} model outputs")
         return 0

@@ -26,7 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
-from tools.launch import _die_with_parent  # noqa: E402
+from tools.launch import die_with_launcher  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.txt")
 # The demo set: 10 classes; sizes chosen with configs/demo.txt so that `make demo` fits in
@@ -53,7 +53,7 @@ def _raise_stopped(signum, frame):
 
 def run_child(argv):
     """Run one step's command in the foreground; on Ctrl-C/SIGTERM stop it before leaving."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, preexec_fn=die_with_launcher())
     try:
         return proc.wait()
     except BaseException as e:
@@ -100,7 +100,7 @@ def python(script, *args):
 def stats_are_current(cfg):
     """True when mu_sigma.json exists and was computed on exactly this training set."""
     import json
-    from data.index import load_index
+    from data.sources.index import load_index
     path = os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)
     try:
         with open(path) as f:
@@ -118,8 +118,8 @@ def drop_stale_val_store(cfg):
     preprocess_val.py rightly refuses to mix stores; in the demo's own folder the fix is to rebuild.
     """
     import json
-    from data import val_store
-    from data.index import load_index
+    from data.sources import val_store
+    from data.sources.index import load_index
     pv, im = cfg.preprocess_val, cfg.images
     path = pv.path_to_save
     try:

@@ -20,7 +20,7 @@ Flags the launcher does not know are passed to train.py unchanged.
 """
 import argparse
 import collections
-import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -37,24 +37,15 @@ import utils  # noqa: E402
 GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
 TAIL_LINES = 20  # stderr lines repeated when a process fails
 POLL_SECONDS = 0.2
-_PR_SET_PDEATHSIG = 1
 
 
 def say(message):
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent(parent_pid):
+def die_with_launcher():
     """preexec_fn: the child gets SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
-    def setup():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
-            os._exit(1)
-    return setup
+    return functools.partial(utils.die_with_parent, signal.SIGTERM, os.getpid())
 
 
 def keeper(argv):
@@ -94,7 +85,7 @@ class Child:
         self._killed = False
         keeper_argv = [sys.executable, os.path.abspath(__file__), "--keeper"] + argv
         self.proc = subprocess.Popen(keeper_argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+                                     start_new_session=True, preexec_fn=die_with_launcher())
         self._pump = threading.Thread(target=self._copy_stderr, name=f"{name}-stderr", daemon=True)
         self._pump.start()
 
@@ -178,8 +169,8 @@ def _raise_stop(signum, frame):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving")
-    p.add_argument("--epoch_start", required=True, help="first epoch: an integer, or 'auto' = after the run's last complete epoch")
-    p.add_argument("--epoch_end", required=True, type=int, help="train up to this epoch, exclusive")
+    utils.add_epoch_args(p, "first epoch: an integer, or 'auto' = after the run's last complete epoch",
+                         "train up to this epoch, exclusive")
     p.add_argument("--batch_size", required=True, type=int, help="the same for producer and trainer")
     p.add_argument("--max_producer_restarts", type=int, default=5,
                    help="restarts allowed for a producer that dies with an error (default 5)")

@@ -16,19 +16,23 @@ label numbers). Files are taken by extension (.jpeg/.jpg/.png, any case) and
 decoded later by content; unreadable ones are skipped by the scripts, not here,
 so indexing 1.28M files costs only directory listings.
 
-Order: folders by (class, file name); flat val by file name; lists in file order.
+Order: folders by (class, file name); flat val by file name; lists in file order. Training visits
+the index in a new order each epoch: epoch_permutation(seed, epoch, N).
 """
 import csv
 import dataclasses
 import hashlib
+import json
 import os
 import re
 
 import numpy as np
 
-from data.images import IMAGE_EXTENSIONS
+from data.pool import imap_progress
+from data.sources import shards, tfrecord
 from utils import UserError
 
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # any case; files are decoded later by content
 SPLITS = ("train", "val")
 KAGGLE_CSV = "LOC_val_solution.csv"
 KAGGLE_SUBDIR = os.path.join("ILSVRC", "Data", "CLS-LOC")
@@ -373,3 +377,67 @@ def _from_list(root, split):
     paths = [p for p, _ in entries]
     labels = np.asarray([label for _, label in entries], np.int64)
     return DatasetIndex(paths, labels, classes, "lists")
+
+
+def epoch_permutation(seed, epoch, n):
+    """The order in which epoch `epoch` visits the n training images."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+
+
+# ----------------------------------------------------------------------------
+# The dataset index over shards
+# ----------------------------------------------------------------------------
+
+class TFRecordIndex(DatasetIndex):
+    """A DatasetIndex whose `paths` are RecordRefs into the shards."""
+
+    shard_names: tuple = ()
+    shard_stamps: tuple = ()
+
+    def relpaths(self):
+        return [f"{os.path.basename(r.shard)}@{r.offset}" for r in self.paths]
+
+    def fingerprint(self):
+        h = hashlib.sha256()
+        h.update(("\n".join(self.classes) + "\x00").encode())
+        h.update(json.dumps([self.shard_names, self.shard_stamps]).encode())
+        h.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return h.hexdigest()[:32]
+
+
+def load_tfrecord_index(folder, split, expected_count=0, num_workers=1, progress=False):
+    """Index one split of a shard folder; the same contract as load_index.
+
+    Labels are the records' own labels (checked against dataset_info.json's class table).
+    """
+    if split not in tfrecord.SPLIT_PREFIX:
+        raise ValueError(f"split must be 'train' or 'val', received {split!r}")
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"TFRecord folder {folder} does not exist; set ImageNet_folder in the config.")
+    info = shards.read_info(folder)
+    shard_paths = shards.find_shards(folder, split)
+    tables = list(imap_progress(shards.shard_index_job, shard_paths, num_workers, unit="shard",
+                                desc=f"indexing {tfrecord.SPLIT_PREFIX[split]} shards", disable=not progress))
+    classes = shards.class_names(info)
+    columns = {k: np.concatenate([t[k] for t in tables]) for k in shards.INDEX_FIELDS}
+    shard_of = np.concatenate([np.full(len(t["offsets"]), k, np.int64) for k, t in enumerate(tables)])
+    shards.check_labels(folder, split, columns, classes, int(info["label_offset"]))
+    order = np.lexsort((columns["offsets"], shard_of, columns["filenames"], columns["labels"]))
+    paths = [tfrecord.RecordRef(shard_paths[s], int(o), int(n))
+             for s, o, n in zip(shard_of[order].tolist(), columns["offsets"][order].tolist(),
+                                columns["lengths"][order].tolist())]
+    index = TFRecordIndex(paths, columns["labels"][order].astype(np.int64), classes, "tfrecord", folder, split)
+    index.shard_names = tuple(os.path.basename(s) for s in shard_paths)
+    index.shard_stamps = tuple(shards.shard_stamp(s).tolist() for s in shard_paths)
+    if len(index) == 0:
+        raise UserError(f"The {tfrecord.SPLIT_PREFIX[split]} shards in {folder} hold no records.")
+    check_count(len(index), expected_count, split, folder, what="records", fix="the shards")
+    return index
+
+
+def load_source_index(cfg, root, split, expected_count=0, num_workers=1, progress=True):
+    """One split of `root` read as [data] source says: 'folder' (load_index) or 'tfrecord' (shards)."""
+    if cfg.data.source == "tfrecord":
+        return load_tfrecord_index(root, split, expected_count, num_workers, progress)
+    return load_index(root, split, expected_count)

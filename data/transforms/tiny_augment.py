@@ -34,7 +34,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from data import images
+from data.transforms import images
 
 TINY_STREAM = 2  # keeps these draws apart from data/augment.py's stream for the same (seed, epoch, position)
 PAD_MODES = ("constant", "edge", "linear_ramp", "maximum", "mean", "median", "minimum", "reflect", "symmetric",

@@ -12,7 +12,7 @@ and the result is the same bits whatever the number of workers.
 """
 import numpy as np
 
-from data import images
+from data.transforms import images
 from data.pool import imap_progress
 
 

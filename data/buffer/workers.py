@@ -14,29 +14,17 @@ import sys
 import traceback
 
 import utils
+from data.buffer.builder import BatchBuilder
+from data.buffer.files import write_batch
 
 # Tasks queued per worker: the next batch is already in its pipe when it finishes one.
 DEPTH = 2
 
 
-def _die_with_parent():
-    """Workers exit when the producer dies (even by SIGKILL), so no orphan keeps writing."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() == 1:
-        os._exit(0)
-
-
-def _worker_main(conn, paths, labels, recipe, folder):
-    _die_with_parent()
+def _worker_main(conn, paths, labels, recipe, folder, parent_pid):
+    utils.die_with_parent(signal.SIGKILL, parent_pid)  # no orphan keeps writing after the producer dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM handler would wait for Python code
-    from data.augment import BatchBuilder
-    from data.buffer import write_batch
     builder = BatchBuilder(paths, labels, recipe)
     while True:
         try:
@@ -63,7 +51,7 @@ class WorkerSet:
         try:
             for i in range(num_workers):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, args=(child, paths, labels, recipe, folder),
+                proc = ctx.Process(target=_worker_main, args=(child, paths, labels, recipe, folder, os.getpid()),
                                    name=f"producer-worker-{i}", daemon=True)
                 proc.start()
                 child.close()

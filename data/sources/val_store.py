@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 import utils
-from data import images
+from data.transforms import images
 from data.pool import imap_progress, single_writer
 
 FORMAT_VERSION = 1

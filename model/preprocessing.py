@@ -1,6 +1,9 @@
-"""The trainer-device half of preprocessing: uint8 crops -> normalised, colour-shifted model input.
+"""The device half of preprocessing: uint8 crops -> normalised (and, in training, colour-shifted) model input.
 
-Steps 4 and 6 of seed 001's recipe (see data/augment.py for where every step
+One normalisation for training and serving: `normalise` is what the trainer applies to every batch and what
+the exported SavedModel applies to its uint8 input (model/export.py), so the two cannot drift.
+
+Steps 4 and 6 of the scale-crop recipe (data/transforms/scale_crop.py says where every step
 runs): (x/255 - mu)/sigma per channel, then the per-image PCA lighting shift
 (AlexNet-style, per image as the original): the 3x3 covariance of the crop's
 own normalised pixels is eigendecomposed (eigenvalues lam_i, eigenvectors v_i)
@@ -18,6 +21,12 @@ def normalisation_constants(mu, sigma):
     """(scale, offset) with (x/255 - mu)/sigma == x*scale + offset, as float32 [3] arrays."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     return (1.0 / (255.0 * sigma)).astype(np.float32), (-mu / sigma).astype(np.float32)
+
+
+def normalise(images, scale, offset):
+    """float32 images * scale + offset == (x/255 - mu)/sigma per channel, for (scale, offset) from
+    normalisation_constants(mu, sigma); images uint8 or float [..., 3]."""
+    return tf.cast(images, tf.float32) * scale + offset
 
 
 def pca_lighting_shift(x, alphas):
@@ -39,8 +48,7 @@ def to_model_input(images_uint8, lighting, mu, sigma, dtype=tf.float32):
 
     images [B,H,W,3] uint8; lighting: the producer's [B,3] float32 coefficients alpha, or None.
     """
-    scale, offset = normalisation_constants(mu, sigma)
-    x = tf.cast(images_uint8, tf.float32) * scale + offset
+    x = normalise(images_uint8, *normalisation_constants(mu, sigma))
     if lighting is not None:
         x = x + pca_lighting_shift(x, lighting)[:, tf.newaxis, tf.newaxis, :]
     return tf.cast(x, dtype)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import utils
-from data import images
+from data.transforms import images
 from data.pool import imap_progress, single_writer
 
 DATASET_FILE = "dataset.json"

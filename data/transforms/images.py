@@ -20,7 +20,6 @@ import utils
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 POSITIONS = ("tl", "tr", "bl", "br", "centre")
 
 
@@ -53,9 +52,29 @@ def decode_rgb(path):
     return rgb
 
 
+def is_record(source):
+    """True for a TFRecord record reference (data.sources.tfrecord.RecordRef), False for a file path."""
+    return hasattr(source, "read_record")
+
+
+def read_source(source):
+    """(encoded image bytes, boxes or None) of an image file path or a TFRecord record (which may carry boxes).
+
+    The one way every transform reads its input. Raises BadImageError when it cannot be read.
+    """
+    try:
+        if is_record(source):
+            record = source.read_record()
+            return record.encoded, record.boxes
+        with open(source, "rb", buffering=0) as f:
+            return f.readall(), None  # 12 us for an 80 KB file; through the buffered reader, 31 us
+    except OSError as e:
+        raise BadImageError(f"cannot read: {e.strerror or e}") from None
+
+
 def _file_or_record(path):
-    """A path as is; a TFRecord record (data.tfrecord.RecordRef) as the image bytes it holds."""
-    return io.BytesIO(path.read_bytes()) if hasattr(path, "read_record") else path
+    """A path as is; a TFRecord record as the image bytes it holds."""
+    return io.BytesIO(path.read_bytes()) if is_record(path) else path
 
 
 def _reason(path, error):

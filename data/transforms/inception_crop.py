@@ -36,10 +36,9 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
 
-from data import images
-from data.augment import dct_factor, resample_window
+from data.transforms import images
+from data.transforms.jpeg_window import DECODE_ERRORS, draft_resample, open_plain_jpeg, resample_window
 
 MIN_OBJECT_COVERED = 0.1
 ASPECT_RATIO_RANGE = (0.75, 1.33)
@@ -146,35 +145,15 @@ def image_rng(seed, epoch, position):
     return np.random.default_rng([int(seed), int(epoch), int(position), INCEPTION_STREAM])
 
 
-def _source(source):
-    """(file bytes, boxes or None) of a path or of a TFRecord RecordRef (which carries boxes)."""
-    if hasattr(source, "read_record"):
-        try:
-            record = source.read_record()
-        except OSError as e:
-            raise images.BadImageError(str(e)) from None
-        return record.encoded, record.boxes
-    try:
-        with open(source, "rb") as f:
-            return f.read(), None
-    except OSError as e:
-        raise images.BadImageError(f"cannot read: {e.strerror or e}") from None
-
-
 def _open(data, source):
     """A PIL image (lazy for plain JPEGs, so draft() still applies) and whether it is a plain JPEG."""
+    img = open_plain_jpeg(data)
+    if img is not None:
+        return img, True
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
-            return img, True
-    except Exception:  # noqa: BLE001 - decode_rgb below raises the proper BadImageError
-        pass
-    if hasattr(source, "read_record"):
-        try:
-            return images.decode_rgb(io.BytesIO(data)), False
-        except (TypeError, AttributeError):
-            raise images.BadImageError("record does not hold a decodable image") from None
-    return images.decode_rgb(source), False
+        return images.decode_rgb(io.BytesIO(data) if images.is_record(source) else source), False
+    except (TypeError, AttributeError):
+        raise images.BadImageError("record does not hold a decodable image") from None
 
 
 def inception_crop(source, crop, rng):
@@ -182,21 +161,16 @@ def inception_crop(source, crop, rng):
 
     source: an image path, or a RecordRef whose record may carry boxes. Raises BadImageError.
     """
-    data, boxes = _source(source)
+    data, boxes = images.read_source(source)
     img, plain = _open(data, source)
     width, height = img.size
     x, y, w, h = sample_distorted_bounding_box(rng, width, height, boxes)
     box = (x, y, x + w, y + h)
     if plain:
-        k = dct_factor(box, crop)
-        if k > 1:
-            img.draft(img.mode, (width // k, height // k))
         try:
-            img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            return np.asarray(draft_resample(img, box, crop))
+        except DECODE_ERRORS as e:
             raise images.BadImageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        k = max(1, round(width / img.width))  # DCT scaling maps x to x/k; the decoded size is rounded up
-        box = tuple(v / k for v in box)
     return np.asarray(resample_window(img, box, crop))
 
 
