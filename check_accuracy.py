@@ -37,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     utils.quiet_tensorflow()
     cfg = utils.load_config(args.config)
-    from engine.evaluate import check_accuracy
+    from engine.evaluate import check_accuracy  # TensorFlow loads only once arguments and config are checked
     check_accuracy(cfg, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
                    timeout=args.timeout, batch_images=args.batch_images)
     return 0

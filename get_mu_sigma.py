@@ -5,7 +5,7 @@
 Writes <[get_mu_sigma] path_to_save>/mu_sigma.json ({"mu": [3], "sigma": [3],
 "images": n, ...}); a config whose [utils] mu_*/sigma_* say 'auto' reads it, so
 no hand-editing is needed. Pixels are in [0, 1] and every pixel of every image
-counts once at the image's decoded size (see data/stats.py).
+counts once at the image's decoded size (see data/sources/stats.py).
 """
 import argparse
 import json

@@ -15,7 +15,7 @@ or --synset_words) is found. The class order is the one the run trained with: th
 validation store's class list, or the TFRecord shards' dataset_info.json.
 
 --benchmark times, after warm-up calls, (1) the latency of one image at batch 1 including
-preprocessing (read, decode, resize, crop, model, probabilities back on the host; seed 003
+preprocessing (read, decode, resize, crop, model, probabilities back on the host; the TF official ResNet recipe
 reports 11 ms on a V100), split into its preprocessing and model parts, and (2) model
 throughput at each of --batch_sizes; every figure is the median and p90 over repeated runs.
 Without an image argument it uses a generated 500x375 JPEG (a typical ImageNet size).
@@ -38,9 +38,13 @@ import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
 import utils
 from data.sources import shards, synsets
+from data.sources.index import IMAGE_EXTENSIONS
+from data.transforms import images
+from data.transforms.images import BadImageError
 
 LATENCY_NOTE = "batch 1, including preprocessing"
 
@@ -65,14 +69,12 @@ def resolve_model(path):
 
 def centre_view(path, eval_resize, crop):
     """Evaluation's 1-view protocol for one file: uint8 [crop, crop, 3] (BadImageError if unreadable)."""
-    from data.transforms import images
     resized = np.asarray(images.resize_shorter(images.decode_rgb(path), eval_resize))
     return np.ascontiguousarray(images.center_crop(resized, crop))
 
 
 def list_images(inputs):
     """The image files named by `inputs` (files as given; folders walked, sorted)."""
-    from data.sources.index import IMAGE_EXTENSIONS
     files = []
     for item in inputs:
         if os.path.isdir(item):
@@ -142,7 +144,6 @@ def load_predictor(saved_model, crop):
 
 def classify(predict, files, eval_resize, crop, top=5, batch_images=32):
     """Yield (file, [(class index, probability)] best first, or an error text) for every file, in order."""
-    from data.transforms.images import BadImageError
     for start in range(0, len(files), batch_images):
         chunk = files[start:start + batch_images]
         views, ok, results = [], [], {}
@@ -233,7 +234,6 @@ def format_benchmark(results, device, model, size):
 
 def sample_image(folder):
     """A generated 500x375 RGB JPEG for --benchmark without an image argument."""
-    from PIL import Image
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500]
     base = np.stack([xx * 255 / 499, yy * 255 / 374, (xx + yy) * 255 / 873], axis=-1)

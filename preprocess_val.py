@@ -6,7 +6,7 @@ Stores each image resized to shorter side [images] eval_resize (the 10-view
 protocol: 4 corners + centre, each also flipped; and the 1-view centre crop),
 and with [preprocess_val] views_50 = true also what the original's 50-view set
 (shorter sides [images] eval_scales_50) needs. Rerunning resumes an interrupted
-build. See data/val_store.py for the file layout.
+build. See data/sources/val_store.py for the file layout.
 """
 import argparse
 import logging

@@ -1,4 +1,4 @@
-"""Keep a buffer of ready training batches ahead of train.py (seed 001's runtime preprocessing).
+"""Keep a buffer of ready training batches ahead of train.py (the original write-up's runtime preprocessing).
 
     python runtime_preprocessing.py --epoch_start=0 --epoch_end=30 --batch_size=64 [--config config.txt]
 
@@ -6,7 +6,7 @@ Fills [train] buffer_folder with up to buffer_size batches (uint8 crops, labels 
 PCA lighting shifts), follows the trainer through training_progress.txt, deletes
 what it consumed and refills when less than refill_threshold of the buffer is left.
 Safe to kill and rerun with the same command: it continues where the buffer stands.
-The protocol is described in data/buffer.py, the augmentation in data/augment.py.
+The protocol is described in data/buffer/__init__.py, the augmentation in data/transforms/scale_crop.py.
 """
 import os
 
@@ -19,6 +19,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 
 import utils  # noqa: E402
+from data.buffer.producer import Producer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,7 +43,6 @@ def main(argv=None):
     cfg = utils.load_config(args.config)
     # SIGTERM unwinds like Ctrl-C, so the workers stop and the heartbeat says 'stopped'.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    from data.buffer.producer import Producer
     producer = Producer(cfg, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
                         num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once)
     produced = producer.run()

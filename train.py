@@ -17,6 +17,7 @@ import signal
 import sys
 
 import utils
+from data.buffer.reader import BufferReader
 from engine import run_folder
 from engine.distribute import is_chief
 
@@ -60,7 +61,6 @@ def main(argv=None):
 
 
 def train(cfg, args, run_path, epoch_start, chief):
-    from data.buffer.reader import BufferReader
     resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
     if not chief:
         utils.setup_logging()
@@ -68,7 +68,7 @@ def train(cfg, args, run_path, epoch_start, chief):
     mu, sigma = utils.mu_sigma(cfg)
     reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
     utils.quiet_tensorflow()
-    from engine.trainer import Trainer
+    from engine.trainer import Trainer  # TensorFlow loads only once arguments, config and buffer are checked
     trainer = Trainer(cfg, reader, run_path, args.batch_size, reader.num_classes,
                       learning_rate=args.learning_rate, epoch_end=args.epoch_end, overwrite=args.overwrite,
                       command=shlex.join([os.path.basename(sys.executable), *sys.argv]))

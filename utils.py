@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import io
 import json
 import logging
 import math
@@ -22,6 +23,8 @@ import shutil
 import subprocess
 import sys
 import types
+
+import numpy as np
 
 REQUIRED = object()
 
@@ -81,7 +84,7 @@ SCHEMA = {
         "seed": Key("int", 0, lo=0, help="seeds the data order, augmentation and initialisation"),
         "deterministic": Key("bool", False, help="TF op determinism (slower); batches are deterministic regardless"),
         "optimizer": Key("choice", "sgd", choices=("sgd", "rmsprop"),
-                         help="sgd = SGD with sgd_momentum (seed 001); rmsprop = RMSprop, epsilon 1e-8 (seed 002)"),
+                         help="sgd = SGD with sgd_momentum; rmsprop = RMSprop, epsilon 1e-8 (the Tiny ImageNet recipe)"),
         "mixed_precision": Key("choice", "none", choices=("none", "mixed_float16", "mixed_bfloat16"),
                                help="compute dtype; float16 uses dynamic loss scaling"),
         "jit_compile": Key("bool", False, help="compile the forward/backward pass with XLA (one device, not with deterministic)"),
@@ -148,13 +151,13 @@ SCHEMA = {
                                              "the training crop from each listed epoch on, each <= crop_size; "
                                              "empty = crop_size throughout; evaluation stays at crop_size"),
         "augmentation": Key("choice", "scale", choices=("scale", "tiny", "inception"),
-                            help="scale = seed 001's scale/crop/flip/PCA-lighting recipe; tiny = seed 002's imgaug "
+                            help="scale = random shorter side, crop, flip and PCA lighting; tiny = the Tiny ImageNet imgaug "
                                  "pipeline ([tiny_augment]) on images loaded at crop_size x crop_size, then a random crop; "
-                                 "inception = seed 003's distorted bounding-box crop resized to crop_size, and flip"),
+                                 "inception = Inception's distorted bounding-box crop resized to crop_size, and flip"),
     },
     "model": {
         "arch": Key("choice", "resnet50", choices=("resnet50", "concat_resnet"),
-                    help="resnet50, or concat_resnet (seed 002's fully convolutional Tiny ImageNet network)"),
+                    help="resnet50, or concat_resnet (the fully convolutional Tiny ImageNet network)"),
         "num_classes": Key("int", 0, lo=0, help="0 = number of classes found in the dataset"),
         "width_multiplier": Key("float", 1.0, lo=0.01),
         "variant": Key("choice", "standard", choices=("standard", "original"),
@@ -163,10 +166,10 @@ SCHEMA = {
                          help="3x3 = ResNet v1.5, 1x1 = v1; auto = 3x3 for standard, 1x1 for original"),
         "zero_init_last_gamma": Key("bool", False, help="start the last batch renorm gamma of each block at 0"),
         "normalization": Key("choice", "batch_renorm", choices=("batch_renorm", "batch_norm"),
-                             help="concat_resnet: batch_norm (seed 002; momentum 0.99, epsilon 1e-3) or batch_renorm "
+                             help="concat_resnet: batch_norm (the Tiny ImageNet recipe; momentum 0.99, epsilon 1e-3) or batch_renorm "
                                   "([batch_renorm]); resnet50 always uses batch renorm"),
     },
-    "tiny_augment": {  # seed 002's imgaug magnitudes, used when [images] augmentation = tiny
+    "tiny_augment": {  # the Tiny ImageNet recipe's imgaug magnitudes, used when [images] augmentation = tiny
         "hflip": Key("float", 0.5, lo=0.0, hi=1.0, help="probability of a horizontal flip"),
         "vflip": Key("float", 0.2, lo=0.0, hi=1.0, help="probability of a vertical flip"),
         "sometimes": Key("float", 0.5, lo=0.0, hi=1.0, help="probability of each of blur, crop-and-pad, affine, dropout"),
@@ -274,7 +277,6 @@ class Config(types.SimpleNamespace):
         parser.optionxform = str
         for name, values in self.as_dict().items():
             parser[name] = {k: _format(v) for k, v in values.items()}
-        import io
         out = io.StringIO()
         out.write(f"# resolved from {self.path}\n")
         parser.write(out)
@@ -478,7 +480,6 @@ def atomic_save_npy(path, array, reuse=None):
     already has skips freeing and allocating them (and the file system's block bookkeeping):
     a 4.8 MB batch took 0.3 ms that way against 0.9-11 ms as a new file on this machine.
     """
-    import numpy as np
     array = np.asarray(array)
     if not array.flags.c_contiguous:
         array = array.copy(order="C")

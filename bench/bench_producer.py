@@ -3,7 +3,7 @@
     python bench/bench_producer.py [--images 400] [--rounds 6] [--batch_size 64]
 
 Generates 500x375 JPEGs (quality 90) in a temporary folder and gives every
-pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
+pipeline the same geometry (data/transforms/scale_crop.py's draws: shorter side 256..480,
 224 crop, flip). Each one-core figure runs in a fresh process pinned to one CPU
 (sched_setaffinity before any import, so TensorFlow's threads are pinned too):
   naive      decode (PIL) -> full resize to S -> crop -> flip -> float (x/255-mu)/sigma
@@ -12,7 +12,7 @@ pipeline the same geometry (data/augment.py's draws: shorter side 256..480,
              private thread pool of 1, intra/inter-op threads 1
   augment    ours, in-process: draws, window decode + resample + flip into the batch slot (a
              worker's per-image work, without writing batch files; the PCA lighting shift is
-             computed on the trainer's device, data/device.py)
+             computed on the trainer's device, model/preprocessing.py)
   producer1  runtime_preprocessing's Producer (main process and 1 worker on the pinned CPU),
              writing batch files to --buffer_dir, in its steady state: a consumer process takes
              the batches as train.py's reader does (on another CPU, as a trainer would be) and
@@ -196,9 +196,9 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
     """
     import utils
     from data.buffer.producer import Producer
-    from tests.test_buffer import write_config
+    from tests.helpers import write_solid_config
     with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
-        config = write_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
+        config = write_solid_config(work, preprocess={"ImageNet_folder": folder, "path_to_save": os.path.join(work, "c")},
                               train={"buffer_size": str(BUFFER_BATCHES), "sleep_time": "0.02", "wait_timeout": "120"},
                               runtime_preprocessing={"num_of_threads": str(workers), "sleep_time": "0.005"},
                               images={"crop_size": str(CROP), "scale_min": "256", "scale_max": "480",

@@ -25,14 +25,15 @@ def imap_progress(func, items, num_workers=0, desc="", unit="img", disable=False
     try:
         if workers == 1:
             for item in items:
-                yield func(item)
-                bar.update(1)
+                result = func(item)
+                bar.update(1)  # before the yield: a caller that stops after the last item still sees 100%
+                yield result
             return
         chunksize = chunksize or max(1, min(64, len(items) // (workers * 8)))
         with multiprocessing.Pool(workers) as pool:
             for result in pool.imap(func, items, chunksize=chunksize):
-                yield result
                 bar.update(1)
+                yield result
     finally:
         bar.close()
 

@@ -4,7 +4,7 @@ The buffer holds global batches (--batch_size is the global batch). Every replic
 takes its contiguous slice of rows: replica r of R gets rows [r*B/R, (r+1)*B/R).
 The loss is averaged over the global batch (tf.nn.compute_average_loss) and the
 L2 term divided by R, so the all-reduced (summed) gradient equals the gradient
-of the single-device loss on the whole batch: synchronous SGD, as seed 003 ran
+of the single-device loss on the whole batch: synchronous SGD, as the TF official ResNet recipe ran
 on 4 GPUs.
 
 Multi-worker: every worker runs its own producer (runtime_preprocessing.py with

@@ -3,7 +3,7 @@
 Protocols (number of views per image, all from preprocess_val.py's store):
   10  resize the shorter side to [images] eval_resize, 4 corner crops + centre crop, each also
       flipped (the seed's README protocol, the default);
-   1  the single centre crop at eval_resize (seed 003's single-crop figure);
+   1  the single centre crop at eval_resize (the TF official ResNet recipe's single-crop figure);
   50  5 scales ([images] eval_scales_50) x 5 crops x 2 flips (what the original code ran).
 For each image the SOFTMAX PROBABILITIES of its views are averaged (not the logits), then
 ranked: top-1 is the best class, top-5 any of the best five. Ties rank the lower class index
@@ -26,8 +26,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
+from data.sources.val_store import open_val_store
 from engine import run_folder
+from engine.plot import plot_accuracy
 from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, exclusive_lock, is_temp_name
 
 
@@ -270,7 +273,6 @@ def evaluate_epoch(predict, store, protocol, epoch, batch_images=None, show_prog
 
 
 def _progress_bar(total, desc):
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=None, mininterval=1.0)
 
 
@@ -335,7 +337,6 @@ def refresh(run_path):
 
 
 def _plot(rows, run_path):
-    from engine.plot import plot_accuracy
     plot_accuracy(rows, os.path.join(run_path, PNG_NAME),
                   title=f"Validation accuracy: {os.path.basename(os.path.normpath(run_path))}")
 
@@ -367,8 +368,6 @@ def result_line(result):
 def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
                    poll=2.0, say=say_flushed):
     """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
-    from data.sources.val_store import open_val_store
-
     path = run_folder.run_dir(cfg.train.path_for_saving, run)
     if epoch_start == "auto":
         epoch_start = first_missing_epoch(path, views, epoch_end)

@@ -12,8 +12,11 @@
 """
 import csv
 import errno
+import glob
 import io
 import os
+
+from tqdm import tqdm
 
 from utils import atomic_write_text, disk_full_error
 
@@ -128,8 +131,7 @@ def _ends_with_newline(path):
 
 def read_scalars(run_path):
     """{tag: [(step, value), ...]} from <run>/tensorboard (for tests and plots)."""
-    import glob
-    import tensorflow as tf
+    import tensorflow as tf  # the evaluator's and tests' processes load it only to read events
     out = {}
     for path in sorted(glob.glob(os.path.join(run_path, TENSORBOARD_DIR, "events.*"))):
         for record in tf.data.TFRecordDataset(path):
@@ -140,7 +142,6 @@ def read_scalars(run_path):
 
 
 def progress_bar(epoch, total, enabled=True):
-    from tqdm import tqdm
     # One bar per epoch on stderr; refreshed at most twice a second, so the bar
     # never prints more than it has to.
     return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, mininterval=0.5,

@@ -13,15 +13,15 @@ Schedules ([schedule] type):
 - constant: base_lr.
 - step: base_lr, multiplied by factors[i] after each boundary. Boundaries follow
   `tf.compat.v1.train.piecewise_constant`: value i holds while step <= boundary i,
-  so a drop at boundary b takes effect at step b + 1 (seed 003 / TF official
+  so a drop at boundary b takes effect at step b + 1 (TF official
   ResNet). Boundaries given in epochs are converted to the last step of the epoch
   before, so the new rate starts with the epoch's first step.
 - cosine: half a cosine from base_lr to base_lr * final_factor over total steps.
-- onecycle: seed 002's three linear phases (titu1994 keras-one-cycle):
+- onecycle: the Tiny ImageNet recipe's three linear phases (titu1994 keras-one-cycle):
   max_lr * scale -> max_lr over `mid` steps, back to max_lr * scale over the next
   `mid`, then to max_lr * scale / 100 over the rest, mid = int(total * (1 - end) / 2).
   The reference writes phase 1 as max_lr*(1 + p*(100*scale - 1))*scale, which
-  reaches max_lr only for scale = 0.1 (the only value seed 002 used); this
+  reaches max_lr only for scale = 0.1 (the only value the Tiny ImageNet recipe used); this
   version interpolates to max_lr for any scale and equals it at 0.1.
 - warmup (composes with any of the above): the rate is multiplied by
   start + (1 - start) * step / warmup_steps until warmup_steps.

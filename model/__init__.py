@@ -11,6 +11,7 @@ from model.batch_renorm import BatchRenorm, RenormConfig
 from model.concat_resnet import NORMALIZATIONS, ConcatResNet
 from model.export import export_saved_model
 from model.resnet import COMPUTE_DTYPES, STAGES, STRIDE_PLACES, VARIANTS, ResNet
+from utils import UserError
 
 __all__ = ["build_model", "model_kwargs", "RenormConfig", "BatchRenorm", "export_saved_model"]
 
@@ -23,7 +24,7 @@ ARCHS = tuple(STAGES) + ("concat_resnet",)
 def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant="standard", stride_on="auto",
                 zero_init_last_gamma=False, renorm=None, l2_penalty=0.0, compute_dtype="float32", seed=0,
                 normalization="batch_renorm"):
-    """Build a ResNet (a tf.Module) with batch renormalization, or seed 002's concatenating ResNet.
+    """Build a ResNet (a tf.Module) with batch renormalization, or the Tiny ImageNet recipe's concatenating ResNet.
 
     Args:
         arch: key of model.resnet.STAGES ('resnet50'), or 'concat_resnet' (model.concat_resnet;
@@ -39,7 +40,7 @@ def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant
         compute_dtype: 'float32', 'float16' or 'bfloat16'; variables and batch
             statistics stay float32, logits are float32.
         seed: initialisation seed.
-        normalization: 'batch_renorm', or for concat_resnet also 'batch_norm' (seed 002's).
+        normalization: 'batch_renorm', or for concat_resnet also 'batch_norm' (the Tiny ImageNet recipe's).
     """
     _check_choice("arch", arch, ARCHS)
     _check_choice("normalization", normalization, NORMALIZATIONS)
@@ -87,7 +88,6 @@ def model_kwargs(cfg, num_classes):
     unknown); [model] num_classes = 0 means "use it", any other value must match it.
     All values are plain Python types, so the result can be written to JSON.
     """
-    from utils import UserError
     configured = cfg.model.num_classes
     if configured and num_classes and configured != num_classes:
         raise UserError(f"[model] num_classes is {configured} but the dataset has {num_classes} classes; "

@@ -1,4 +1,4 @@
-"""Seed 002's fully convolutional "concatenating ResNet" for Tiny ImageNet, from tf.Variable and tf.nn ops.
+"""The Tiny ImageNet recipe's fully convolutional "concatenating ResNet" for Tiny ImageNet, from tf.Variable and tf.nn ops.
 
 Structure (exactly the seed's `model.summary()`; every conv 3x3 'same', no bias, He-normal):
 

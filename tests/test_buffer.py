@@ -1,5 +1,4 @@
 """The buffer protocol in-process: file names and order, the refill rule, progress, manifest, BufferReader."""
-import configparser
 import json
 import os
 import subprocess
@@ -9,92 +8,19 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import utils
 from data.buffer import files, protocol, reader as buffer_reader
-from data.buffer.builder import Recipe
+from tests.helpers import fake_batch, fake_manifest, write_heartbeat, write_solid_config
 
 # ----------------------------------------------------------------------------
 # Helpers shared with tests/test_producer.py
 # ----------------------------------------------------------------------------
 
-COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 200)]
-
-
-def make_solid_dataset(root, per_class=8, seed=0, odd=True):
-    """train/<wnid>/*.JPEG where class k is a solid COLOURS[k] (varied sizes); plus a CMYK JPEG,
-    a PNG named .JPEG and a truncated file, whose colours (where readable) still match their class."""
-    rng = np.random.default_rng(seed)
-    for k, colour in enumerate(COLOURS):
-        folder = os.path.join(root, "train", f"n{k + 1:08d}")
-        os.makedirs(folder, exist_ok=True)
-        for j in range(per_class):
-            w, h = (int(v) for v in rng.integers(40, 90, 2))
-            img = Image.new("RGB", (w, h), colour)
-            path = os.path.join(folder, f"n{k + 1:08d}_{j}.JPEG")
-            kind = (k, j) if odd else None
-            if kind == (0, 1):
-                img.convert("CMYK").save(path, "JPEG", quality=95)
-            elif kind == (1, 1):
-                img.save(path, "PNG")
-            elif kind == (2, 1):
-                img.save(path, "JPEG", quality=95)
-                with open(path, "r+b") as f:
-                    f.truncate(os.path.getsize(path) // 2)
-            else:
-                img.save(path, "JPEG", quality=95)
-    return root
-
-
-BASE_CONFIG = {
-    "preprocess": {"ImageNet_folder": "data", "path_to_save": "cache"},
-    "preprocess_val": {"ImageNet_folder": "data", "path_to_save": "val", "N": "0"},
-    "get_mu_sigma": {"path_to_save": "stats"},
-    "train": {"buffer_folder": "buffer", "path_for_saving": "runs", "N": "0", "sgd_momentum": "0.9",
-              "buffer_size": "6", "sleep_time": "0.02", "wait_timeout": "30"},
-    "batch_renorm": {"moving_avgs_momentum": "0.99", "rmax_max": "3", "dmax_max": "5", "start_relaxing_rmax": "1",
-                     "reach_rmax_max": "2", "start_relaxing_dmax": "1", "reach_dmax_max": "2"},
-    "runtime_preprocessing": {"sleep_time": "0.02", "num_of_threads": "1", "heartbeat_interval": "0.1"},
-    "utils": {"mu_0": "0.5", "mu_1": "0.45", "mu_2": "0.4", "sigma_0": "0.25", "sigma_1": "0.26", "sigma_2": "0.27"},
-    "l2": {"l2_penalty": "0.0001"},
-    "images": {"crop_size": "16", "scale_min": "18", "scale_max": "30", "scale_step": "4", "eval_resize": "18"},
-}
-
-
-def write_config(folder, **overrides):
-    """A config in `folder` (paths relative to it); overrides as section={key: value}."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str
-    for section, values in BASE_CONFIG.items():
-        parser[section] = {**values, **overrides.get(section, {})}
-    path = os.path.join(folder, "config.txt")
-    with open(path, "w") as f:
-        parser.write(f)
-    return path
-
-
-def fake_manifest(batch_size=4, crop=16, num_batches=5, num_classes=5, seed=0):
-    recipe = Recipe(seed=seed, batch_size=batch_size, crop=crop, scales=(18, 22), pca_std=0.1,
-                    mu=(0.5, 0.45, 0.4), sigma=(0.25, 0.26, 0.27))
-    return protocol.make_manifest(recipe, "f" * 32, num_batches * batch_size, num_classes, 0, 3)
-
-
-def fake_batch(batch_size=4, crop=16, value=0):
-    images = np.full((batch_size, crop, crop, 3), value, np.uint8)
-    return images, np.arange(batch_size, dtype=np.int32) % 5, np.zeros((batch_size, 3), np.float32)
-
-
-def write_heartbeat(folder, pid=None, state="running", epoch_end=3, stamp=None):
-    record = {"run_id": "x", "epoch_start_floor": 0, "epoch_end": epoch_end, "pid": pid or os.getpid(),
-              "host": __import__("socket").gethostname(), "time": stamp or time.time(), "interval": 0.1,
-              "state": state}
-    utils.atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
-
 
 @pytest.fixture
 def buffer_setup(tmp_path):
-    cfg = utils.load_config(write_config(str(tmp_path), train={"wait_timeout": "0.5"}))
+    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.5"}))
     os.makedirs(cfg.train.buffer_folder)
     utils.atomic_write_text(os.path.join(cfg.train.buffer_folder, protocol.MANIFEST), json.dumps(fake_manifest()))
     return cfg, cfg.train.buffer_folder

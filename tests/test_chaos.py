@@ -1,7 +1,7 @@
 """Fault injection over the whole pipeline, the way storage and database projects test themselves.
 
 The chaos test runs the demo-scale pipeline (tools/launch.py with runtime_preprocessing.py and
-train.py, and check_accuracy.py alongside) on a tiny generated dataset and SIGKILLs the producer,
+train.py, and check_accuracy.py alongside) on a tiny generated solid_dataset and SIGKILLs the producer,
 the trainer and the evaluator at seeded random moments. Each comes back as a user would bring it
 back: the launcher restarts a dead producer itself (--epoch_start=auto); a killed trainer ends the
 launcher, which is started again with --epoch_start=auto; a killed evaluator is started again with
@@ -36,10 +36,7 @@ import pytest
 
 import utils
 from data.buffer import files, protocol, reader as buffer_reader
-from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_for, dataset, heartbeat_pid,  # noqa: F401
-                                 read_all, reference_builder, run_producer, start_producer)
-from tests.helpers import stop_process, wait_until
-from tests.test_train import make_data, read_checkpoint, write_config
+from tests.helpers import SOLID_BATCH, complete_count, heartbeat_pid, make_data, read_all, read_checkpoint, reference_builder, run_producer, solid_config_for, start_solid_producer, stop_process, surviving_batches, wait_until, write_train_config
 
 pytestmark = pytest.mark.chaos
 
@@ -61,8 +58,8 @@ DEADLINE = 900 if LONG else 170
 # Start order and restarts: the buffer protocol alone (no TensorFlow)
 # ----------------------------------------------------------------------------
 
-def test_trainer_started_first_waits_out_a_previous_runs_manifest(dataset, tmp_path, caplog):  # noqa: F811
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4", "wait_timeout": "30"})
+def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset, tmp_path, caplog):  # noqa: F811
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4", "wait_timeout": "30"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
@@ -82,20 +79,20 @@ def test_trainer_started_first_waits_out_a_previous_runs_manifest(dataset, tmp_p
     thread.start()
     time.sleep(1.0)
     assert thread.is_alive() and not errors  # waiting on the old manifest, not refusing it
-    producer = start_producer(config, epoch_start="0", epoch_end="2")
+    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
     thread.join(60)
     assert not errors, errors
     assert producer.wait(30) == 0
     assert "waiting up to 30 s" in caplog.text and "holds batches of 2 images" in caplog.text
 
 
-def test_producer_started_first_sets_aside_a_previous_runs_progress(dataset, tmp_path):  # noqa: F811
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+def test_producer_started_first_sets_aside_a_previous_runs_progress(solid_dataset, tmp_path):  # noqa: F811
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
-    producer = start_producer(config, epoch_start="0", epoch_end="2")
+    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
     try:
         assert wait_until(lambda: complete_count(folder) == 4)
         assert sorted(files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
@@ -106,12 +103,12 @@ def test_producer_started_first_sets_aside_a_previous_runs_progress(dataset, tmp
         producer.wait()
 
 
-def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(dataset, tmp_path):  # noqa: F811
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(solid_dataset, tmp_path):  # noqa: F811
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
-    producer = start_producer(config, epoch_start="0", epoch_end="3")
+    producer = start_solid_producer(config, epoch_start="0", epoch_end="3")
     reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
     try:
         read_all(reader, 0, 14, builder)  # the trainer stands at epoch 1 batch 4
@@ -119,7 +116,7 @@ def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_tra
         producer.wait()
         for key in files.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
             files.delete_batch(folder, *key)
-        producer = start_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
+        producer = start_solid_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
         started = time.monotonic()
         read_all(reader, 14, 15, builder)
         assert time.monotonic() - started < 15  # the waiting reader re-reported its position to the newcomer
@@ -130,13 +127,13 @@ def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_tra
         producer.wait()
 
 
-def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(dataset, tmp_path):  # noqa: F811
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(solid_dataset, tmp_path):  # noqa: F811
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
-    producer = start_producer(config, epoch_start="auto", epoch_end="2")
+    producer = start_solid_producer(config, epoch_start="auto", epoch_end="2")
     try:
         assert wait_until(lambda: heartbeat_pid(folder) == producer.pid)
         time.sleep(0.5)
@@ -151,24 +148,6 @@ def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(dataset, t
 # ----------------------------------------------------------------------------
 # The chaos run
 # ----------------------------------------------------------------------------
-
-def surviving_batches(lines):
-    """The trainer's final timeline from batches.log, and where attempts resumed.
-
-    Each train.py attempt appends "epoch batch" per step from where it resumed. A line at or
-    before the previous one starts a resumed attempt re-training from its checkpoint: the lines
-    it supersedes (the killed attempt's unsaved epoch) are dropped from the timeline. The
-    timeline must be every batch of every epoch once, in order; resumes must be at batch 0.
-    """
-    timeline, resumes = [], []
-    for line in lines:
-        epoch, batch = (int(v) for v in line.split())
-        if timeline and (epoch, batch) <= timeline[-1]:
-            resumes.append((epoch, batch))
-            while timeline and timeline[-1] >= (epoch, batch):
-                timeline.pop()
-        timeline.append((epoch, batch))
-    return timeline, resumes
 
 
 def _children():
@@ -414,7 +393,7 @@ def chaos_runs(tmp_path_factory):
     val = str(base / "val")
     configs = {}
     for name in ("twin", "chaos"):
-        configs[name] = write_config(
+        configs[name] = write_train_config(
             str(base / name), data,
             train={"buffer_size": "6", "wait_timeout": "300", "log_every": "4"},
             runtime_preprocessing={"heartbeat_interval": "0.5"},

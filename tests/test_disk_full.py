@@ -25,10 +25,7 @@ import utils
 from data.buffer import files, reader as buffer_reader
 from data.buffer.builder import BatchBuilder, Recipe
 from data.sources.index import load_index
-from tests.test_chaos import surviving_batches
-from tests.helpers import stop_process
-from tests.test_producer import read_all
-from tests.test_train import make_data, start_producer, train_cmd, write_config
+from tests.helpers import make_data, read_all, start_train_producer, stop_process, surviving_batches, train_cmd, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -121,7 +118,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
     if not tmpfs(disk, "1m"):
         pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE tests below take the same paths")
     folder = str(disk / "buffer")
-    config = write_config(str(tmp_path / "cfg"), data, train={"buffer_folder": folder, "buffer_size": "6"})
+    config = write_train_config(str(tmp_path / "cfg"), data, train={"buffer_folder": folder, "buffer_size": "6"})
     cfg = utils.load_config(config)
     builder = builder_for(cfg)
     producer = subprocess.Popen(producer_cmd(config, 0, 3), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -161,7 +158,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
     # Space is back: the same command with --epoch_start=auto continues where the trainer stands.
     if unreported:
         reader.report_progress(*unreported)
-    producer = start_producer(config, "auto", 3)
+    producer = start_train_producer(config, "auto", 3)
     try:
         read_and_check(reader, builder, position, 3 * STEPS)
         assert producer.wait(timeout=30) == 0
@@ -172,7 +169,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
 
 
 def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_path):
-    config = write_config(str(tmp_path), data, train={"buffer_size": "6"})
+    config = write_train_config(str(tmp_path), data, train={"buffer_size": "6"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     result = subprocess.run(producer_cmd(config, 0, 2), cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -183,7 +180,7 @@ def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_pat
                     rf"49\.\d KB, .* free\); raise the limit", line), line
     assert_clean(folder)
     assert files.scan_batches(folder)[0] == set()
-    producer = start_producer(config, "auto", 2)
+    producer = start_train_producer(config, "auto", 2)
     try:
         read_and_check(buffer_reader.BufferReader(cfg, BATCH), builder_for(cfg), 0, 2 * STEPS)
         assert producer.wait(timeout=30) == 0
@@ -198,10 +195,10 @@ def test_trainer_stops_cleanly_on_a_full_run_folder_and_resumes(data, tmp_path, 
     training it (nothing lost). Attempt 3, with space freed, finishes; each step with --epoch_start=auto."""
     runs = tmp_path / "runs"
     small = tmpfs(runs, "3m")
-    config = write_config(str(tmp_path / "cfg"), data, train={"path_for_saving": str(runs), "buffer_size": "6"})
+    config = write_train_config(str(tmp_path / "cfg"), data, train={"path_for_saving": str(runs), "buffer_size": "6"})
     run = str(runs / "R")
     from engine import run_folder
-    producer = start_producer(config, 0, 3)
+    producer = start_train_producer(config, 0, 3)
     try:
         first = subprocess.run(train_cmd(config, "R", 0, 3), cwd=ROOT, capture_output=True, text=True, timeout=240,
                                preexec_fn=file_size_limit(600_000))  # saved_model.pb and the checkpoint are ~840 KB

@@ -20,8 +20,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from tests.helpers import PY, ROOT, make_data, read_checkpoint, start_train_producer, train_cmd, write_train_config
 
-from tests.test_train import PY, ROOT, make_data, read_checkpoint, start_producer, train_cmd, write_config
 
 STEPS = 8
 TOTAL_TOLERANCE, VARIABLE_TOLERANCE, FLOOR = 0.01, 0.05, 1e-5
@@ -51,9 +51,9 @@ def free_ports(n):
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     data = make_data(str(base / "imagenet"))
-    prefill = write_config(str(base / "prefill"), data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
+    prefill = write_train_config(str(base / "prefill"), data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
                            train={"buffer_size": str(STEPS)})
-    producer = start_producer(prefill, 0, 1, "--once")
+    producer = start_train_producer(prefill, 0, 1, "--once")
     _, err = producer.communicate(timeout=120)
     assert producer.returncode == 0, err[-2000:]
     buffer = os.path.join(os.path.dirname(prefill), "buffer")
@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
         folder = str(base / name)
         os.makedirs(folder)
         shutil.copytree(buffer, os.path.join(folder, "buffer"))
-        return write_config(folder, data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
+        return write_train_config(folder, data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
                             train={"path_for_saving": str(base / "runs"), **train})
     return base, data, config_for
 

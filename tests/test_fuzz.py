@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -337,9 +337,9 @@ ARRAYS = st.fixed_dictionaries({kind: st.tuples(
 @FUZZ
 @given(arrays=ARRAYS)
 def test_the_reader_takes_only_batches_of_its_own_format(tmp_path, arrays):
-    from tests.test_buffer import fake_manifest, write_config, write_heartbeat
+    from tests.helpers import fake_manifest, write_heartbeat, write_solid_config
     import json
-    cfg = utils.load_config(write_config(str(tmp_path), train={"wait_timeout": "0.2"}))
+    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.2"}))
     folder = cfg.train.buffer_folder
     os.makedirs(folder, exist_ok=True)
     manifest = fake_manifest()  # batch 4, crop 16, 5 classes

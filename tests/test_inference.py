@@ -9,8 +9,8 @@ import inference
 import utils
 from data.sources import val_store
 from data.sources.index import load_index
-from tests.test_buffer import write_config
 from tools.make_demo_dataset import make_dataset, wnid
+from tests.helpers import write_solid_config
 
 tf = pytest.importorskip("tensorflow")
 
@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     make_dataset(str(data), num_classes=CLASSES, train_per_class=2, val_per_class=4, min_side=20, max_side=40)
     (data / "LOC_synset_mapping.txt").write_text("".join(f"{wnid(k)} shape number {k}, a test class\n"
                                                          for k in range(CLASSES)))
-    config = write_config(str(root), images={"crop_size": str(CROP), "scale_min": "20", "scale_max": "24",
+    config = write_solid_config(str(root), images={"crop_size": str(CROP), "scale_min": "20", "scale_max": "24",
                                              "eval_resize": str(EVAL_RESIZE)})
     cfg = utils.load_config(config)
     index = load_index(str(data), "val")

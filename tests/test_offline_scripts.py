@@ -1,5 +1,4 @@
 """preprocess.py, get_mu_sigma.py, preprocess_val.py and make_demo_dataset.py on a tiny generated dataset."""
-import configparser
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from data.sources import stats
 from data.sources import val_store
 from data.sources.index import load_index
 from data.pool import single_writer
+from tests.helpers import write_config_file
 from tools.make_demo_dataset import MARKER, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,19 +29,14 @@ def run(script, *args):
 
 def write_config(folder, dataset, **overrides):
     """configs/demo.txt with this test's folders; overrides: {'section.key': value}."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str
-    parser.read(os.path.join(ROOT, "configs", "demo.txt"))
     values = {"preprocess.ImageNet_folder": dataset, "preprocess.path_to_save": "scales", "preprocess.num_workers": 1,
               "preprocess_val.ImageNet_folder": dataset, "preprocess_val.path_to_save": "val",
               "get_mu_sigma.path_to_save": "stats", **overrides}
+    sections = {}
     for key, value in values.items():
         section, name = key.split(".")
-        parser.set(section, name, str(value))
-    path = os.path.join(folder, "config.txt")
-    with open(path, "w") as f:
-        parser.write(f)
-    return path
+        sections.setdefault(section, {})[name] = value
+    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), sections)
 
 
 @pytest.fixture(scope="module")

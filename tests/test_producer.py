@@ -4,8 +4,6 @@ import os
 import shutil
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,87 +12,32 @@ import pytest
 
 import utils
 from data.buffer import files as buffer_files, producer as buffer_producer, protocol, reader as buffer_reader
-from data.buffer.builder import BatchBuilder, Recipe
+from data.buffer.builder import Recipe
 from data.sources.index import load_index
-from tests.helpers import wait_until
-from tests.test_buffer import COLOURS, make_solid_dataset, write_config
+from tests.helpers import COLOURS, SOLID_BATCH, complete_count, heartbeat_pid, read_all, reference_builder, run_producer, solid_config_for, start_solid_producer, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "runtime_preprocessing.py")
-BATCH = 4  # 40 images -> 10 batches per epoch
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_solid_dataset(str(tmp_path_factory.mktemp("solid")), per_class=8)
-
-
-def config_for(folder, dataset, **overrides):
-    os.makedirs(folder, exist_ok=True)
-    overrides["preprocess"] = {"ImageNet_folder": dataset, **overrides.get("preprocess", {})}
-    return write_config(folder, **overrides)
-
-
-def producer_cmd(config, *args, batch_size=BATCH, epoch_start="0", epoch_end="3"):
-    return [sys.executable, SCRIPT, "--config", config, "--batch_size", str(batch_size), "--epoch_start",
-            str(epoch_start), "--epoch_end", str(epoch_end), "--no_progress", *args]
-
-
-def run_producer(config, *args, **kw):
-    return subprocess.run(producer_cmd(config, *args, **kw), capture_output=True, text=True, timeout=60)
-
-
-def start_producer(config, *args, **kw):
-    return subprocess.Popen(producer_cmd(config, *args, **kw), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def batch_files(folder):
+def batch_file_bytes(folder):
     return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(os.path.join(folder, "[XYL]_*.npy"))}
 
 
-def reference_builder(config):
-    cfg = utils.load_config(config)
-    index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    return BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, BATCH))
-
-
-def heartbeat_pid(folder):
-    return (protocol.producer_status(folder)[1] or {}).get("pid")
-
-
-def complete_count(folder):
-    return len(buffer_files.scan_batches(folder)[0])
-
-
-def read_all(reader, start, stop, builder, num_batches=10, pause=0.0, report=True):
-    """Read linear positions [start, stop) in order, checking each batch against the reference."""
-    for lin in range(start, stop):
-        epoch, b = divmod(lin, num_batches)
-        batch = reader.read(epoch, b)
-        images, labels, lighting = builder.build(epoch, b)
-        assert np.array_equal(batch.images, images) and np.array_equal(batch.labels, labels)
-        assert np.array_equal(batch.lighting, lighting)
-        if report:
-            reader.report_progress(epoch, b + 1)
-        if pause:
-            time.sleep(pause)
-
-
-def test_batches_identical_for_1_and_2_workers_and_labels_match(dataset, tmp_path):
-    config_a = config_for(str(tmp_path / "a"), dataset, train={"buffer_size": "25"})
-    config_b = config_for(str(tmp_path / "b"), dataset, train={"buffer_size": "25"})
+def test_batches_identical_for_1_and_2_workers_and_labels_match(solid_dataset, tmp_path):
+    config_a = solid_config_for(str(tmp_path / "a"), solid_dataset, train={"buffer_size": "25"})
+    config_b = solid_config_for(str(tmp_path / "b"), solid_dataset, train={"buffer_size": "25"})
     assert run_producer(config_a, "--once", "--num_workers", "1").returncode == 0
     assert run_producer(config_b, "--once", "--num_workers", "2").returncode == 0
-    a, b = batch_files(str(tmp_path / "a" / "buffer")), batch_files(str(tmp_path / "b" / "buffer"))
+    a, b = batch_file_bytes(str(tmp_path / "a" / "buffer")), batch_file_bytes(str(tmp_path / "b" / "buffer"))
     assert len(a) == 3 * 25 and a == b  # epochs 0, 1 and half of 2, byte for byte
 
     cfg = utils.load_config(config_a)
-    reader = buffer_reader.BufferReader(cfg, BATCH)
+    reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
     colours = np.asarray(COLOURS, np.float64)
     seen_labels = set()
     for lin in range(25):
         batch = reader.read(*divmod(lin, 10))
-        means = batch.images.reshape(BATCH, -1, 3).mean(axis=1)
+        means = batch.images.reshape(SOLID_BATCH, -1, 3).mean(axis=1)
         nearest = np.argmin(((means[:, None, :] - colours[None]) ** 2).sum(-1), axis=1)
         assert np.array_equal(nearest, batch.labels), (lin, means, batch.labels)
         assert np.isfinite(batch.lighting).all()
@@ -102,8 +45,8 @@ def test_batches_identical_for_1_and_2_workers_and_labels_match(dataset, tmp_pat
     assert seen_labels == set(range(len(COLOURS)))
 
 
-def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_path):
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "6", "wait_timeout": "30"})
+def test_sigkill_at_random_moments_never_exposes_a_partial_batch(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6", "wait_timeout": "30"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
@@ -112,7 +55,7 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
 
     def trainer():
         try:
-            reader = buffer_reader.BufferReader(cfg, BATCH)
+            reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
             for lin in range(60):
                 if lin == 59:  # a producer started after the last report would wait for the trainer forever
                     final_started.wait(120)
@@ -126,14 +69,14 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
     rng = random.Random(1)
     kills = 0
     while t.is_alive() and kills < 14:
-        p = start_producer(config, epoch_start="auto", epoch_end="6")
+        p = start_solid_producer(config, epoch_start="auto", epoch_end="6")
         if rng.random() < 0.8:  # mostly while it produces, sometimes during start-up
             wait_until(lambda: heartbeat_pid(folder) == p.pid, 10)
         time.sleep(rng.uniform(0.0, 0.2))
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
-    final = start_producer(config, epoch_start="auto", epoch_end="6")
+    final = start_solid_producer(config, epoch_start="auto", epoch_end="6")
     assert wait_until(lambda: heartbeat_pid(folder) == final.pid)  # it has read the progress file
     final_started.set()
     t.join(60)
@@ -141,20 +84,20 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(dataset, tmp_pa
     assert final.wait(30) == 0
     assert kills >= 10
     assert max_on_disk[0] <= 6
-    assert batch_files(folder) == {}  # the finished producer deleted everything consumed
+    assert batch_file_bytes(folder) == {}  # the finished producer deleted everything consumed
     assert not [n for n in os.listdir(folder) if n.startswith(".tmp-") and "progress" not in n]
 
 
-def test_restart_reproduces_the_same_bytes(dataset, tmp_path):
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "12"})
+def test_restart_reproduces_the_same_bytes(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "12"})
     folder = utils.load_config(config).train.buffer_folder
-    p = start_producer(config, "--num_workers", "2")
+    p = start_solid_producer(config, "--num_workers", "2")
     wait_until(lambda: complete_count(folder) >= 3 if os.path.isdir(folder) else False)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert run_producer(config, "--once", "--num_workers", "1").returncode == 0
     builder = reference_builder(config)
-    files = batch_files(folder)
+    files = batch_file_bytes(folder)
     assert len(files) == 3 * 12
     for lin in range(12):
         images, labels, lighting = builder.build(*divmod(lin, 10))
@@ -162,11 +105,11 @@ def test_restart_reproduces_the_same_bytes(dataset, tmp_path):
         assert np.array_equal(x, images)
 
 
-def test_refill_rule_and_deletion_of_consumed(dataset, tmp_path):
+def test_refill_rule_and_deletion_of_consumed(solid_dataset, tmp_path):
     # buffer_size 6, refill_threshold 0.8: refill when fewer than 4.8 batches are ready ahead.
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "6"})
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
     folder = utils.load_config(config).train.buffer_folder
-    p = start_producer(config)
+    p = start_solid_producer(config)
     try:
         ready = lambda: sorted(buffer_files.scan_batches(folder)[0]) if os.path.isdir(folder) else []  # noqa: E731
         assert wait_until(lambda: ready() == [(0, b) for b in range(6)])
@@ -184,55 +127,55 @@ def test_refill_rule_and_deletion_of_consumed(dataset, tmp_path):
         p.wait()
 
 
-def test_resume_at_epoch_start_after_mid_epoch_crash(dataset, tmp_path):
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "6"})
+def test_resume_at_epoch_start_after_mid_epoch_crash(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
     cfg = utils.load_config(config)
     builder = reference_builder(config)
-    p = start_producer(config, epoch_start="0", epoch_end="3")
-    read_all(buffer_reader.BufferReader(cfg, BATCH), 0, 16, builder)  # epoch 0 and batches 0-5 of epoch 1
+    p = start_solid_producer(config, epoch_start="0", epoch_end="3")
+    read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 16, builder)  # epoch 0 and batches 0-5 of epoch 1
     p.send_signal(signal.SIGKILL)  # crash: the trainer restarts from its epoch-0 checkpoint, at epoch 1
     p.wait()
     assert protocol.read_progress(cfg.train.buffer_folder) == (1, 6)
-    p = start_producer(config, epoch_start="1", epoch_end="3")
-    read_all(buffer_reader.BufferReader(cfg, BATCH), 10, 30, builder)  # all of epochs 1 and 2, from (1, 0)
+    p = start_solid_producer(config, epoch_start="1", epoch_end="3")
+    read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10, 30, builder)  # all of epochs 1 and 2, from (1, 0)
     assert p.wait(30) == 0
-    assert batch_files(cfg.train.buffer_folder) == {}
+    assert batch_file_bytes(cfg.train.buffer_folder) == {}
 
 
-def test_stale_buffer_is_refused_then_cleared_on_request(dataset, tmp_path):
-    config = config_for(str(tmp_path), dataset)
+def test_stale_buffer_is_refused_then_cleared_on_request(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset)
     folder = utils.load_config(config).train.buffer_folder
     assert run_producer(config, "--once").returncode == 0
-    before = batch_files(folder)
+    before = batch_file_bytes(folder)
     r = run_producer(config, "--once", batch_size=2)
     assert r.returncode == 2
     assert "another run" in r.stderr and "batch_size 4 -> 2" in r.stderr and "--clear_buffer" in r.stderr
-    reseeded = config_for(str(tmp_path / "seed1"), dataset, train={"seed": "1", "buffer_folder": folder})
+    reseeded = solid_config_for(str(tmp_path / "seed1"), solid_dataset, train={"seed": "1", "buffer_folder": folder})
     r = run_producer(reseeded, "--once")
     assert r.returncode == 2 and "seed 0 -> 1" in r.stderr
-    assert batch_files(folder) == before  # nothing was touched
+    assert batch_file_bytes(folder) == before  # nothing was touched
     r = run_producer(config, "--once", "--clear_buffer", batch_size=2)
     assert r.returncode == 0, r.stderr
     shapes = {np.load(p, allow_pickle=False).shape for p in glob.glob(os.path.join(folder, "X_*.npy"))}
     assert shapes == {(2, 16, 16, 3)}
 
 
-def test_unwritable_folder_and_full_disk_are_clear_errors(dataset, tmp_path, monkeypatch):
+def test_unwritable_folder_and_full_disk_are_clear_errors(solid_dataset, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    config = config_for(str(tmp_path), dataset, train={"buffer_folder": str(blocker / "buffer")})
-    producer = buffer_producer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_folder": str(blocker / "buffer")})
+    producer = buffer_producer.Producer(utils.load_config(config), SOLID_BATCH, 0, 2, progress=False)
     with pytest.raises(utils.UserError, match="Cannot write to the buffer folder .*a_file/buffer.*KB"):
         producer.setup()
-    config = config_for(str(tmp_path / "ok"), dataset)
+    config = solid_config_for(str(tmp_path / "ok"), solid_dataset)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    producer = buffer_producer.Producer(utils.load_config(config), BATCH, 0, 2, progress=False)
+    producer = buffer_producer.Producer(utils.load_config(config), SOLID_BATCH, 0, 2, progress=False)
     with pytest.raises(utils.UserError, match=r"ok/buffer has 1\.0 KB free but 6 batches need about 21\.1 KB"):
         producer.setup()
 
 
-def test_progress_left_over_past_the_range_is_not_followed(dataset, tmp_path):
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "4"})
+def test_progress_left_over_past_the_range_is_not_followed(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
     folder = utils.load_config(config).train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 9, 0)  # an earlier run's last report
@@ -241,17 +184,17 @@ def test_progress_left_over_past_the_range_is_not_followed(dataset, tmp_path):
     assert sorted(buffer_files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
 
 
-def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path):
+def test_consumed_files_are_reused_and_the_buffer_bound_holds(solid_dataset, tmp_path):
     """Consumed X files are overwritten in place by later batches; never more than buffer_size files in all."""
-    config = config_for(str(tmp_path), dataset, train={"buffer_size": "5"})
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "5"})
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     links = tmp_path / "links"  # a second name for each X file: it shows whether that inode was rewritten
     links.mkdir()
-    p = start_producer(config, epoch_start="0", epoch_end="2")
+    p = start_solid_producer(config, epoch_start="0", epoch_end="2")
     try:
-        reader = buffer_reader.BufferReader(cfg, BATCH)
+        reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
         most = 0
         for lin in range(20):
             batch = reader.read(*divmod(lin, 10))
@@ -272,14 +215,14 @@ def test_consumed_files_are_reused_and_the_buffer_bound_holds(dataset, tmp_path)
     assert not [n for n in os.listdir(folder) if n.startswith(utils.TMP_PREFIX) and "progress" not in n]
 
 
-def test_a_dead_worker_is_a_clear_error(dataset, tmp_path):
+def test_a_dead_worker_is_a_clear_error(solid_dataset, tmp_path):
     from data.buffer.workers import WorkerSet
-    config = config_for(str(tmp_path), dataset)
+    config = solid_config_for(str(tmp_path), solid_dataset)
     cfg = utils.load_config(config)
     folder = str(tmp_path / "buffer")
     os.makedirs(folder)
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    workers = WorkerSet(1, index.paths, index.labels, Recipe.from_config(cfg, BATCH), folder)
+    workers = WorkerSet(1, index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH), folder)
     try:
         workers.submit(0, 0)
         assert workers.collect(timeout=30) == [(0, 0)]

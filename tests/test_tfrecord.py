@@ -211,13 +211,13 @@ def twin(source, tmp_path_factory):
 
 
 def twin_configs(tmp_path, twin, decoder="auto", **images):
-    from tests.test_buffer import BASE_CONFIG, write_config
+    from tests.helpers import SOLID_CONFIG, write_solid_config
     configs = {}
     for name, root, source in (("folder", twin[0], "folder"), ("tfrecord", twin[1], "tfrecord")):
         os.makedirs(tmp_path / name)
-        path = write_config(str(tmp_path / name), preprocess={"ImageNet_folder": str(root)},
+        path = write_solid_config(str(tmp_path / name), preprocess={"ImageNet_folder": str(root)},
                             preprocess_val={"ImageNet_folder": str(root)}, images=images,
-                            runtime_preprocessing={**BASE_CONFIG["runtime_preprocessing"], "decoder": decoder})
+                            runtime_preprocessing={**SOLID_CONFIG["runtime_preprocessing"], "decoder": decoder})
         with open(path, "a") as f:
             f.write(f"\n[data]\nsource = {source}\n")
         configs[name] = utils.load_config(path)

@@ -1,4 +1,4 @@
-"""Seed 002's augmentations (data/tiny_augment.py): where a marker lands, fill modes, draw frequencies."""
+"""Seed 002's augmentations (data/transforms/tiny_augment.py): where a marker lands, fill modes, draw frequencies."""
 import math
 import types
 

@@ -15,7 +15,7 @@ three, whatever their extension) are decoded and re-encoded as RGB JPEG at
 files are skipped and listed in dataset_info.json.
 
 --label_offset is required because it decides the model's output size: 1 writes
-Inception's labels 1..1000 with 0 an unused background class (1001 outputs, seed 003),
+Inception's labels 1..1000 with 0 an unused background class (1001 outputs, as TF official ResNet),
 0 writes 0..999 (1000 outputs, like the image folder). It is recorded in
 dataset_info.json beside the shards and read back by every script.
 
@@ -36,6 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import utils  # noqa: E402
 from data.pool import resolve_workers, single_writer  # noqa: E402
@@ -145,7 +146,6 @@ def build_split(out, split, index, num_shards, label_offset, texts, boxes, quali
     skipped = images.SkipList(f"{split} image")
     if not jobs:
         return 0, skipped
-    from tqdm import tqdm
     total = sum(len(items) for _, items, _ in jobs)
     bar = tqdm(total=total, desc=f"{tfrecord.SPLIT_PREFIX[split]} shards ({len(jobs)} to write)", unit="img",
                disable=not progress, dynamic_ncols=True, smoothing=0.05)
@@ -281,7 +281,6 @@ def verify(folder, num_workers):
             shards = shard_folder.find_shards(folder, split)
         except utils.UserError:
             continue
-        from tqdm import tqdm
         for shard in tqdm(shards, desc=f"verifying {tfrecord.SPLIT_PREFIX[split]}", unit="shard"):
             try:
                 count = sum(1 for _ in tf.data.TFRecordDataset(shard))

@@ -13,6 +13,8 @@ in demo_data/ and demo_runs/ (see configs/demo.txt); a second run reuses the dat
 new run demo-<timestamp>, keeping the newest --keep_runs demo runs.
 """
 import argparse
+import csv
+import json
 import os
 import shlex
 import shutil
@@ -26,6 +28,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from data.sources import val_store  # noqa: E402
+from data.sources.index import load_index  # noqa: E402
+from engine import evaluate, run_folder  # noqa: E402
 from tools.launch import die_with_launcher  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.txt")
@@ -99,8 +104,6 @@ def python(script, *args):
 
 def stats_are_current(cfg):
     """True when mu_sigma.json exists and was computed on exactly this training set."""
-    import json
-    from data.sources.index import load_index
     path = os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)
     try:
         with open(path) as f:
@@ -117,9 +120,6 @@ def drop_stale_val_store(cfg):
 
     preprocess_val.py rightly refuses to mix stores; in the demo's own folder the fix is to rebuild.
     """
-    import json
-    from data.sources import val_store
-    from data.sources.index import load_index
     pv, im = cfg.preprocess_val, cfg.images
     path = pv.path_to_save
     try:
@@ -146,7 +146,6 @@ def prune_old_runs(runs_dir, keep):
 
 
 def summary(cfg, run, steps, total_seconds, epochs):
-    from engine import evaluate, run_folder
     run_path = run_folder.run_dir(cfg.train.path_for_saving, run)
     rows = [r for r in evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME)) if r["protocol"] == 10]
     train_rows = _train_log(os.path.join(run_path, "log.csv"))
@@ -170,7 +169,6 @@ def summary(cfg, run, steps, total_seconds, epochs):
 
 
 def _train_log(path):
-    import csv
     try:
         with open(path, newline="") as f:
             return {int(r["epoch"]): r for r in csv.DictReader(f)}

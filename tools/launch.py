@@ -6,7 +6,7 @@
 
 This is what a user does by hand in two terminals (which keeps working exactly as the seed
 describes); the launcher adds supervision:
-- both start at once (the buffer protocol makes the start order irrelevant: see data/buffer.py);
+- both start at once (the buffer protocol makes the start order irrelevant: see data/buffer/__init__.py);
   the trainer's output is shown as is;
 - a producer that dies with an error while the trainer runs is restarted (at most
   --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;

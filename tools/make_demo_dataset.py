@@ -26,12 +26,14 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+from data.pool import imap_progress  # noqa: E402
 
 GENERATOR_VERSION = 3
 MARKER = "demo_dataset.json"
@@ -317,7 +319,6 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
 
 
 def _map(func, items, num_workers, progress):
-    from data.pool import imap_progress
     return imap_progress(func, items, num_workers=num_workers, desc="drawing", unit="img", disable=not progress)
 
 
@@ -345,7 +346,6 @@ def main():
     sides = DEFAULT_SIDES.get(a.layout, (80, 160))
     a.min_side = sides[0] if a.min_side is None else a.min_side
     a.max_side = max(sides[1], a.min_side) if a.max_side is None else a.max_side
-    import time
     t0 = time.time()
     marker = make_dataset(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, not a.no_odd_files,
                           a.layout, a.min_side, a.max_side, num_workers=a.num_workers, progress=True,

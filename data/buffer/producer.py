@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 
+from tqdm import tqdm
+
 import utils
 from data.buffer.builder import Recipe
 from data.buffer.files import (batch_header_ok, bytes_per_batch, delete_batch, parse_batch_name, plan_refill,
@@ -328,7 +330,6 @@ class Producer:
     # -- display -----------------------------------------------------------------
 
     def _make_bar(self):
-        from tqdm import tqdm
         return tqdm(total=self.end_lin - self.start_lin, desc="batches ready", unit="batch", dynamic_ncols=True,
                     disable=not self.progress, smoothing=0.1)
 

@@ -1,6 +1,6 @@
 """TFRecord shards in the Inception `build_imagenet_data` format, read without TensorFlow.
 
-Seed 003 (and many ImageNet users) keep the dataset as shards `train-00000-of-01024` ...
+The TF official ResNet recipe (and many ImageNet users) keep the dataset as shards `train-00000-of-01024` ...
 and `validation-00000-of-00128`, each a TFRecord file of serialised tf.train.Example
 protos with the keys in FEATURES. With [data] source = tfrecord, ImageNet_folder names
 such a folder and runtime_preprocessing.py, preprocess_val.py and get_mu_sigma.py read it

@@ -1,4 +1,4 @@
-"""Seed 003's training augmentation: Inception's distorted bounding-box crop, in numpy and PIL.
+"""The Inception crop: Inception's distorted bounding-box crop, in numpy and PIL.
 
 TF official ResNet (models v1.10 imagenet_preprocessing.py) does, per training image:
   1. tf.image.sample_distorted_bounding_box(image size, boxes, min_object_covered=0.1,
@@ -29,7 +29,7 @@ Random draws: image `position` of epoch `epoch` draws from
 np.random.default_rng([seed, epoch, position, INCEPTION_STREAM]) in a fixed order: the
 flip, then the box sampler's draws; a stream of its own, apart from data/augment.py's
 draws for the same position (whose PCA lighting coefficients the producer still uses
-when [images] pca_std > 0; seed 003 has none). A batch is therefore the same whatever
+when [images] pca_std > 0; the Inception recipe has none). A batch is therefore the same whatever
 the number of workers.
 """
 import io

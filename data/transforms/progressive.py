@@ -1,7 +1,7 @@
 """Progressive resizing: the training crop size as a function of the epoch.
 
 [images] crop_schedule = '0:32, 10:48, 20:64' means 32-pixel crops for epochs 0-9,
-48 for 10-19 and 64 from epoch 20 on (seed 002 trained on random 32 and 48 px
+48 for 10-19 and 64 from epoch 20 on (the Tiny ImageNet recipe trained on random 32 and 48 px
 crops before the full 64 px images). Empty means [images] crop_size for every epoch.
 The producer writes the schedule into the buffer manifest ('crop_sizes', the same
 [[first_epoch, crop], ...] list), and the trainer reads each epoch's size from there,

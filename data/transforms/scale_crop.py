@@ -2,7 +2,7 @@
 
 Where each step runs (the one place this is stated):
 
-  step (seed 001 order)                      where                          how
+  step (the recipe's order)                      where                          how
   1. shorter side S from utils.scales(cfg)   producer CPU (this module)     drawn per image
   2. resize so the shorter side is S         producer CPU                   only the crop window is resampled
   3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
@@ -11,7 +11,7 @@ Where each step runs (the one place this is stated):
   4. x/255, (x - mu)/sigma                   trainer device (data/device.py) affine, on the GPU
   6. the crop's PCA and the lighting shift   trainer device (data/device.py) [B,3,3] covariance, batched eigh
 
-With [images] augmentation = tiny, data/tiny_augment.py (seed 002's pipeline) replaces steps
+With [images] augmentation = tiny, data/transforms/tiny_augment.py (the Tiny ImageNet pipeline) replaces steps
 1-5 and 6 is off (pca_std = 0); with [images] crop_schedule the crop size changes per epoch
 (data/progressive.py).
 

@@ -1,4 +1,4 @@
-"""Seed 002's training augmentation (imgaug in the original) in numpy and PIL, plus its random crop.
+"""The Tiny ImageNet recipe's training augmentation (imgaug in the original) in numpy and PIL, plus its random crop.
 
 The seed's pipeline, per training image (`training_crop`):
   1. load at full size (64x64; other sizes are resized to full x full, as Keras' target_size did);
@@ -45,7 +45,7 @@ STEPS = ("hflip", "vflip", "blur", "crop_pad", "affine", "dropout")
 
 @dataclasses.dataclass(frozen=True)
 class TinyAugmentConfig:
-    """Magnitudes of seed 002's augmentation (the defaults are the seed's); field names = [tiny_augment] keys."""
+    """Magnitudes of the Tiny ImageNet augmentation (the defaults are the recipe's); field names = [tiny_augment] keys."""
     hflip: float = 0.5
     vflip: float = 0.2
     sometimes: float = 0.5
@@ -251,7 +251,7 @@ def _apply(step, img, rng, c):
 
 
 def augment(img, rng, config=TinyAugmentConfig()):
-    """Seed 002's augmenters on a uint8 HWC image, in a random order (config.random_order); same shape out."""
+    """The Tiny ImageNet augmenters on a uint8 HWC image, in a random order (config.random_order); same shape out."""
     order = rng.permutation(len(STEPS)) if config.random_order else range(len(STEPS))
     for k in order:
         img = _apply(STEPS[k], img, rng, config)
@@ -276,5 +276,5 @@ def load_full(path, full_size):
 
 
 def training_crop(path, full_size, crop, rng, config=TinyAugmentConfig()):
-    """One training image through seed 002's pipeline: load at full size, augment, random crop."""
+    """One training image through the Tiny ImageNet pipeline: load at full size, augment, random crop."""
     return random_crop(augment(load_full(path, full_size), rng, config), crop, rng)
