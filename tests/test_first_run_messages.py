@@ -1,0 +1,89 @@
+"""What a new user sees when a first run goes wrong (issue 18): each refusal is one sentence naming
+what was expected, what was found and the next command, and a refused train.py leaves no run folder."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import merge_sections, write_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def run(script, *args, timeout=60):
+    return subprocess.run([PY, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def write_config(folder, data_root, **sections):
+    """configs/demo.txt with this test's folders, fixed mu/sigma and a 1 s wait_timeout."""
+    values = {"preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales"),
+                             "num_workers": "1"},
+              "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
+                        "wait_timeout": "1"},
+              "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}}}
+    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
+
+
+@pytest.fixture(scope="module")
+def one_class(tmp_path_factory):
+    """A one-class training set (ImageNet_folder pointed one level too deep looks like this) and a
+    buffer of batches of 4 that the producer filled from it."""
+    sys.path.insert(0, ROOT)
+    from tools.make_demo_dataset import make_dataset
+    folder = tmp_path_factory.mktemp("one_class")
+    data = str(folder / "imagenet")
+    make_dataset(data, num_classes=1, train_per_class=8, val_per_class=1, odd_files=False, min_side=72, max_side=80)
+    config = write_config(str(folder), data)
+    produced = run("runtime_preprocessing.py", "--config", config, "--epoch_start=0", "--epoch_end=1",
+                   "--batch_size=4", "--once", "--no_progress", "--num_workers=1")
+    assert produced.returncode == 0, produced.stderr
+    return config
+
+
+def test_train_refuses_a_one_class_training_set_and_creates_no_run_folder(one_class):
+    result = run("train.py", "--config", one_class, "--run_folder=first", "--epoch_start=0", "--epoch_end=1",
+                 "--batch_size=4")
+    assert result.returncode == 2, result.stderr
+    assert "has 1 class (per the producer's manifest), expected at least [data] min_classes = 2" in result.stderr
+    assert "set [data] min_classes = 1" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(os.path.dirname(one_class), "runs", "first"))
+
+
+def test_a_train_py_refused_for_its_batch_size_leaves_no_run_folder(one_class):
+    result = run("train.py", "--config", one_class, "--run_folder=mismatch", "--epoch_start=0", "--epoch_end=1",
+                 "--batch_size=8")
+    assert result.returncode == 2, result.stderr
+    assert "holds batches of 4 images but this run asks for --batch_size=8" in result.stderr
+    assert not os.path.exists(os.path.join(os.path.dirname(one_class), "runs", "mismatch"))
+
+
+def test_preprocess_refuses_a_one_class_training_set_unless_min_classes_is_1(one_class, tmp_path):
+    result = run("preprocess.py", "--config", one_class, "--shorter_side=72")
+    assert result.returncode == 2 and "expected at least [data] min_classes = 2" in result.stderr, result.stderr
+    data = open(one_class).read().split("ImageNet_folder = ")[1].splitlines()[0]
+    forced = write_config(str(tmp_path), data, data={"min_classes": "1"})
+    result = run("preprocess.py", "--config", forced, "--shorter_side=72")
+    assert result.returncode == 0, result.stderr
+
+
+def test_preprocess_refuses_a_side_no_run_draws_and_names_the_scales(tmp_path):
+    # configs/demo.txt draws scales 72, 76, ..., 96: a cache at 73 would never be read.
+    config = write_config(str(tmp_path), str(tmp_path / "no_dataset_needed"))
+    result = run("preprocess.py", "--config", config, "--shorter_side=73")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --shorter_side 73 is not one of the scales training draws ([images] scale_min 72 to scale_max 96 "
+        "step 4: 72, 76, 80, 84, 88, 92, 96), so no run would read that cache; pass one of those, 'all', or "
+        "--any_side to build it anyway."]
+    assert not os.path.exists(tmp_path / "scales")
+
+
+def test_config_naming_a_folder_says_it_is_a_folder(tmp_path):
+    (tmp_path / "config.txt").write_text("")
+    result = run("preprocess.py", "--config", str(tmp_path), "--shorter_side=72")
+    assert result.returncode == 2
+    assert f"--config {tmp_path} is a folder, not a config file; pass --config {tmp_path / 'config.txt'}." \
+        in result.stderr
