@@ -87,3 +87,35 @@ def test_config_naming_a_folder_says_it_is_a_folder(tmp_path):
     assert result.returncode == 2
     assert f"--config {tmp_path} is a folder, not a config file; pass --config {tmp_path / 'config.txt'}." \
         in result.stderr
+
+
+def _complete_epoch(run, epoch):
+    folder = run / str(epoch)
+    (folder / "saved_model").mkdir(parents=True)
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / "ckpt.index").write_text("")
+    (folder / "config.txt").write_text("")
+
+
+def test_ctrl_c_advice_points_to_auto_only_once_the_command_would_collide_with_a_saved_epoch(tmp_path):
+    from engine.run_folder import resume_advice
+    run = tmp_path / "run"
+    assert resume_advice(str(run), "0") == "Rerun the same command to resume."
+    _complete_epoch(run, 0)
+    assert resume_advice(str(run), "1") == "Rerun the same command to resume."  # resumes from epoch 0
+    assert resume_advice(str(run), "auto") == "Rerun the same command to resume."
+    assert resume_advice(str(run), "0") == (f"Epoch 0 is saved in {run}: rerun with --epoch_start=auto to "
+                                            f"continue from epoch 1.")
+
+
+def test_a_run_folder_left_with_only_its_lock_and_log_is_removed_on_a_user_error(tmp_path):
+    from engine import run_folder
+    from utils import UserError
+    new, old = tmp_path / "new", tmp_path / "old"
+    old.mkdir()
+    for run in (new, old):
+        with pytest.raises(UserError):
+            with run_folder.removed_if_left_empty(str(run)), run_folder.locked(str(run)):
+                (run / "train.log").write_text("")
+                raise UserError("jit_compile and deterministic cannot both be true")
+    assert not new.exists() and sorted(os.listdir(old)) == ["train.lock", "train.log"]
