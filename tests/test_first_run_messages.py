@@ -119,3 +119,28 @@ def test_a_run_folder_left_with_only_its_lock_and_log_is_removed_on_a_user_error
                 (run / "train.log").write_text("")
                 raise UserError("jit_compile and deterministic cannot both be true")
     assert not new.exists() and sorted(os.listdir(old)) == ["train.lock", "train.log"]
+
+
+def _help_entries(help_text):
+    """{option line: its help text} from argparse's --help output."""
+    entries, current = {}, None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            spec, _, text = line.strip().partition("  ")
+            current = spec
+            entries[current] = text.strip()
+        elif current and line.startswith("    "):
+            entries[current] = (entries[current] + " " + line.strip()).strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("script", [os.path.join("tools", "make_demo_dataset.py"), os.path.join("tools", "demo.py")])
+def test_every_option_of_the_demo_tools_has_help_and_states_its_default_once(script):
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    entries = _help_entries(result.stdout)
+    assert len(entries) >= 4
+    assert [spec for spec, text in entries.items() if not text] == []
+    assert [spec for spec, text in entries.items() if text.lower().count("default") > 1] == []
