@@ -11,6 +11,7 @@ producer with the same --epoch_start, --epoch_end and --batch_size. Without
 Logs: <run>/log.csv (one row per epoch), <run>/tensorboard/, <run>/train.log, <run>/batches.log.
 """
 import argparse
+import logging
 import os
 import shlex
 import signal
@@ -58,7 +59,7 @@ def main(argv=None):
     if chief:
         run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
     utils.setup_logging()
-    reader = open_buffer(cfg, args.batch_size)
+    reader = open_buffer(cfg, args)
     if not chief:  # only the chief writes the run folder
         return train(cfg, args, run_path, epoch_start, reader)
     with run_folder.removed_if_left_empty(run_path), run_folder.locked(run_path):
@@ -66,12 +67,23 @@ def main(argv=None):
         return train(cfg, args, run_path, epoch_start, reader)
 
 
-def open_buffer(cfg, batch_size):
-    """The buffer reader, once the producer's manifest agrees with this run (waits for a producer)."""
-    from data.buffer import BufferReader
-    reader = BufferReader(cfg, batch_size)
+def open_buffer(cfg, args):
+    """The buffer reader, once the producer's manifest agrees with this run (waits for a producer,
+    saying so at once and every 30 s while no manifest exists)."""
+    from data.buffer import MANIFEST, BufferReader
+    from engine.waiting import Reminder
+    reader = BufferReader(cfg, args.batch_size)
     mu, sigma = utils.mu_sigma(cfg)
-    reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
+    manifest = os.path.join(cfg.train.buffer_folder, MANIFEST)
+    limit = cfg.train.wait_timeout
+    start = (f"start runtime_preprocessing.py --epoch_start={args.epoch_start} --epoch_end={args.epoch_end} "
+             f"--batch_size={args.batch_size} with this config")
+    with Reminder(logging.getLogger("train").warning, lambda: not os.path.exists(manifest),
+                  f"no producer has written {manifest} yet; {start} (waiting up to {limit:.0f} s, [train] "
+                  f"wait_timeout).",
+                  lambda waited: f"still no {manifest} after {waited:.0f} s; {start} (giving up in "
+                                 f"{max(0.0, limit - waited):.0f} s)."):
+        reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
     utils.check_class_count(cfg, reader.num_classes, "per the producer's manifest")
     return reader
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import run_folder
+from engine.waiting import REMIND_SECONDS  # a wait is announced at once, then every 30 s with the time left
 from utils import TMP_PREFIX, UserError, atomic_write_text, is_temp_name
 
 
@@ -55,7 +56,6 @@ def saved_model_dir(run_path, epoch):
 # Waiting for and loading a model
 # ----------------------------------------------------------------------------
 
-REMIND_SECONDS = 30.0  # a wait is announced at once, then repeated this often with the time left
 
 
 def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=REMIND_SECONDS):

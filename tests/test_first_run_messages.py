@@ -144,3 +144,33 @@ def test_every_option_of_the_demo_tools_has_help_and_states_its_default_once(scr
     assert len(entries) >= 4
     assert [spec for spec, text in entries.items() if not text] == []
     assert [spec for spec, text in entries.items() if text.lower().count("default") > 1] == []
+
+
+def test_a_trainer_without_producer_says_at_once_what_it_waits_for_and_creates_no_run_folder(tmp_path):
+    config = write_config(str(tmp_path), str(tmp_path / "data"), train={"wait_timeout": "2"})
+    result = run("train.py", "--config", config, "--run_folder=early", "--epoch_start=0", "--epoch_end=3",
+                 "--batch_size=4")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith(f"train WARNING no producer has written {tmp_path / 'buffer' / 'manifest.json'} yet; "
+                             f"start runtime_preprocessing.py --epoch_start=0 --epoch_end=3 --batch_size=4 with this "
+                             f"config (waiting up to 2 s, [train] wait_timeout).")
+    assert lines[-1].startswith("error: Waited 2 s for the buffer manifest")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_reminder_repeats_with_the_time_waited_until_the_wait_ends():
+    import threading
+    import time
+    from engine.waiting import Reminder
+    said, done = [], threading.Event()
+    with Reminder(said.append, lambda: not done.is_set(), "waiting for X", lambda t: t, every=0.1):
+        assert said == ["waiting for X"]  # at once
+        time.sleep(0.45)
+        done.set()
+        time.sleep(0.3)
+        after = len(said)
+        time.sleep(0.3)
+    times = said[1:]
+    assert len(times) >= 2 and times == sorted(times) and times[0] >= 0.1
+    assert len(said) == after  # no reminder once the wait is over
