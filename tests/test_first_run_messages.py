@@ -174,3 +174,22 @@ def test_a_reminder_repeats_with_the_time_waited_until_the_wait_ends():
     times = said[1:]
     assert len(times) >= 2 and times == sorted(times) and times[0] >= 0.1
     assert len(said) == after  # no reminder once the wait is over
+
+
+def test_the_readme_seed002_commands_work_on_the_generated_tiny_set(tmp_path):
+    # The README's block, up to preprocess_val.py, run in a copy of the repo's layout on a small generated set.
+    import shutil
+    from tools.make_demo_dataset import make_dataset
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("## Seed 002's system", 1)[1].split("    python tools/launch.py", 1)[0]
+    commands = [line.strip() for line in block.splitlines() if line.startswith("    ")]
+    assert commands[0].startswith("python tools/make_demo_dataset.py --layout tiny --out tiny_data/tiny-imagenet-200")
+    (tmp_path / "configs").mkdir()
+    shutil.copy(os.path.join(ROOT, "configs", "seed002_tiny_imagenet.txt"), tmp_path / "configs")
+    make_dataset(str(tmp_path / "tiny_data" / "tiny-imagenet-200"), num_classes=2, train_per_class=4,
+                 val_per_class=3, layout="tiny", odd_files=False, min_side=64, max_side=64)
+    script = "set -e\n" + "\n".join(c.replace("python ", f"{PY} {ROOT}/", 1) if c.startswith("python ") else c
+                                    for c in commands[1:] if "get_mu_sigma.py" not in c)
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "6 validation images stored" in result.stdout + result.stderr
