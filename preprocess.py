@@ -43,7 +43,8 @@ def main():
     utils.add_config_arg(p)
     p.add_argument("--shorter_side", required=True, help="shorter side S in pixels, 'S1,S2,...', or 'all'")
     p.add_argument("--num_workers", type=int, default=None, help="override [preprocess] num_workers (0 = all cores)")
-    p.add_argument("--any_side", action="store_true", help="build a --shorter_side that is not one of [images]'s scales")
+    p.add_argument("--any_side", action="store_true",
+                   help="build a --shorter_side that is not one of [images]'s scales")
     args = p.parse_args()
     utils.setup_logging()
     cfg = utils.load_config(args.config)

@@ -21,8 +21,8 @@ def write_config(folder, data_root, **sections):
     """configs/demo.txt with this test's folders, fixed mu/sigma and a 1 s wait_timeout."""
     values = {"preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales"),
                              "num_workers": "1"},
-              "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
-                        "wait_timeout": "1"},
+              "train": {"buffer_folder": os.path.join(folder, "buffer"),
+                        "path_for_saving": os.path.join(folder, "runs"), "wait_timeout": "1"},
               "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}}}
     return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 

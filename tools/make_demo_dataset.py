@@ -336,7 +336,8 @@ def main():
     p.add_argument("--no_odd_files", action="store_true", help="leave out the CMYK/gray/PNG/truncated files")
     p.add_argument("--layout", choices=LAYOUTS, default="folders",
                    help="folders: train/<wnid>/, val/<wnid>/; kaggle: flat val/ + LOC_val_solution.csv; "
-                        "lists: train.txt/val.txt + synsets.txt; tiny: Tiny ImageNet's, square images (default folders)")
+                        "lists: train.txt/val.txt + synsets.txt; tiny: Tiny ImageNet's, square images "
+                        "(default folders)")
     p.add_argument("--min_side", type=int, default=None, help="smallest shorter side of a generated image "
                                                                 "(default 80; 64 for --layout tiny)")
     p.add_argument("--max_side", type=int, default=None, help="largest shorter side of a generated image "
