@@ -34,6 +34,7 @@ Serving the SavedModel (model/export.py; needs only TensorFlow, not this reposit
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -151,8 +152,8 @@ def classify(predict, files, eval_resize, crop, top=5, batch_images=32):
             try:
                 views.append(centre_view(path, eval_resize, crop))
                 ok.append(path)
-            except BadImageError as e:
-                results[path] = f"unreadable ({e})"
+            except BadImageError as e:  # its text says <file> for the path, which the line already starts with
+                results[path] = f"unreadable ({str(e).replace('<file>', os.path.basename(str(path)))})"
         if views:
             probabilities = predict(np.stack(views))
             order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]  # ties: lower index first, as evaluation
@@ -309,8 +310,16 @@ def main(argv=None):
     if table is None:
         print(f"(no class list with {num_outputs} entries found, so classes show as indices; run preprocess_val.py "
               f"for this config to record the class order)")
+    failed = 0
     for path, result in classify(predict, files, eval_resize, crop, min(args.top, num_outputs), args.batch_images):
         print(format_result(path, result, table), flush=True)
+        failed += isinstance(result, str)
+    if failed == len(files):
+        raise utils.UserError(f"none of the {len(files)} input file(s) could be read as an image (see above); "
+                              f"pass JPEG or PNG files, or folders holding them.")
+    if failed:
+        print(f"warning: {failed} of {len(files)} input files could not be read as images (see above).",
+              file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ from data.sources import scale_cache
 from data.sources.index import load_index
 
 
-def parse_sides(text, cfg):
+def parse_sides(text, cfg, any_side=False):
     if text == "all":
         return utils.scales(cfg)
     try:
@@ -26,6 +26,14 @@ def parse_sides(text, cfg):
     if not sides or min(sides) < 1:
         raise utils.UserError(f"--shorter_side must be a positive integer, a comma-separated list or 'all', "
                               f"received '{text}'.")
+    # The producer reads a cache only for the sides it draws: any other side is disk and hours for nothing.
+    unused = [s for s in sides if s not in utils.scales(cfg)]
+    if unused and not any_side:
+        im = cfg.images
+        raise utils.UserError(f"--shorter_side {', '.join(map(str, unused))} is not one of the scales training "
+                              f"draws ([images] scale_min {im.scale_min} to scale_max {im.scale_max} step "
+                              f"{im.scale_step}: {', '.join(map(str, utils.scales(cfg)))}), so no run would read "
+                              f"that cache; pass one of those, 'all', or --any_side to build it anyway.")
     return sides
 
 
@@ -35,11 +43,14 @@ def main():
     utils.add_config_arg(p)
     p.add_argument("--shorter_side", required=True, help="shorter side S in pixels, 'S1,S2,...', or 'all'")
     p.add_argument("--num_workers", type=int, default=None, help="override [preprocess] num_workers (0 = all cores)")
+    p.add_argument("--any_side", action="store_true",
+                   help="build a --shorter_side that is not one of [images]'s scales")
     args = p.parse_args()
     utils.setup_logging()
     cfg = utils.load_config(args.config)
-    sides = parse_sides(args.shorter_side, cfg)
+    sides = parse_sides(args.shorter_side, cfg, args.any_side)
     index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
+    utils.check_class_count(cfg, len(index.classes), "counted by preprocess.py")
     workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers
     root = cfg.preprocess.path_to_save
     logging.info("%d training images, %d classes (%s layout) -> %s", len(index), len(index.classes), index.layout, root)

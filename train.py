@@ -11,15 +11,18 @@ producer with the same --epoch_start, --epoch_end and --batch_size. Without
 Logs: <run>/log.csv (one row per epoch), <run>/tensorboard/, <run>/train.log, <run>/batches.log.
 """
 import argparse
+import logging
 import os
 import shlex
 import signal
 import sys
 
 import utils
+from data.buffer.protocol import MANIFEST
 from data.buffer.reader import BufferReader
 from engine import run_folder
 from engine.distribute import is_chief
+from engine.waiting import Reminder
 
 
 def parse_args(argv=None):
@@ -46,27 +49,47 @@ def main(argv=None):
         raise utils.UserError(f"--batch_size must be a positive integer, received {args.batch_size}.")
     run_path = run_folder.run_dir(cfg.train.path_for_saving, args.run_folder)
     epoch_start = run_folder.resolve_epoch_start(run_path, args.epoch_start)
+    # Ctrl-C after an epoch was saved: rerunning an integer --epoch_start would collide with it.
+    utils.set_interrupt_advice(lambda: run_folder.resume_advice(run_path, args.epoch_start))
     chief = is_chief()
     if args.epoch_start == "auto" and epoch_start >= args.epoch_end:
         print(f"{run_path} already holds epochs 0..{epoch_start - 1}; nothing to train below --epoch_end="
               f"{args.epoch_end}.", file=sys.stderr)
         return 0
+    # Everything a user can get wrong is checked before TensorFlow starts, and before the run
+    # folder is created, so a refused run leaves nothing behind.
+    if chief:
+        run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
+    utils.setup_logging()
+    reader = open_buffer(cfg, args)
     if not chief:  # only the chief writes the run folder
-        return train(cfg, args, run_path, epoch_start, chief)
-    # Everything a user can get wrong is checked before TensorFlow starts.
-    run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
-    with run_folder.locked(run_path):
+        return train(cfg, args, run_path, epoch_start, reader)
+    with run_folder.removed_if_left_empty(run_path), run_folder.locked(run_path):
         utils.setup_logging(os.path.join(run_path, "train.log"))
-        return train(cfg, args, run_path, epoch_start, chief)
+        return train(cfg, args, run_path, epoch_start, reader)
 
 
-def train(cfg, args, run_path, epoch_start, chief):
-    resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
-    if not chief:
-        utils.setup_logging()
+def open_buffer(cfg, args):
+    """The buffer reader, once the producer's manifest agrees with this run (waits for a producer,
+    saying so at once and every 30 s while no manifest exists)."""
     reader = BufferReader(cfg, args.batch_size)
     mu, sigma = utils.mu_sigma(cfg)
-    reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
+    manifest = os.path.join(cfg.train.buffer_folder, MANIFEST)
+    limit = cfg.train.wait_timeout
+    start = (f"start runtime_preprocessing.py --epoch_start={args.epoch_start} --epoch_end={args.epoch_end} "
+             f"--batch_size={args.batch_size} with this config")
+    with Reminder(logging.getLogger("train").warning, lambda: not os.path.exists(manifest),
+                  f"no producer has written {manifest} yet; {start} (waiting up to {limit:.0f} s, [train] "
+                  f"wait_timeout).",
+                  lambda waited: f"still no {manifest} after {waited:.0f} s; {start} (giving up in "
+                                 f"{max(0.0, limit - waited):.0f} s)."):
+        reader.check_manifest(mu, sigma)  # waits for the producer; batch size, seed, crop and mu/sigma must match
+    utils.check_class_count(cfg, reader.num_classes, "per the producer's manifest")
+    return reader
+
+
+def train(cfg, args, run_path, epoch_start, reader):
+    resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
     utils.quiet_tensorflow()
     from engine.trainer import Trainer  # TensorFlow loads only once arguments, config and buffer are checked
     trainer = Trainer(cfg, reader, run_path, args.batch_size, reader.num_classes,

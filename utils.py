@@ -72,6 +72,8 @@ SCHEMA = {
                       help="how [preprocess] and [preprocess_val] ImageNet_folder are read: folder = images "
                            "(train/, val/ or list files); tfrecord = train-*/validation-* shards from "
                            "tools/build_tfrecords.py (labels and class count from their dataset_info.json)"),
+        "min_classes": Key("int", 2, lo=1, help="refuse a training set with fewer classes (one class usually means "
+                                                "ImageNet_folder points one level too deep); 1 = train anyway"),
     },
     "train": {
         "buffer_folder": Key("path", help="folder of ready batch files shared by producer and trainer (RAM disk or SSD)"),
@@ -295,6 +297,10 @@ def load_config(path, schema=None):
     """Read and validate an INI config; raise ConfigError naming section, key, expected and received."""
     schema = SCHEMA if schema is None else schema
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "config.txt")
+        hint = f"pass --config {inside}" if os.path.isfile(inside) else "pass --config with the config file's path"
+        raise ConfigError(f"--config {path} is a folder, not a config file; {hint}.")
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path} does not exist; pass --config PATH or copy config.txt.")
     parser = configparser.ConfigParser(interpolation=None)
@@ -357,6 +363,16 @@ def scales(cfg):
     """The shorter sides of the scale augmentation: 256, 263, ..., 480 by default."""
     im = cfg.images
     return list(range(im.scale_min, im.scale_max + 1, im.scale_step))
+
+
+def check_class_count(cfg, num_classes, where):
+    """Refuse a training set below [data] min_classes: with one class every loss is 0 and every
+    accuracy 100%, which looks like success; the usual cause is a dataset root one level too deep."""
+    if num_classes < cfg.data.min_classes:
+        raise ConfigError(f"The training set at {cfg.preprocess.ImageNet_folder} has {num_classes} "
+                          f"class{'' if num_classes == 1 else 'es'} ({where}), expected at least [data] min_classes = "
+                          f"{cfg.data.min_classes}; point [preprocess] ImageNet_folder at the dataset root (the "
+                          f"folder holding train/), or set [data] min_classes = 1 to train on it anyway.")
 
 
 MU_SIGMA_FILE = "mu_sigma.json"
@@ -591,15 +607,35 @@ def setup_logging(log_file=None, level=logging.INFO):
                         handlers=handlers, force=True)
 
 
+UNDER_LAUNCHER_ENV = "RESNET_UNDER_LAUNCHER"  # set by tools/launch.py for its children
+_interrupt_advice = None  # a callable giving the rerun advice at Ctrl-C time (set_interrupt_advice)
+
+
+def set_interrupt_advice(advice):
+    """`advice()` -> the sentence printed after 'interrupted;' on Ctrl-C, computed when it happens
+    (train.py's depends on which epochs were saved meanwhile)."""
+    global _interrupt_advice
+    _interrupt_advice = advice
+
+
+def interrupt_line():
+    advice = _interrupt_advice() if _interrupt_advice else "Rerun the same command to resume."
+    return f"interrupted; nothing half-written was kept. {advice}"
+
+
 def run_main(main):
-    """Run a script's main(); print a UserError as one sentence and exit 2, Ctrl-C as exit 130."""
+    """Run a script's main(); print a UserError as one sentence and exit 2, Ctrl-C as exit 130.
+
+    Under tools/launch.py a child says nothing on Ctrl-C: the launcher prints the one line.
+    """
     try:
         sys.exit(main())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; nothing half-written was kept. Rerun the same command to resume.", file=sys.stderr)
+        if not os.environ.get(UNDER_LAUNCHER_ENV):
+            print(interrupt_line(), file=sys.stderr)
         sys.exit(130)
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from data.sources.val_store import open_val_store
 from engine import run_folder
 from engine.plot import plot_accuracy
+from engine.waiting import REMIND_SECONDS  # a wait is announced at once, then every 30 s with the time left
 from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, exclusive_lock, is_temp_name
 
 
@@ -57,22 +58,26 @@ def saved_model_dir(run_path, epoch):
 # Waiting for and loading a model
 # ----------------------------------------------------------------------------
 
-def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=300.0):
+
+
+def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=REMIND_SECONDS):
     """Return the loaded SavedModel of `epoch`, waiting until its folder appears.
 
     train.py renames each epoch folder into place only when it is complete, so its
     existence means the model is whole; a load error is still retried a few times
     (a copy from another machine, say, may be mid-flight). timeout=None waits forever.
+    What is awaited is said at once (a run folder that does not exist is named as such),
+    then every `remind_every` seconds with the time left.
     """
-    if load is None:
-        import tensorflow as tf
-        load = tf.saved_model.load
     path = saved_model_dir(run_path, epoch)
     start = time.monotonic()
     next_reminder = start
     failures = 0
     while True:
         if os.path.isdir(path):
+            if load is None:  # imported here, so what is awaited is said before TensorFlow's seconds of start-up
+                import tensorflow as tf
+                load = tf.saved_model.load
             try:
                 return load(path)
             except Exception as e:  # noqa: BLE001 - any load failure is retried, then reported
@@ -88,10 +93,30 @@ def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, loa
             raise UserError(f"Timed out after {timeout:g} s waiting for {path}; start or resume train.py "
                             f"for that epoch, or raise --timeout.")
         if failures == 0 and now >= next_reminder:
-            say(f"Waiting for {path} (epoch {epoch} is not saved yet; waited {waited:.0f} s).")
+            say(waiting_message(run_path, epoch, waited, timeout, first=next_reminder == start))
             next_reminder = now + remind_every
         sleep = poll if timeout is None else max(0.0, min(poll, timeout - waited))
         time.sleep(sleep)
+
+
+def waiting_message(run_path, epoch, waited, timeout, first=True):
+    """What check_accuracy.py is waiting for, what creates it, and how long it will wait."""
+    left = ("no time limit; --timeout sets one" if timeout is None
+            else f"giving up in {max(0.0, timeout - waited):.0f} s")
+    name = os.path.basename(os.path.normpath(run_path))
+    if not os.path.isdir(run_path):
+        parent = os.path.dirname(os.path.normpath(run_path))
+        runs = sorted(n for n in (os.listdir(parent) if os.path.isdir(parent) else [])
+                      if os.path.isdir(os.path.join(parent, n)) and not n.startswith("."))
+        there = f"runs there: {', '.join(runs[:8])}{', ...' if len(runs) > 8 else ''}" if runs else "no runs there yet"
+        return (f"The run folder {run_path} does not exist ({there}); waiting for train.py --run_folder={name} to "
+                f"create it and save epoch {epoch}; if the name is mistyped, stop and pass the right --run_folder "
+                f"(waited {waited:.0f} s, {left}).")
+    path = saved_model_dir(run_path, epoch)
+    if first:
+        return (f"Waiting for {path}: epoch {epoch} is not saved yet; train.py --run_folder={name} saves it when "
+                f"the epoch ends ({left}).")
+    return f"Still waiting for {path} (epoch {epoch}; waited {waited:.0f} s, {left})."
 
 
 class SavedModelPredictor:
@@ -382,6 +407,9 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
     expected = cfg.preprocess_val.N
     say(f"Evaluating {path} epochs {epoch_start}..{epoch_end - 1} with the {views}-view protocol on "
         f"{len(store)} validation images.")
+    if len(store.classes) <= 5:
+        say(f"note: the validation set has {len(store.classes)} classes, so every image's class is among the best "
+            f"five: top-5 accuracy is 100% by construction; read top-1.")
     results = []
     for epoch in range(epoch_start, epoch_end):
         predictor = SavedModelPredictor(wait_for_model(path, epoch, timeout=timeout, poll=poll, say=say))

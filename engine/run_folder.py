@@ -68,14 +68,24 @@ def resolve_epoch_start(run_path, epoch_start):
     return int(epoch_start)  # checked by utils.epoch_start_arg
 
 
+def resume_advice(run_path, epoch_start):
+    """What to rerun after an interrupt: the same command, unless it would now collide with an epoch
+    saved since it started (an integer --epoch_start at or below a saved epoch): then --epoch_start=auto."""
+    done = complete_epochs(run_path)
+    if done and epoch_start != "auto" and done[-1] >= int(epoch_start):
+        return (f"Epoch {done[-1]} is saved in {run_path}: rerun with --epoch_start=auto to continue "
+                f"from epoch {done[-1] + 1}.")
+    return "Rerun the same command to resume."
+
+
 def check_plan(run_path, epoch_start, epoch_end, overwrite):
     """Fail before any training if the epochs cannot be written or the resume source is missing."""
     check_epoch_range(epoch_start, epoch_end)
     existing = [e for e in range(epoch_start, epoch_end) if os.path.exists(epoch_dir(run_path, e))]
     if existing and not overwrite:
         raise UserError(f"{run_path} already holds epoch folder(s) {', '.join(map(str, existing))}; "
-                        f"pass --overwrite to replace them, --epoch_start=auto to continue after the last "
-                        f"complete epoch, or choose another --run_folder.")
+                        f"pass --epoch_start=auto to continue after the last complete epoch (or --overwrite to "
+                        f"retrain and replace them, or another --run_folder).")
     if epoch_start > 0:
         source = epoch_dir(run_path, epoch_start - 1)
         if not is_complete(source):
@@ -95,6 +105,19 @@ def locked(run_path):
                         f"another train.py is using {run_path}; wait for it to finish or stop it."):
         remove_stale_temps(run_path)
         yield
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(run_path):
+    """A run folder this train.py created is removed again if it fails before writing more than
+    its lock and log (Trainer checks that fail after the lock, say): no empty run is left behind."""
+    created = not os.path.exists(run_path)
+    try:
+        yield
+    except UserError:
+        if created and os.path.isdir(run_path) and set(os.listdir(run_path)) <= {LOCK_NAME, "train.log"}:
+            shutil.rmtree(run_path, ignore_errors=True)
+        raise
 
 
 def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True):

@@ -133,7 +133,7 @@ def test_a_dead_producer_is_restarted_and_logged(fake):
 def test_producer_restarts_are_bounded(fake):
     code, _, err = _launch(fake, producer="always_crash", trainer="forever", extra=["--max_producer_restarts=2"])
     assert code == 1
-    assert "after 2 restarts" in err
+    assert "after 2 restarts" in err and "then rerun with --epoch_start=auto" in err
     assert len((fake / "producer.starts").read_text().splitlines()) == 3
     assert _all_gone(fake)
 
@@ -160,6 +160,70 @@ def test_children_and_their_workers_die_with_a_killed_launcher(fake):
     finally:
         proc.kill()
     assert _all_gone(fake)
+
+
+# Stand-ins that go through utils.run_main, as the real scripts do: a UserError exits 2 with
+# one line, Ctrl-C exits 130 with (outside the launcher) the 'interrupted' line.
+FAKE_MAIN = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, os.environ["FAKE_ROOT"])
+    import utils
+    role, d = sys.argv[1], os.environ["FAKE_DIR"]
+    mode = os.environ.get("FAKE_" + role.upper(), "forever")
+
+    def main():
+        with open(os.path.join(d, role + ".starts"), "a") as f:
+            f.write(" ".join(sys.argv[2:]) + "\\n")
+        with open(os.path.join(d, "pids"), "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        if mode == "user_error":
+            raise utils.UserError("[train] N = 10000 but the training set has 400 images; set N = 0.")
+        if mode == "save_epoch":  # epoch 0 complete, as train.py leaves it, then training epoch 1
+            epoch = os.path.join(os.environ["FAKE_RUNS"], "r", "0")
+            os.makedirs(os.path.join(epoch, "saved_model"))
+            os.makedirs(os.path.join(epoch, "checkpoint"))
+            open(os.path.join(epoch, "checkpoint", "ckpt.index"), "w").close()
+            open(os.path.join(epoch, "config.txt"), "w").close()
+        while True:
+            time.sleep(0.05)
+
+    utils.run_main(main)
+''')
+
+
+@pytest.fixture
+def fake_main(fake):
+    (fake / "fake.py").write_text(FAKE_MAIN)
+    (fake / "runs").mkdir()
+    (fake / "demo.txt").write_text((fake / "demo.txt").read_text().replace("../demo_runs", str(fake / "runs")))
+    os.environ["FAKE_ROOT"], os.environ["FAKE_RUNS"] = ROOT, str(fake / "runs")
+    yield fake
+    del os.environ["FAKE_ROOT"], os.environ["FAKE_RUNS"]
+
+
+def test_a_producer_refusing_its_config_is_not_restarted(fake_main):
+    code, _, err = _launch(fake_main, producer="user_error", trainer="forever")
+    assert code == 2, err
+    assert len((fake_main / "producer.starts").read_text().splitlines()) == 1
+    assert err.count("set N = 0.") == 1  # the producer's own line, not repeated by restarts or a tail
+    assert "which a restart would not fix" in err and "rerun with --epoch_start=auto" in err
+    assert _all_gone(fake_main)
+
+
+def test_ctrl_c_under_the_launcher_prints_one_line_pointing_to_auto_once_an_epoch_is_saved(fake_main):
+    proc = _launch(fake_main, trainer="save_epoch", wait=False)
+    try:
+        assert wait_until(lambda: (fake_main / "runs" / "r" / "0" / "config.txt").exists())
+        assert wait_until(lambda: len(_pids(fake_main)) == 2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert lines == [f"interrupted; nothing half-written was kept. Epoch 0 is saved in {fake_main / 'runs' / 'r'}: "
+                     f"rerun with --epoch_start=auto to continue from epoch 1."]
+    assert _all_gone(fake_main)
 
 
 def test_demo_prunes_only_its_own_older_runs(tmp_path, capsys):

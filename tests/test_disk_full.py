@@ -29,7 +29,7 @@ from tests.helpers import make_data, read_all, start_train_producer, stop_proces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-BATCH = 16  # tests.test_train's producer and trainer helpers: 4 classes x 32 images -> 8 batches per epoch
+BATCH = 16  # tests/helpers.py's train.py helpers: 4 classes x 32 images -> 8 batches per epoch
 STEPS = 8
 
 

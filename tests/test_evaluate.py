@@ -201,6 +201,20 @@ def test_timeout_names_the_missing_folder(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_a_wait_says_what_it_awaits_at_once_then_reminds_with_the_time_left(tmp_path):
+    (tmp_path / "run").mkdir()
+    messages = []
+    with pytest.raises(UserError, match="Timed out after 0.6 s"):
+        evaluate.wait_for_model(str(tmp_path / "run"), 2, timeout=0.6, poll=0.05, say=messages.append,
+                                load=lambda path: None, remind_every=0.2)
+    path = os.path.join(str(tmp_path / "run"), "2", "saved_model")
+    assert messages[0] == (f"Waiting for {path}: epoch 2 is not saved yet; train.py --run_folder=run saves it "
+                           f"when the epoch ends (giving up in 1 s).")
+    assert len(messages) >= 2 and all(m.startswith(f"Still waiting for {path} (epoch 2; waited ")
+                                      and "giving up in" in m for m in messages[1:])
+    assert evaluate.REMIND_SECONDS == 30.0
+
+
 def test_load_errors_are_retried_then_reported(tmp_path):
     (tmp_path / "0" / "saved_model").mkdir(parents=True)
     calls = []
@@ -337,6 +351,28 @@ def _write_config(tmp_path, store):
     path = tmp_path / "eval.txt"
     path.write_text(text)
     return str(path)
+
+
+def test_check_accuracy_names_a_run_folder_that_does_not_exist_at_once(coded_dataset, tmp_path):
+    import subprocess
+    import sys
+    from data.sources.val_store import build_store
+    index, _ = coded_dataset
+    build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, num_workers=1, progress=False, say=lambda m: None)
+    config = _write_config(tmp_path, tmp_path / "store")
+    (tmp_path / "runs" / "myrun").mkdir(parents=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "check_accuracy.py"), "--run_folder=nosuchrun",
+                             "--epoch_start=0", "--epoch_end=1", f"--config={config}", "--timeout=1"],
+                            capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 2, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == ("note: the validation set has 3 classes, so every image's class is among the best five: "
+                        "top-5 accuracy is 100% by construction; read top-1.")
+    assert lines[2] == (f"The run folder {tmp_path / 'runs' / 'nosuchrun'} does not exist (runs there: myrun); "
+                        f"waiting for train.py --run_folder=nosuchrun to create it and save epoch 0; if the name "
+                        f"is mistyped, stop and pass the right --run_folder (waited 0 s, giving up in 1 s).")
+    assert "Timed out after 1 s" in result.stderr
 
 
 def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, table_model_dir, capsys):

@@ -95,6 +95,18 @@ def test_unreadable_image_is_reported_and_others_still_classified(setup, tmp_pat
     assert results[str(bad)].startswith("unreadable") and len(results[good]) == 4
 
 
+def test_cli_names_the_unreadable_file_and_fails_when_no_input_was_an_image(setup, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(utils.UserError, match=r"none of the 1 input file\(s\) could be read as an image"):
+        inference.main(["--model", str(setup["epoch"]), str(text)])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{text}: unreadable (") and "<file>" not in out and "notes.txt" in out.split("unreadable")[1]
+    good = setup["index"].paths[0]
+    assert inference.main(["--model", str(setup["epoch"]), str(text), good]) == 0
+    assert "warning: 1 of 2 input files could not be read as images" in capsys.readouterr().err
+
+
 def test_benchmark_reports_median_and_p90(setup, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert inference.main(["--model", str(setup["epoch"] / "saved_model"), "--benchmark", "--repeats", "4",

@@ -84,7 +84,7 @@ def test_bad_dataset_is_one_line_error(tmp_path):
 # ---------------------------------------------------------------- preprocess.py
 
 def test_preprocess_aligned_across_scales(config, dataset):
-    result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2")
+    result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2", "--any_side")
     assert result.returncode == 0, result.stderr
     assert "skipping unreadable image" in result.stderr and "truncated" in result.stderr
     cfg = utils.load_config(config)

@@ -178,8 +178,9 @@ def _train_log(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--epochs", type=int, default=EPOCHS, help=f"epochs to train (default {EPOCHS})")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
+                   help=f"images per batch, for the producer and the trainer alike (default {BATCH_SIZE})")
     p.add_argument("--keep_runs", type=int, default=3, help="demo runs kept in demo_runs/ (older ones are deleted)")
     p.add_argument("--config", default=CONFIG, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -10,12 +10,16 @@ describes); the launcher adds supervision:
   the trainer's output is shown as is;
 - a producer that dies with an error while the trainer runs is restarted (at most
   --max_producer_restarts times; each restart is logged); the trainer simply waits meanwhile;
+  one that refuses its command or config (exit code 2, a one-sentence error) is not, since
+  the same command would fail the same way: both stop and the launcher exits 2;
 - Ctrl-C, SIGTERM or SIGHUP stop both cleanly: each child runs in its own process group, gets
   SIGINT (so it exits through its normal interrupt path), then the whole group is SIGKILLed
   after a grace period; a small keeper process leads each group and kills it if the launcher
   itself is SIGKILLed (PDEATHSIG), so no worker process is ever left behind;
 - when the trainer fails, the launcher exits non-zero and repeats the last lines of the
-  failing process's stderr.
+  failing process's stderr;
+- on Ctrl-C the children stay quiet (utils.UNDER_LAUNCHER_ENV) and the launcher prints the one
+  'interrupted' line, with --epoch_start=auto once the run has a saved epoch.
 Flags the launcher does not know are passed to train.py unchanged.
 """
 import argparse
@@ -33,10 +37,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
+from engine import run_folder  # noqa: E402
 
 GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
 TAIL_LINES = 20  # stderr lines repeated when a process fails
 POLL_SECONDS = 0.2
+USER_ERROR_CODE = 2  # utils.run_main's exit code for a UserError: rerunning the same command cannot help
 
 
 def say(message):
@@ -84,7 +90,8 @@ class Child:
         self._tail = collections.deque(maxlen=200)
         self._killed = False
         keeper_argv = [sys.executable, os.path.abspath(__file__), "--keeper"] + argv
-        self.proc = subprocess.Popen(keeper_argv, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env = dict(os.environ, **{utils.UNDER_LAUNCHER_ENV: "1"})  # the launcher alone prints the Ctrl-C line
+        self.proc = subprocess.Popen(keeper_argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=die_with_launcher())
         self._pump = threading.Thread(target=self._copy_stderr, name=f"{name}-stderr", daemon=True)
         self._pump.start()
@@ -216,10 +223,16 @@ def supervise(args, passthrough):
             code = producer.poll()
             if trainer.poll() is not None:
                 return _trainer_finished(trainer, producer, trainer.poll())
+            if code == USER_ERROR_CODE:
+                stop_all([producer])
+                say(f"producer stopped with the error above (exit code {code}), which a restart would not fix; "
+                    f"stopping the trainer. Fix it, then rerun with --epoch_start=auto.")
+                return USER_ERROR_CODE
             if code not in (None, 0):
                 stop_all([producer])
                 if restarts >= args.max_producer_restarts:
-                    say(f"producer failed (exit code {code}) after {restarts} restarts; stopping the trainer.")
+                    say(f"producer failed (exit code {code}) after {restarts} restarts; stopping the trainer. "
+                        f"Fix the error below, then rerun with --epoch_start=auto. Its last lines:")
                     _print_tail(producer)
                     return 1
                 restarts += 1
@@ -256,13 +269,15 @@ def main(argv=None):
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
                               f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
-    utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
+    cfg = utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
+    run_path = run_folder.run_dir(cfg.train.path_for_saving, args.run_folder)
+    utils.set_interrupt_advice(lambda: run_folder.resume_advice(run_path, args.epoch_start))
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     try:
         return supervise(args, passthrough)
     except Stop as e:
-        say(f"received {e}; both processes stopped.")
+        say(f"received {e}; both processes stopped. {run_folder.resume_advice(run_path, args.epoch_start)}")
         return 143
 
 

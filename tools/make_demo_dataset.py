@@ -324,22 +324,26 @@ def _map(func, items, num_workers, progress):
 
 def main():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join(repo, "demo_data", "imagenet"), help="dataset root to create")
-    p.add_argument("--classes", type=int, default=10, help=f"number of classes (cycles through {len(CLASS_NAMES)} kinds)")
-    p.add_argument("--train_per_class", type=int, default=260)
-    p.add_argument("--val_per_class", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    # Defaults are written into each help text (ArgumentDefaultsHelpFormatter printed --min_side's twice).
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(repo, "demo_data", "imagenet"),
+                   help="dataset root to create (default demo_data/imagenet)")
+    p.add_argument("--classes", type=int, default=10,
+                   help=f"number of classes (default 10; cycles through {len(CLASS_NAMES)} kinds)")
+    p.add_argument("--train_per_class", type=int, default=260, help="training images per class (default 260)")
+    p.add_argument("--val_per_class", type=int, default=40, help="validation images per class (default 40)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the drawings; the same seed makes the same files (default 0)")
     p.add_argument("--no_odd_files", action="store_true", help="leave out the CMYK/gray/PNG/truncated files")
     p.add_argument("--layout", choices=LAYOUTS, default="folders",
                    help="folders: train/<wnid>/, val/<wnid>/; kaggle: flat val/ + LOC_val_solution.csv; "
-                        "lists: train.txt/val.txt + synsets.txt; tiny: Tiny ImageNet's, square images")
+                        "lists: train.txt/val.txt + synsets.txt; tiny: Tiny ImageNet's, square images "
+                        "(default folders)")
     p.add_argument("--min_side", type=int, default=None, help="smallest shorter side of a generated image "
                                                                 "(default 80; 64 for --layout tiny)")
     p.add_argument("--max_side", type=int, default=None, help="largest shorter side of a generated image "
                                                                 "(default 160; 64 for --layout tiny)")
-    p.add_argument("--num_workers", type=int, default=0, help="worker processes; 0 = one per CPU core")
+    p.add_argument("--num_workers", type=int, default=0, help="worker processes; 0 = one per CPU core (default 0)")
     p.add_argument("--derived", action="append", default=[], metavar="FOLDER",
                    help="a folder made from this dataset (cache, store) to delete when the set is (re)made; repeatable")
     a = p.parse_args()

@@ -16,8 +16,8 @@ when 100 attempts fail. Only the random generator differs (numpy's PCG64, not Ph
 so the distribution is the same and the draws are not.
 
 The window is decoded at a DCT-reduced size when it is at least twice the output
-(PIL draft, data.augment.dct_factor) and resampled straight to crop x crop with PIL's
-bilinear, antialiased box resize (data.augment.resample_window), the project's one
+(PIL draft, data.transforms.jpeg_window.draft_resample) and resampled straight to crop x crop with PIL's
+bilinear, antialiased box resize (jpeg_window.resample_window), the project's one
 resampling filter. TF's bilinear resize has no antialiasing, so a large window comes
 out slightly smoother here.
 
