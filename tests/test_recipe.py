@@ -69,7 +69,7 @@ def test_cutmix_images_and_targets_equal_a_numpy_reference_for_given_draws():
 def test_cutmix_box_area_matches_the_lambda_it_reports():
     config = mixing.MixConfig(cutmix_alpha=1.0)
     modes = set()
-    for batch in range(200):
+    for batch in range(60):
         lam, mode, (yl, yh, xl, xh) = mixing.draw(config, 3, 0, batch, 24, 40)
         modes.add(int(mode))
         if mode == mixing.CUTMIX:
@@ -113,21 +113,115 @@ def tiny_net():
     return build_model(num_classes=3, width_multiplier=0.0625, seed=0)
 
 
-@pytest.mark.parametrize("warmup", [False, True])
-def test_device_ema_equals_a_numpy_ema_over_the_same_steps(warmup):
+def test_device_ema_equals_a_numpy_ema_over_the_same_steps():
     net = tiny_net()
-    net(tf.zeros([2, 16, 16, 3]), training=False)
-    weights = ema.WeightEMA(net, tiny_net(), decay=0.9, warmup=warmup)
+    # Decay 0.3 with the warm-up: (1+t)/(10+t) = 0.1, 0.18, 0.25 for t = 0..2, then 0.3 from t = 3 on.
+    weights = ema.WeightEMA(net, tiny_net(), decay=0.3, warmup=True)
     variables = list(net.trainable_variables) + list(net.statistics())
     assert any(not v.trainable for v in variables)  # the moving statistics take part
     reference = [v.numpy().astype(np.float64) for v in variables]
-    update = tf.function(weights.update)
     rng = np.random.default_rng(5)
-    for t in range(6):
-        for v in variables:
-            v.assign(v.numpy() + rng.normal(0, 0.1, v.shape).astype(np.float32))
-        d = min(0.9, (1 + t) / (10 + t)) if warmup else 0.9
+    steps = [[rng.normal(0, 0.1, v.shape).astype(np.float32) for v in variables] for _ in range(5)]
+
+    @tf.function
+    def step(t, deltas):
+        for v, delta in zip(variables, deltas):
+            v.assign_add(delta)
+        weights.update(t)
+
+    for t, deltas in enumerate(steps):
+        step(tf.constant(t, tf.int64), deltas)
+        d = min(0.3, (1 + t) / (10 + t))
         reference = [d * r + (1 - d) * v.numpy() for r, v in zip(reference, variables)]
-        update(tf.constant(t, tf.int64))
     for (_, shadow), expected in zip(weights.pairs, reference):
         np.testing.assert_allclose(shadow.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=shadow.name)
+    assert float(ema.WeightEMA.decay_at(types.SimpleNamespace(decay=0.3, warmup=False), 0)) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------
+# The trainer's step
+# ----------------------------------------------------------------------------
+
+class FakeReader:
+    """A fixed set of random batches in place of the buffer."""
+
+    def __init__(self, steps=2, batch=8, crop=32, classes=4):
+        rng = np.random.default_rng(11)
+        self.batches = [types.SimpleNamespace(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
+                                              labels=rng.integers(0, classes, batch).astype(np.int32),
+                                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
+                        for _ in range(steps)]
+
+    def num_batches(self, epoch):
+        return len(self.batches)
+
+    def read(self, epoch, b):
+        return self.batches[(epoch + b) % len(self.batches)]
+
+    def report_progress(self, epoch, done):
+        pass
+
+
+def make_trainer(tmp_path, run, **train):
+    import utils
+    from engine.trainer import Trainer
+    from tests.test_train import write_config
+    folder = tmp_path / run
+    folder.mkdir()
+    config = write_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
+    run_path = str(folder / "run")
+    os.makedirs(run_path)
+    return Trainer(utils.load_config(config), FakeReader(), run_path, batch_size=8, num_classes=4)
+
+
+def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_path):
+    """Today's step written out (sparse cross-entropy + L2, SGD), against the trainer with the new keys at 0."""
+    import keras
+    from data.device import to_model_input
+    from model import build_model, model_kwargs
+    trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
+    assert trainer.ema is None and not trainer.recipe.active
+    assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
+    keras.utils.set_random_seed(trainer.cfg.train.seed)
+    net = build_model(**model_kwargs(trainer.cfg, 4))
+    opt = keras.optimizers.SGD(learning_rate=0.005, momentum=0.9)
+    opt.build(net.trainable_variables)
+
+    @tf.function
+    def plain_step(images, labels, lighting):
+        with tf.GradientTape() as tape:
+            logits = net(to_model_input(images, lighting, trainer.mu, trainer.sigma), training=True)
+            cross_entropy = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits)) / 8.0
+            loss = cross_entropy + net.regularization_loss()
+        opt.apply_gradients(zip(tape.gradient(loss, net.trainable_variables), net.trainable_variables))
+        net.train_step.assign_add(1)
+
+    for b in range(2):
+        batch = trainer.reader.read(0, b)
+        plain_step(tf.constant(batch.images), tf.constant(batch.labels), tf.constant(batch.lighting))
+    trainer.train_epoch(0)
+    for ours, plain in zip(trainer.net.variables, net.variables):
+        np.testing.assert_array_equal(ours.numpy(), plain.numpy(), err_msg=ours.name)
+
+
+def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
+    from engine import run_folder
+    features = dict(label_smoothing=0.1, ema_decay=0.5, ema_warmup="true", mixup_alpha=0.4, cutmix_alpha=1.0)
+    whole = make_trainer(tmp_path, "whole", **features)
+    whole.train_epoch(0)
+    prefix = run_folder.checkpoint_prefix(str(tmp_path / "epoch0"))
+    whole.epoch_var.assign(0)
+    whole.checkpoint.write(prefix)
+    whole.train_epoch(1)
+    resumed = make_trainer(tmp_path, "resumed", **features)
+    resumed.restore(prefix, expected_epoch=0)
+    resumed.train_epoch(1)
+    moved = 0
+    for (_, a), (_, b) in zip(whole.ema.pairs, resumed.ema.pairs):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    for (v, s) in whole.ema.pairs:
+        moved += not np.array_equal(v.numpy(), s.numpy())
+    assert moved > len(whole.ema.pairs) // 2  # the average lags the weights: it is not a copy
+    for a, b in zip(whole.net.variables, resumed.net.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
