@@ -225,3 +225,49 @@ def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
     assert moved > len(whole.ema.pairs) // 2  # the average lags the weights: it is not a copy
     for a, b in zip(whole.net.variables, resumed.net.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+# ----------------------------------------------------------------------------
+# End to end: producer + train.py + check_accuracy.py --weights ema
+# ----------------------------------------------------------------------------
+
+E2E_EPOCHS = 2
+
+
+def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
+    import subprocess
+    import sys
+    from engine import evaluate, run_folder
+    from tests.helpers import stop_process
+    from tests.test_train import ROOT, run_path, start_producer, train_cmd, write_config
+    from tools.make_demo_dataset import make_dataset
+    data = str(tmp_path / "imagenet")
+    make_dataset(data, num_classes=4, train_per_class=192, val_per_class=10, odd_files=False, min_side=40,
+                 max_side=56)
+    config = write_config(
+        str(tmp_path), data,
+        preprocess_val={"ImageNet_folder": data, "path_to_save": str(tmp_path / "val")},
+        train={"label_smoothing": "0.1", "ema_decay": "0.9", "ema_warmup": "true", "mixup_alpha": "0.2",
+               "cutmix_alpha": "1.0", "mix_prob": "0.5", "deterministic": "false"},
+        schedule={"type": "linear", "base_lr": "0.05", "warmup_epochs": "0.5", "warmup_start_factor": "0.1"})
+    subprocess.run([sys.executable, "preprocess_val.py", f"--config={config}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    producer = start_producer(config, 0, E2E_EPOCHS)
+    try:
+        trained = subprocess.run(train_cmd(config, "R", 0, E2E_EPOCHS), cwd=ROOT, capture_output=True, text=True,
+                                 timeout=240)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+    finally:
+        stop_process(producer)
+    run = run_path(config, "R")
+    last = os.path.join(run, str(E2E_EPOCHS - 1))
+    assert sorted(os.listdir(last)) == ["checkpoint", "config.txt", "saved_model", "saved_model_ema"]
+    check = [sys.executable, "check_accuracy.py", f"--config={config}", "--run_folder=R", "--views=1",
+             f"--epoch_start={E2E_EPOCHS - 1}", f"--epoch_end={E2E_EPOCHS}", "--timeout=5"]
+    for weights in ("raw", "ema"):
+        result = subprocess.run(check + [f"--weights={weights}"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
+    assert [(r["epoch"], r["weights"]) for r in rows] == [(E2E_EPOCHS - 1, "raw"), (E2E_EPOCHS - 1, "ema")]
+    assert rows[1]["images"] == 40 and rows[1]["top1"] >= 50.0, rows  # chance is 25%
+    assert run_folder.complete_epochs(run) == list(range(E2E_EPOCHS))
