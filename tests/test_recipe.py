@@ -232,6 +232,23 @@ def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
 # ----------------------------------------------------------------------------
 
 E2E_EPOCHS = 2
+HUES = ((200, 40, 40), (40, 170, 40), (40, 60, 210), (190, 190, 60))  # class k: noisy pictures of this colour
+
+
+def colour_dataset(root, train_per_class=64, val_per_class=10):
+    """A 4-class set a 4-channel-wide network learns in a few dozen steps (the demo's shapes take thousands):
+    each image is its class's colour under noise and a random brightness."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for k, hue in enumerate(HUES):
+            folder = os.path.join(root, split, f"n{k:08d}")
+            os.makedirs(folder)
+            for i in range(count):
+                h, w = rng.integers(40, 57, 2)
+                pixels = np.asarray(hue) * rng.uniform(0.6, 1.2) + rng.normal(0, 40, (h, w, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.JPEG"))
+    return root
 
 
 def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
@@ -240,16 +257,14 @@ def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path
     from engine import evaluate, run_folder
     from tests.helpers import stop_process
     from tests.test_train import ROOT, run_path, start_producer, train_cmd, write_config
-    from tools.make_demo_dataset import make_dataset
-    data = str(tmp_path / "imagenet")
-    make_dataset(data, num_classes=4, train_per_class=192, val_per_class=10, odd_files=False, min_side=40,
-                 max_side=56)
+    data = colour_dataset(str(tmp_path / "imagenet"))
     config = write_config(
         str(tmp_path), data,
         preprocess_val={"ImageNet_folder": data, "path_to_save": str(tmp_path / "val")},
         train={"label_smoothing": "0.1", "ema_decay": "0.9", "ema_warmup": "true", "mixup_alpha": "0.2",
                "cutmix_alpha": "1.0", "mix_prob": "0.5", "deterministic": "false"},
-        schedule={"type": "linear", "base_lr": "0.05", "warmup_epochs": "0.5", "warmup_start_factor": "0.1"})
+        schedule={"type": "linear", "base_lr": "0.05", "warmup_epochs": "0.5", "warmup_start_factor": "0.1"},
+        model={"width_multiplier": "0.0625"})
     subprocess.run([sys.executable, "preprocess_val.py", f"--config={config}"], cwd=ROOT, check=True,
                    capture_output=True)
     producer = start_producer(config, 0, E2E_EPOCHS)
