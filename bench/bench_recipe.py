@@ -55,6 +55,10 @@ class _Reader:
     def __init__(self, batches):
         self.batches = batches
 
+    @property
+    def batches_per_epoch(self):
+        return len(self.batches)
+
     def num_batches(self, epoch):
         return len(self.batches)
 

@@ -123,8 +123,9 @@ class DeviceRecipe:
         lam, mode, box = draw(self.config, self.seed, epoch, batch, images_shape[1], images_shape[2])
         return tf.constant(lam), tf.constant(mode), tf.constant(box)
 
-    def model_input(self, images, lighting, mu, sigma, dtype, *mix):
-        from data.device import to_model_input
+    @staticmethod
+    def model_input(to_model_input, images, lighting, mu, sigma, dtype, *mix):
+        """to_model_input's result (normalised, lighting shifted), mixed in float32 when there are draws."""
         if not mix:
             return to_model_input(images, lighting, mu, sigma, dtype=dtype)
         return tf.cast(mix_images(to_model_input(images, lighting, mu, sigma, dtype=tf.float32), *mix), dtype)

@@ -155,7 +155,8 @@ class Trainer:
         def forward_backward(images, labels, lighting, *mix):  # mix: engine.mixing draws, when mixing is on
             with tf.GradientTape() as tape:
                 if recipe.active:  # label smoothing and/or mixup/cutmix (engine/mixing.py)
-                    logits = net(recipe.model_input(images, lighting, mu, sigma, compute_dtype, *mix), training=True)
+                    x = recipe.model_input(to_model_input, images, lighting, mu, sigma, compute_dtype, *mix)
+                    logits = net(x, training=True)
                     per_example = recipe.per_example_loss(labels, tf.cast(logits, tf.float32), *mix)
                 else:
                     logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)

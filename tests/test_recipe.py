@@ -1,5 +1,7 @@
 """Label smoothing, the weight EMA and mixup/cutmix (engine/mixing.py, engine/ema.py, their trainer hooks)."""
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -7,8 +9,26 @@ import pytest
 import tensorflow as tf
 
 from engine import ema, mixing
+from tests.helpers import merge_sections, stop_process, write_config_file
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
 K = 5
+
+
+def write_config(folder, data_root, **sections):
+    """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides."""
+    values = {
+        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
+        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
+                  "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
+        "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
+                   "eval_resize": "36", "eval_scales_50": "36, 40"},
+        "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
+        "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
+        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
+    }
+    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +172,10 @@ class FakeReader:
                                               lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
                         for _ in range(steps)]
 
+    @property
+    def batches_per_epoch(self):
+        return len(self.batches)
+
     def num_batches(self, epoch):
         return len(self.batches)
 
@@ -165,7 +189,6 @@ class FakeReader:
 def make_trainer(tmp_path, run, **train):
     import utils
     from engine.trainer import Trainer
-    from tests.test_train import write_config
     folder = tmp_path / run
     folder.mkdir()
     config = write_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
@@ -177,8 +200,11 @@ def make_trainer(tmp_path, run, **train):
 def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_path):
     """Today's step written out (sparse cross-entropy + L2, SGD), against the trainer with the new keys at 0."""
     import keras
-    from data.device import to_model_input
     from model import build_model, model_kwargs
+    try:
+        from model.preprocessing import to_model_input
+    except ImportError:  # before issue 13 moved it out of data/
+        from data.device import to_model_input
     trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
     assert trainer.ema is None and not trainer.recipe.active
     assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
@@ -232,6 +258,7 @@ def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
 # ----------------------------------------------------------------------------
 
 E2E_EPOCHS = 2
+E2E_BATCH = 16
 HUES = ((200, 40, 40), (40, 170, 40), (40, 60, 210), (190, 190, 60))  # class k: noisy pictures of this colour
 
 
@@ -252,11 +279,7 @@ def colour_dataset(root, train_per_class=64, val_per_class=10):
 
 
 def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
-    import subprocess
-    import sys
     from engine import evaluate, run_folder
-    from tests.helpers import stop_process
-    from tests.test_train import ROOT, run_path, start_producer, train_cmd, write_config
     data = colour_dataset(str(tmp_path / "imagenet"))
     config = write_config(
         str(tmp_path), data,
@@ -265,19 +288,20 @@ def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path
                "cutmix_alpha": "1.0", "mix_prob": "0.5", "deterministic": "false"},
         schedule={"type": "linear", "base_lr": "0.05", "warmup_epochs": "0.5", "warmup_start_factor": "0.1"},
         model={"width_multiplier": "0.0625"})
-    subprocess.run([sys.executable, "preprocess_val.py", f"--config={config}"], cwd=ROOT, check=True,
-                   capture_output=True)
-    producer = start_producer(config, 0, E2E_EPOCHS)
+    subprocess.run([PY, "preprocess_val.py", f"--config={config}"], cwd=ROOT, check=True, capture_output=True)
+    steps = ["--epoch_start=0", f"--epoch_end={E2E_EPOCHS}", f"--batch_size={E2E_BATCH}"]
+    producer = subprocess.Popen([PY, "runtime_preprocessing.py", "--config", config, "--no_progress", *steps],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        trained = subprocess.run(train_cmd(config, "R", 0, E2E_EPOCHS), cwd=ROOT, capture_output=True, text=True,
-                                 timeout=240)
+        trained = subprocess.run([PY, "train.py", "--config", config, "--run_folder=R", *steps], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600)
         assert trained.returncode == 0, trained.stderr[-3000:]
     finally:
         stop_process(producer)
-    run = run_path(config, "R")
+    run = os.path.join(str(tmp_path), "runs", "R")
     last = os.path.join(run, str(E2E_EPOCHS - 1))
     assert sorted(os.listdir(last)) == ["checkpoint", "config.txt", "saved_model", "saved_model_ema"]
-    check = [sys.executable, "check_accuracy.py", f"--config={config}", "--run_folder=R", "--views=1",
+    check = [PY, "check_accuracy.py", f"--config={config}", "--run_folder=R", "--views=1",
              f"--epoch_start={E2E_EPOCHS - 1}", f"--epoch_end={E2E_EPOCHS}", "--timeout=5"]
     for weights in ("raw", "ema"):
         result = subprocess.run(check + [f"--weights={weights}"], cwd=ROOT, capture_output=True, text=True)
