@@ -1,6 +1,6 @@
 """Validation accuracy of a run's saved epochs (top-1 and top-5), waiting for epochs still training.
 
-    python check_accuracy.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 [--views 10|1|50]
+    python check_accuracy.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 [--views 10|1|50] [--weights ema]
 
 Each image's views (from preprocess_val.py) go through the epoch's SavedModel; the softmax
 probabilities are averaged over the views and ranked. Results print as the seed's
@@ -20,6 +20,9 @@ def parse_args(argv=None):
     p.add_argument("--views", type=int, default=10, choices=(10, 1, 50),
                    help="10 = 4 corners + centre, each flipped (default); 1 = centre crop; "
                         "50 = 5 scales x 10 (needs [preprocess_val] views_50 = true)")
+    p.add_argument("--weights", default="raw", choices=("raw", "ema"),
+                   help="raw = <epoch>/saved_model (default); ema = <epoch>/saved_model_ema, the moving average "
+                        "of the weights ([train] ema_decay > 0); accuracy.csv keeps the two apart")
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after waiting this many seconds for a missing epoch (default: wait forever)")
     p.add_argument("--batch_images", type=int, default=None,
@@ -39,7 +42,7 @@ def main(argv=None):
     cfg = utils.load_config(args.config)
     from engine.evaluate import check_accuracy  # TensorFlow loads only once arguments and config are checked
     check_accuracy(cfg, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
-                   timeout=args.timeout, batch_images=args.batch_images)
+                   timeout=args.timeout, batch_images=args.batch_images, weights=args.weights)
     return 0
 
 

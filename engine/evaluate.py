@@ -13,7 +13,9 @@ Speed: many images' views go to the model in one call, and a background thread r
 stacks the next batches while the model runs (TensorFlow releases the GIL while it computes).
 
 Outputs per epoch: the seed's `Epoch# e  Top 1 accuracy: x%  Top 5 accuracy: y%` line, one row
-in <run>/accuracy.csv keyed by (epoch, protocol) (re-running replaces it), and <run>/accuracy.png.
+in <run>/accuracy.csv keyed by (epoch, protocol, weights) (re-running replaces it), and <run>/accuracy.png.
+`weights` is 'raw' (<epoch>/saved_model) or 'ema' (<epoch>/saved_model_ema, [train] ema_decay > 0);
+a CSV written before that column existed reads as all 'raw'.
 """
 import contextlib
 import csv
@@ -38,7 +40,9 @@ from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, e
 PROTOCOLS = (10, 1, 50)
 CSV_NAME = "accuracy.csv"
 PNG_NAME = "accuracy.png"
-CSV_FIELDS = ("epoch", "protocol", "top1", "top5", "images")
+CSV_FIELDS = ("epoch", "protocol", "top1", "top5", "images", "weights")
+WEIGHTS = ("raw", "ema")
+MODEL_FOLDERS = {"raw": "saved_model", "ema": "saved_model_ema"}
 DEFAULT_VIEWS_PER_CALL = 256  # views per forward call when --batch_images is not given
 LOAD_RETRIES = 3  # a complete folder that fails to load is retried this often, then reported
 
@@ -50,8 +54,8 @@ say_flushed = functools.partial(print, flush=True)
 # Run folder layout (engine.run_folder: <path_for_saving>/<run>/<epoch>/saved_model)
 # ----------------------------------------------------------------------------
 
-def saved_model_dir(run_path, epoch):
-    return os.path.join(run_folder.epoch_dir(run_path, epoch), "saved_model")
+def saved_model_dir(run_path, epoch, weights="raw"):
+    return os.path.join(run_folder.epoch_dir(run_path, epoch), MODEL_FOLDERS[weights])
 
 
 # ----------------------------------------------------------------------------
@@ -60,7 +64,8 @@ def saved_model_dir(run_path, epoch):
 
 
 
-def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=REMIND_SECONDS):
+def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, load=None, remind_every=REMIND_SECONDS,
+                   weights="raw"):
     """Return the loaded SavedModel of `epoch`, waiting until its folder appears.
 
     train.py renames each epoch folder into place only when it is complete, so its
@@ -69,7 +74,7 @@ def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, loa
     What is awaited is said at once (a run folder that does not exist is named as such),
     then every `remind_every` seconds with the time left.
     """
-    path = saved_model_dir(run_path, epoch)
+    path = saved_model_dir(run_path, epoch, weights)
     start = time.monotonic()
     next_reminder = start
     failures = 0
@@ -87,6 +92,9 @@ def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, loa
                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                     f"delete that epoch folder and retrain it.") from None
                 say(f"Model folder {path} did not load ({type(e).__name__}); retrying.")
+        elif weights != "raw" and run_folder.is_complete(run_folder.epoch_dir(run_path, epoch)):
+            raise UserError(f"Epoch {epoch} of {run_path} has no {MODEL_FOLDERS[weights]}/ (it was trained with "
+                            f"[train] ema_decay = 0); evaluate it with --weights raw, or train with ema_decay > 0.")
         now = time.monotonic()
         waited = now - start
         if timeout is not None and waited >= timeout:
@@ -174,6 +182,7 @@ class EpochResult:
     top5: float  # percent
     images: int
     seconds: float
+    weights: str = "raw"
 
     @property
     def images_per_second(self):
@@ -306,28 +315,33 @@ def _progress_bar(total, desc):
 # ----------------------------------------------------------------------------
 
 def read_rows(csv_path):
-    """Rows of accuracy.csv as dicts (epoch, protocol, images int; top1, top5 float); [] if absent."""
+    """Rows of accuracy.csv as dicts (epoch, protocol, images int; top1, top5 float; weights str); [] if absent."""
     if not os.path.exists(csv_path):
         return []
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != CSV_FIELDS:
+        if tuple(reader.fieldnames or ()) not in (CSV_FIELDS, CSV_FIELDS[:-1]):  # without weights: all raw
             raise UserError(f"{csv_path} has columns {reader.fieldnames}, expected {list(CSV_FIELDS)}; "
                             f"move it away and rerun.")
         try:
-            return [{"epoch": int(r["epoch"]), "protocol": int(r["protocol"]), "top1": float(r["top1"]),
-                     "top5": float(r["top5"]), "images": int(r["images"])} for r in reader]
+            rows = [{"epoch": int(r["epoch"]), "protocol": int(r["protocol"]), "top1": float(r["top1"]),
+                     "top5": float(r["top5"]), "images": int(r["images"]), "weights": r.get("weights", "raw")}
+                    for r in reader]
+            if any(r["weights"] not in WEIGHTS for r in rows):
+                raise ValueError
+            return rows
         except (TypeError, ValueError):
             raise UserError(f"{csv_path} holds a malformed row; move it away and rerun.") from None
 
 
 def upsert_row(rows, result):
-    """rows with the (epoch, protocol) row of `result` replaced or added, sorted by protocol then epoch."""
-    key = (result.epoch, result.protocol)
-    kept = [r for r in rows if (r["epoch"], r["protocol"]) != key]
+    """rows with the (epoch, protocol, weights) row of `result` replaced or added, sorted by weights
+    (raw first), protocol, then epoch."""
+    key = (result.epoch, result.protocol, result.weights)
+    kept = [r for r in rows if (r["epoch"], r["protocol"], r["weights"]) != key]
     kept.append({"epoch": result.epoch, "protocol": result.protocol, "top1": round(result.top1, 4),
-                 "top5": round(result.top5, 4), "images": result.images})
-    return sorted(kept, key=lambda r: (r["protocol"], r["epoch"]))
+                 "top5": round(result.top5, 4), "images": result.images, "weights": result.weights})
+    return sorted(kept, key=lambda r: (WEIGHTS.index(r["weights"]), r["protocol"], r["epoch"]))
 
 
 def write_rows(csv_path, rows):
@@ -374,9 +388,10 @@ def _remove_dead_temps(run_path):
                 os.remove(os.path.join(run_path, name))
 
 
-def first_missing_epoch(run_path, protocol, epoch_end):
-    """For --epoch_start auto: the first epoch below epoch_end without a row for `protocol`."""
-    done = {r["epoch"] for r in read_rows(os.path.join(run_path, CSV_NAME)) if r["protocol"] == protocol}
+def first_missing_epoch(run_path, protocol, epoch_end, weights="raw"):
+    """For --epoch_start auto: the first epoch below epoch_end without a row for `protocol` and `weights`."""
+    done = {r["epoch"] for r in read_rows(os.path.join(run_path, CSV_NAME))
+            if r["protocol"] == protocol and r["weights"] == weights}
     return next((e for e in range(epoch_end) if e not in done), epoch_end)
 
 
@@ -386,19 +401,20 @@ def first_missing_epoch(run_path, protocol, epoch_end):
 
 def result_line(result):
     return (f"Epoch# {result.epoch}  Top 1 accuracy: {result.top1:.2f}%  Top 5 accuracy: {result.top5:.2f}%  "
-            f"({result.protocol} view{'' if result.protocol == 1 else 's'}, {result.images} images, "
+            f"({'EMA weights, ' if result.weights == 'ema' else ''}"
+            f"{result.protocol} view{'' if result.protocol == 1 else 's'}, {result.images} images, "
             f"{result.images_per_second:.0f} images/s)")
 
 
 def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
-                   poll=2.0, say=say_flushed):
+                   poll=2.0, say=say_flushed, weights="raw"):
     """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
     path = run_folder.run_dir(cfg.train.path_for_saving, run)
     if epoch_start == "auto":
-        epoch_start = first_missing_epoch(path, views, epoch_end)
+        epoch_start = first_missing_epoch(path, views, epoch_end, weights)
         if epoch_start == epoch_end:
             refresh(path)
-            say(f"Nothing to do: every epoch below {epoch_end} already has a {views}-view row in "
+            say(f"Nothing to do: every epoch below {epoch_end} already has a {views}-view {weights} row in "
                 f"{os.path.join(path, CSV_NAME)}.")
             return []
     check_epoch_range(epoch_start, epoch_end)
@@ -412,8 +428,10 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
             f"five: top-5 accuracy is 100% by construction; read top-1.")
     results = []
     for epoch in range(epoch_start, epoch_end):
-        predictor = SavedModelPredictor(wait_for_model(path, epoch, timeout=timeout, poll=poll, say=say))
+        predictor = SavedModelPredictor(wait_for_model(path, epoch, timeout=timeout, poll=poll, say=say,
+                                                       weights=weights))
         result = evaluate_epoch(predictor, store, views, epoch, batch_images)
+        result.weights = weights
         say(result_line(result))
         if expected and result.images != expected:
             say(f"warning: evaluated {result.images} images but [preprocess_val] N = {expected}; "

@@ -18,20 +18,25 @@ def protocol_name(protocol):
 
 
 def plot_accuracy(rows, png_path, title="Validation accuracy"):
-    """Write a PNG of top-1 (dashed) and top-5 (solid) accuracy per epoch, one colour per protocol.
+    """Write a PNG of top-1 (dashed) and top-5 (solid) accuracy per epoch, one colour per protocol
+    and weights (raw, or the EMA's: labelled 'EMA').
 
-    rows: iterables of dicts with keys epoch, protocol, top1, top5 (percent), as
-    in accuracy.csv. The file is replaced atomically, so a viewer never shows a
+    rows: iterables of dicts with keys epoch, protocol, top1, top5 (percent) and optionally
+    weights ('raw' when absent), as in accuracy.csv. The file is replaced atomically, so a viewer never shows a
     half-written image.
     """
     fig = Figure(figsize=(7.5, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    protocols = sorted({int(r["protocol"]) for r in rows})
-    for colour, protocol in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), protocols):
-        mine = sorted((r for r in rows if int(r["protocol"]) == protocol), key=lambda r: int(r["epoch"]))
+    def series_of(r):
+        return r.get("weights", "raw") != "raw", int(r["protocol"])  # raw series first
+
+    protocols = sorted({series_of(r) for r in rows})
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    for colour, series in zip(colours, protocols):
+        mine = sorted((r for r in rows if series_of(r) == series), key=lambda r: int(r["epoch"]))
         epochs = [int(r["epoch"]) for r in mine]
-        name = protocol_name(protocol)
+        name = protocol_name(series[1]) + (", EMA" if series[0] else "")
         ax.plot(epochs, [float(r["top5"]) for r in mine], "-o", color=colour, markersize=3, label=f"Top 5, {name}")
         ax.plot(epochs, [float(r["top1"]) for r in mine], "--s", color=colour, markersize=3, label=f"Top 1, {name}")
     ax.set_xlabel("epoch (saved folder number)")

@@ -1,6 +1,7 @@
 """The run folder: <path_for_saving>/<run>/.
 
     <run>/<epoch>/saved_model/   SavedModel (check_accuracy.py, inference; model.export)
+    <run>/<epoch>/saved_model_ema/  the same for the weight EMA ([train] ema_decay > 0; engine/ema.py)
     <run>/<epoch>/checkpoint/    tf.train.Checkpoint: weights, moving statistics, optimizer
                                  slots, loss scale, step counter, epoch
     <run>/<epoch>/config.txt     resolved config, command line and git hash

@@ -17,6 +17,9 @@ Schedules ([schedule] type):
   ResNet). Boundaries given in epochs are converted to the last step of the epoch
   before, so the new rate starts with the epoch's first step.
 - cosine: half a cosine from base_lr to base_lr * final_factor over total steps.
+- linear: base_lr until the warmup ends, then a straight line to base_lr * final_factor
+  at total steps; with warmup_start_factor 1e-4 this is FFCV's 'cyclic' ramp
+  (np.interp over [0, peak, end] of [1e-4 lr, lr, 0], ffcv-imagenet train_imagenet.py).
 - onecycle: the Tiny ImageNet recipe's three linear phases (titu1994 keras-one-cycle):
   max_lr * scale -> max_lr over `mid` steps, back to max_lr * scale over the next
   `mid`, then to max_lr * scale / 100 over the rest, mid = int(total * (1 - end) / 2).
@@ -32,7 +35,7 @@ import numpy as np
 
 from utils import UserError
 
-TYPES = ("constant", "step", "cosine", "onecycle")
+TYPES = ("constant", "step", "cosine", "onecycle", "linear")
 
 
 def _as_float(step, xp):
@@ -66,6 +69,12 @@ def step_decay(step, base_lr, boundaries, factors, xp=np):
 def cosine(step, base_lr, total_steps, final_lr=0.0, xp=np):
     p = xp.clip(_as_float(step, xp) / max(total_steps, 1), 0.0, 1.0)
     return final_lr + (base_lr - final_lr) * 0.5 * (1.0 + xp.cos(math.pi * p))
+
+
+def linear_decay(step, base_lr, total_steps, start_step=0, final_lr=0.0, xp=np):
+    """base_lr until start_step, then linearly to final_lr at total_steps (and final_lr after)."""
+    p = xp.clip((_as_float(step, xp) - start_step) / max(total_steps - start_step, 1), 0.0, 1.0)
+    return base_lr + (final_lr - base_lr) * p
 
 
 def one_cycle(step, max_lr, total_steps, end_percentage=0.2, scale_percentage=0.1, xp=np):
@@ -110,6 +119,9 @@ class Schedule:
             lr = step_decay(step, self.base_lr, self.boundaries, self.factors, xp)
         elif self.kind == "cosine":
             lr = cosine(step, self.base_lr, self.total_steps, self.base_lr * self.final_factor, xp)
+        elif self.kind == "linear":
+            lr = linear_decay(step, self.base_lr, self.total_steps, self.warmup_steps,
+                              self.base_lr * self.final_factor, xp)
         else:
             lr = one_cycle(step, self.base_lr, self.total_steps, self.end_percentage, self.scale_percentage, xp)
         return linear_warmup(step, lr, self.warmup_steps, self.warmup_start_factor, xp)
@@ -121,7 +133,7 @@ class Schedule:
         text = f"{self.kind} base_lr={self.base_lr:g}"
         if self.kind == "step":
             text += f" boundaries(steps)={list(self.boundaries)} factors={list(self.factors)}"
-        if self.kind in ("cosine", "onecycle"):
+        if self.kind in ("cosine", "onecycle", "linear"):
             text += f" total_steps={self.total_steps}"
         if self.warmup_steps:
             text += f" warmup_steps={self.warmup_steps}"
@@ -174,7 +186,7 @@ def from_config(section, steps_per_epoch, epoch_end, learning_rate=None):
                         f"received {len(factors)}.")
     total_epochs = s.total_epochs or epoch_end
     total_steps = int(round(total_epochs * steps_per_epoch))
-    if s.type in ("cosine", "onecycle") and total_steps <= 0:
+    if s.type in ("cosine", "onecycle", "linear") and total_steps <= 0:
         raise UserError(f"[schedule] type {s.type} needs a length: set total_epochs > 0 or --epoch_end > 0.")
     return Schedule(s.type, s.base_lr, boundaries, factors, total_steps, s.final_factor,
                     s.onecycle_end_percentage, s.onecycle_scale_percentage,

@@ -105,12 +105,18 @@ class Trainer:
         self.steps_per_epoch = reader.batches_per_epoch
         self.schedule = schedules.from_config(cfg.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
         from model import build_model, model_kwargs
+        from engine import ema, mixing
+        kwargs = model_kwargs(cfg, num_classes)
         with self.strategy.scope():
-            self.net = build_model(**model_kwargs(cfg, num_classes))
+            self.net = build_model(**kwargs)
             self.optimizer = self._make_optimizer(cfg.train)
             self.optimizer.build(self.net.trainable_variables)
             self.epoch_var = tf.Variable(-1, dtype=tf.int64, trainable=False, name="epoch")
-            self.checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer, epoch=self.epoch_var)
+            self.ema = ema.from_config(cfg.train, self.net, lambda: build_model(**kwargs))  # None when off
+            self.checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer, epoch=self.epoch_var,
+                                                  **({"ema": self.ema.net} if self.ema else {}))
+        self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(cfg.train), kwargs["num_classes"],
+                                          cfg.train.seed)
         self._train_step = self._make_train_step()
         self.tensorboard = logs.TensorBoard(run_path, enabled=self.chief)
         self.batch_log = logs.BatchLog(run_path, enabled=self.chief)
@@ -144,12 +150,18 @@ class Trainer:
         mu, sigma = self.mu, self.sigma
         global_batch, replicas, per_replica = self.batch_size, self.replicas, self.per_replica
         loss_scaling = self.loss_scaling
+        recipe, weight_ema = self.recipe, self.ema
 
-        def forward_backward(images, labels, lighting):
+        def forward_backward(images, labels, lighting, *mix):  # mix: engine.mixing draws, when mixing is on
             with tf.GradientTape() as tape:
-                logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)
-                per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=labels, logits=tf.cast(logits, tf.float32))
+                if recipe.active:  # label smoothing and/or mixup/cutmix (engine/mixing.py)
+                    x = recipe.model_input(to_model_input, images, lighting, mu, sigma, compute_dtype, *mix)
+                    logits = net(x, training=True)
+                    per_example = recipe.per_example_loss(labels, tf.cast(logits, tf.float32), *mix)
+                else:
+                    logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)
+                    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        labels=labels, logits=tf.cast(logits, tf.float32))
                 cross_entropy = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 l2 = net.regularization_loss()
                 # Gradients are summed over replicas, so each contributes 1/replicas of the L2 term.
@@ -163,16 +175,18 @@ class Trainer:
         if self.cfg.train.jit_compile:
             forward_backward = tf.function(forward_backward, jit_compile=True)
 
-        def replica_step(images, labels, lighting):
-            grads, cross_entropy, l2, hits = forward_backward(images, labels, lighting)
+        def replica_step(images, labels, lighting, *mix):
+            grads, cross_entropy, l2, hits = forward_backward(images, labels, lighting, *mix)
             opt.apply_gradients(zip(grads, net.trainable_variables))
             return cross_entropy, l2, hits
 
         @tf.function
-        def train_step(images, labels, lighting, lr):
+        def train_step(images, labels, lighting, lr, *mix):
             opt.learning_rate.assign(lr)
             parts = split_batch(strategy, (images, labels, lighting), per_replica)
-            cross_entropy, l2, hits = strategy.run(replica_step, args=parts)
+            cross_entropy, l2, hits = strategy.run(replica_step, args=tuple(parts) + mix)
+            if weight_ema is not None:
+                weight_ema.update(net.train_step)
             net.train_step.assign_add(1)
             total = tf.distribute.ReduceOp.SUM
             return (strategy.reduce(total, cross_entropy, axis=None),
@@ -190,7 +204,7 @@ class Trainer:
         except (AssertionError, ValueError, self.tf.errors.OpError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"the checkpoint {prefix} does not match the model and optimizer built from this config "
-                            f"([model], [train] optimizer or mixed_precision changed?): {first}") from None
+                            f"([model], [train] optimizer, mixed_precision or ema_decay changed?): {first}") from None
         restored = int(self.epoch_var.numpy())
         if restored != expected_epoch:
             raise UserError(f"the checkpoint {prefix} holds epoch {restored}, expected {expected_epoch}; "
@@ -234,7 +248,8 @@ class Trainer:
                 b, batch, waited = prefetch.get()
                 lr = self.schedule(step)
                 outputs = self._train_step(tf.constant(batch.images), tf.constant(batch.labels),
-                                           tf.constant(batch.lighting), tf.constant(lr, tf.float32))
+                                           tf.constant(batch.lighting), tf.constant(lr, tf.float32),
+                                           *self.recipe.step_args(epoch, b, batch.images.shape))
                 step += 1
                 self.batch_log.write(epoch, b)
                 reader.report_progress(epoch, b + 1)
@@ -299,6 +314,8 @@ class Trainer:
 
         def write_parts(folder):
             export_saved_model(self.net, os.path.join(folder, "saved_model"), self.mu, self.sigma)
+            if self.ema:
+                export_saved_model(self.ema.net, os.path.join(folder, "saved_model_ema"), self.mu, self.sigma)
             self.checkpoint.write(run_folder.checkpoint_prefix(folder))
             atomic_write_text(os.path.join(folder, "config.txt"), self.config_text(epoch))
 
@@ -320,7 +337,8 @@ class Trainer:
             return run_folder.folder_bytes(run_folder.epoch_dir(self.run_path, done[-1]))
         def size(variables):  # Keras variables name their dtype as a string, tf.Variables as a DType
             return sum(int(np.prod(v.shape)) * self.tf.as_dtype(v.dtype).size for v in variables)
-        return 2 * size(self.net.variables) + size(self.optimizer.variables) + GRAPH_BYTES
+        ema_bytes = 2 * size(self.ema.net.variables) + GRAPH_BYTES if self.ema else 0
+        return 2 * size(self.net.variables) + size(self.optimizer.variables) + GRAPH_BYTES + ema_bytes
 
     def check_space(self, epoch):
         """Stop before training an epoch that could not be saved: a full disk then costs nothing."""

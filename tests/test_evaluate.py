@@ -251,7 +251,7 @@ def test_rerunning_an_epoch_replaces_its_csv_row(tmp_path):
     rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
     assert [(r["protocol"], r["epoch"], r["top1"]) for r in rows] == [(1, 1, 45.0), (10, 0, 40.0), (10, 1, 55.5)]
     with open(os.path.join(run, "accuracy.csv")) as f:
-        assert f.readline().strip() == "epoch,protocol,top1,top5,images"
+        assert f.readline().strip() == "epoch,protocol,top1,top5,images,weights"
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     assert evaluate.first_missing_epoch(run, 10, 5) == 2
     assert evaluate.first_missing_epoch(run, 1, 5) == 0

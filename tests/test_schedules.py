@@ -106,3 +106,11 @@ def test_config_errors_are_one_sentence():
         schedules.from_config(section(type="step", boundaries=(3, 2)), 10, 5)
     with pytest.raises(UserError, match="total_epochs"):
         schedules.from_config(section(type="cosine"), 10, 0)
+
+
+def test_linear_holds_base_lr_through_the_warmup_then_falls_in_a_straight_line():
+    s = schedules.from_config(section(type="linear", base_lr=0.4, warmup_epochs=2, warmup_start_factor=0.25,
+                                      total_epochs=10, final_factor=0.1), steps_per_epoch=10, epoch_end=10)
+    steps = np.arange(0, 121)
+    expected = np.interp(steps, [0, 20, 100], [0.1, 0.4, 0.04])
+    np.testing.assert_allclose([s(k) for k in steps], expected, rtol=1e-12)

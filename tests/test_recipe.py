@@ -1,0 +1,314 @@
+"""Label smoothing, the weight EMA and mixup/cutmix (engine/mixing.py, engine/ema.py, their trainer hooks)."""
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from engine import ema, mixing
+from tests.helpers import merge_sections, stop_process, write_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+K = 5
+
+
+def write_config(folder, data_root, **sections):
+    """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides."""
+    values = {
+        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
+        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
+                  "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
+        "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
+                   "eval_resize": "36", "eval_scales_50": "36, 40"},
+        "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
+        "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
+        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
+    }
+    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
+
+
+# ----------------------------------------------------------------------------
+# Label smoothing
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("e", [0.0, 0.1, 0.35])
+def test_label_smoothing_equals_keras_categorical_crossentropy(e):
+    import keras
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (16, K)).astype(np.float32)
+    labels = rng.integers(0, K, 16)
+    recipe = mixing.DeviceRecipe(mixing.MixConfig(label_smoothing=e), K, seed=0)
+    ours = recipe.per_example_loss(tf.constant(labels, tf.int32), tf.constant(logits)).numpy()
+    keras_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=e, reduction=None)
+    theirs = np.asarray(keras_loss(np.eye(K, dtype=np.float32)[labels], logits))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Mixup / cutmix
+# ----------------------------------------------------------------------------
+
+def numpy_targets(labels, lam, e):
+    """timm's mixup_target in numpy."""
+    off = e / K
+    y = np.full((len(labels), K), off, np.float64)
+    y[np.arange(len(labels)), labels] = 1 - e + off
+    return y * lam + y[::-1] * (1 - lam)
+
+
+def test_mixup_images_and_targets_equal_a_numpy_reference_for_given_draws():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 8, 10, 3)).astype(np.float32)
+    labels = rng.integers(0, K, 6)
+    lam = np.float32(0.3)
+    mixed = mixing.mix_images(tf.constant(x), lam, mixing.MIXUP, tf.zeros([4], tf.int32)).numpy()
+    np.testing.assert_allclose(mixed, x * lam + x[::-1] * (np.float32(1) - lam), rtol=1e-6, atol=1e-6)
+    targets = mixing.soft_targets(tf.constant(labels), K, 0.1, lam).numpy()
+    np.testing.assert_allclose(targets, numpy_targets(labels, 0.3, 0.1), atol=1e-6)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_cutmix_images_and_targets_equal_a_numpy_reference_for_given_draws():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 12, 9, 3)).astype(np.float32)
+    labels = rng.integers(0, K, 4)
+    yl, yh, xl, xh = 2, 7, 3, 9
+    lam = 1 - (yh - yl) * (xh - xl) / (12 * 9)
+    mixed = mixing.mix_images(tf.constant(x), np.float32(lam), mixing.CUTMIX, tf.constant([yl, yh, xl, xh])).numpy()
+    expected = x.copy()
+    expected[:, yl:yh, xl:xh] = x[::-1, yl:yh, xl:xh]
+    np.testing.assert_array_equal(mixed, expected)
+    np.testing.assert_allclose(mixing.soft_targets(tf.constant(labels), K, 0.0, np.float32(lam)).numpy(),
+                               numpy_targets(labels, lam, 0.0), atol=1e-6)
+
+
+def test_cutmix_box_area_matches_the_lambda_it_reports():
+    config = mixing.MixConfig(cutmix_alpha=1.0)
+    modes = set()
+    for batch in range(60):
+        lam, mode, (yl, yh, xl, xh) = mixing.draw(config, 3, 0, batch, 24, 40)
+        modes.add(int(mode))
+        if mode == mixing.CUTMIX:
+            assert 0 <= yl <= yh <= 24 and 0 <= xl <= xh <= 40
+            assert lam == pytest.approx(1 - (yh - yl) * (xh - xl) / (24 * 40), abs=1e-6)
+            # The mask the device builds covers exactly that area.
+            x = np.zeros((2, 24, 40, 1), np.float32)
+            x[1] = 1.0
+            mixed = mixing.mix_images(tf.constant(x), lam, mode, tf.constant([yl, yh, xl, xh])).numpy()
+            assert mixed[0].mean() == pytest.approx(1 - lam, abs=1e-6)
+    assert modes == {mixing.CUTMIX}
+
+
+def test_draws_derive_from_seed_epoch_and_batch_and_follow_the_probabilities():
+    both = mixing.MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.5, switch_prob=0.5)
+    draws = [mixing.draw(both, 7, 2, b, 32, 32) for b in range(400)]
+    again = [mixing.draw(both, 7, 2, b, 32, 32) for b in range(400)]
+    for a, b in zip(draws, again):
+        assert a[0] == b[0] and a[1] == b[1] and np.array_equal(a[2], b[2])
+    assert mixing.draw(both, 7, 3, 0, 32, 32)[0] != mixing.draw(both, 7, 2, 0, 32, 32)[0] or \
+        mixing.draw(both, 8, 2, 1, 32, 32)[0] != mixing.draw(both, 7, 2, 1, 32, 32)[0]
+    modes = np.array([int(d[1]) for d in draws])
+    assert 0.4 < np.mean(modes == mixing.NONE) < 0.6  # mix_prob 0.5
+    assert 0.3 < np.mean(modes[modes != mixing.NONE] == mixing.CUTMIX) < 0.7  # switch_prob 0.5
+    never = mixing.MixConfig(mixup_alpha=0.2, mix_prob=0.0)
+    assert all(mixing.draw(never, 0, 0, b, 8, 8)[0] == 1.0 for b in range(50))
+
+
+def test_no_mix_leaves_the_images_untouched():
+    x = np.random.default_rng(4).normal(size=(3, 5, 5, 3)).astype(np.float32)
+    out = mixing.mix_images(tf.constant(x), np.float32(1.0), mixing.NONE, tf.zeros([4], tf.int32)).numpy()
+    np.testing.assert_array_equal(out, x)
+
+
+# ----------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------
+
+def tiny_net():
+    from model import build_model
+    return build_model(num_classes=3, width_multiplier=0.0625, seed=0)
+
+
+def test_device_ema_equals_a_numpy_ema_over_the_same_steps():
+    net = tiny_net()
+    # Decay 0.3 with the warm-up: (1+t)/(10+t) = 0.1, 0.18, 0.25 for t = 0..2, then 0.3 from t = 3 on.
+    weights = ema.WeightEMA(net, tiny_net(), decay=0.3, warmup=True)
+    variables = list(net.trainable_variables) + list(net.statistics())
+    assert any(not v.trainable for v in variables)  # the moving statistics take part
+    reference = [v.numpy().astype(np.float64) for v in variables]
+    rng = np.random.default_rng(5)
+    steps = [[rng.normal(0, 0.1, v.shape).astype(np.float32) for v in variables] for _ in range(5)]
+
+    @tf.function
+    def step(t, deltas):
+        for v, delta in zip(variables, deltas):
+            v.assign_add(delta)
+        weights.update(t)
+
+    for t, deltas in enumerate(steps):
+        step(tf.constant(t, tf.int64), deltas)
+        d = min(0.3, (1 + t) / (10 + t))
+        reference = [d * r + (1 - d) * v.numpy() for r, v in zip(reference, variables)]
+    for (_, shadow), expected in zip(weights.pairs, reference):
+        np.testing.assert_allclose(shadow.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=shadow.name)
+    assert float(ema.WeightEMA.decay_at(types.SimpleNamespace(decay=0.3, warmup=False), 0)) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------
+# The trainer's step
+# ----------------------------------------------------------------------------
+
+class FakeReader:
+    """A fixed set of random batches in place of the buffer."""
+
+    def __init__(self, steps=2, batch=8, crop=32, classes=4):
+        rng = np.random.default_rng(11)
+        self.batches = [types.SimpleNamespace(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
+                                              labels=rng.integers(0, classes, batch).astype(np.int32),
+                                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
+                        for _ in range(steps)]
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.batches)
+
+    def num_batches(self, epoch):
+        return len(self.batches)
+
+    def read(self, epoch, b):
+        return self.batches[(epoch + b) % len(self.batches)]
+
+    def report_progress(self, epoch, done):
+        pass
+
+
+def make_trainer(tmp_path, run, **train):
+    import utils
+    from engine.trainer import Trainer
+    folder = tmp_path / run
+    folder.mkdir()
+    config = write_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
+    run_path = str(folder / "run")
+    os.makedirs(run_path)
+    return Trainer(utils.load_config(config), FakeReader(), run_path, batch_size=8, num_classes=4)
+
+
+def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_path):
+    """Today's step written out (sparse cross-entropy + L2, SGD), against the trainer with the new keys at 0."""
+    import keras
+    from model import build_model, model_kwargs
+    try:
+        from model.preprocessing import to_model_input
+    except ImportError:  # before issue 13 moved it out of data/
+        from data.device import to_model_input
+    trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
+    assert trainer.ema is None and not trainer.recipe.active
+    assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
+    keras.utils.set_random_seed(trainer.cfg.train.seed)
+    net = build_model(**model_kwargs(trainer.cfg, 4))
+    opt = keras.optimizers.SGD(learning_rate=0.005, momentum=0.9)
+    opt.build(net.trainable_variables)
+
+    @tf.function
+    def plain_step(images, labels, lighting):
+        with tf.GradientTape() as tape:
+            logits = net(to_model_input(images, lighting, trainer.mu, trainer.sigma), training=True)
+            cross_entropy = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits)) / 8.0
+            loss = cross_entropy + net.regularization_loss()
+        opt.apply_gradients(zip(tape.gradient(loss, net.trainable_variables), net.trainable_variables))
+        net.train_step.assign_add(1)
+
+    for b in range(2):
+        batch = trainer.reader.read(0, b)
+        plain_step(tf.constant(batch.images), tf.constant(batch.labels), tf.constant(batch.lighting))
+    trainer.train_epoch(0)
+    for ours, plain in zip(trainer.net.variables, net.variables):
+        np.testing.assert_array_equal(ours.numpy(), plain.numpy(), err_msg=ours.name)
+
+
+def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
+    from engine import run_folder
+    features = dict(label_smoothing=0.1, ema_decay=0.5, ema_warmup="true", mixup_alpha=0.4, cutmix_alpha=1.0)
+    whole = make_trainer(tmp_path, "whole", **features)
+    whole.train_epoch(0)
+    prefix = run_folder.checkpoint_prefix(str(tmp_path / "epoch0"))
+    whole.epoch_var.assign(0)
+    whole.checkpoint.write(prefix)
+    whole.train_epoch(1)
+    resumed = make_trainer(tmp_path, "resumed", **features)
+    resumed.restore(prefix, expected_epoch=0)
+    resumed.train_epoch(1)
+    moved = 0
+    for (_, a), (_, b) in zip(whole.ema.pairs, resumed.ema.pairs):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    for (v, s) in whole.ema.pairs:
+        moved += not np.array_equal(v.numpy(), s.numpy())
+    assert moved > len(whole.ema.pairs) // 2  # the average lags the weights: it is not a copy
+    for a, b in zip(whole.net.variables, resumed.net.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+# ----------------------------------------------------------------------------
+# End to end: producer + train.py + check_accuracy.py --weights ema
+# ----------------------------------------------------------------------------
+
+E2E_EPOCHS = 2
+E2E_BATCH = 16
+HUES = ((200, 40, 40), (40, 170, 40), (40, 60, 210), (190, 190, 60))  # class k: noisy pictures of this colour
+
+
+def colour_dataset(root, train_per_class=64, val_per_class=10):
+    """A 4-class set a 4-channel-wide network learns in a few dozen steps (the demo's shapes take thousands):
+    each image is its class's colour under noise and a random brightness."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for k, hue in enumerate(HUES):
+            folder = os.path.join(root, split, f"n{k:08d}")
+            os.makedirs(folder)
+            for i in range(count):
+                h, w = rng.integers(40, 57, 2)
+                pixels = np.asarray(hue) * rng.uniform(0.6, 1.2) + rng.normal(0, 40, (h, w, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.JPEG"))
+    return root
+
+
+def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
+    from engine import evaluate, run_folder
+    data = colour_dataset(str(tmp_path / "imagenet"))
+    config = write_config(
+        str(tmp_path), data,
+        preprocess_val={"ImageNet_folder": data, "path_to_save": str(tmp_path / "val")},
+        train={"label_smoothing": "0.1", "ema_decay": "0.9", "ema_warmup": "true", "mixup_alpha": "0.2",
+               "cutmix_alpha": "1.0", "mix_prob": "0.5", "deterministic": "false"},
+        schedule={"type": "linear", "base_lr": "0.05", "warmup_epochs": "0.5", "warmup_start_factor": "0.1"},
+        model={"width_multiplier": "0.0625"},
+        # 32 steps: the moving statistics must settle within them for inference to work (0.99: 27% of the way).
+        batch_renorm={"moving_avgs_momentum": "0.8"})
+    subprocess.run([PY, "preprocess_val.py", f"--config={config}"], cwd=ROOT, check=True, capture_output=True)
+    steps = ["--epoch_start=0", f"--epoch_end={E2E_EPOCHS}", f"--batch_size={E2E_BATCH}"]
+    producer = subprocess.Popen([PY, "runtime_preprocessing.py", "--config", config, "--no_progress", *steps],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        trained = subprocess.run([PY, "train.py", "--config", config, "--run_folder=R", *steps], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+    finally:
+        stop_process(producer)
+    run = os.path.join(str(tmp_path), "runs", "R")
+    last = os.path.join(run, str(E2E_EPOCHS - 1))
+    assert sorted(os.listdir(last)) == ["checkpoint", "config.txt", "saved_model", "saved_model_ema"]
+    check = [PY, "check_accuracy.py", f"--config={config}", "--run_folder=R", "--views=1",
+             f"--epoch_start={E2E_EPOCHS - 1}", f"--epoch_end={E2E_EPOCHS}", "--timeout=5"]
+    for weights in ("raw", "ema"):
+        result = subprocess.run(check + [f"--weights={weights}"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
+    assert [(r["epoch"], r["weights"]) for r in rows] == [(E2E_EPOCHS - 1, "raw"), (E2E_EPOCHS - 1, "ema")]
+    assert rows[1]["images"] == 40 and rows[1]["top1"] >= 50.0, rows  # chance is 25%
+    assert run_folder.complete_epochs(run) == list(range(E2E_EPOCHS))
