@@ -172,7 +172,8 @@ def test_mu_sigma_matches_numpy(config, dataset):
     np.testing.assert_allclose(written["mu"], pixels.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(written["sigma"], pixels.std(axis=0), atol=1e-6)
     mu, sigma = utils.mu_sigma(cfg)  # the demo config says 'auto'
-    np.testing.assert_allclose(mu, written["mu"]) and np.testing.assert_allclose(sigma, written["sigma"])
+    np.testing.assert_allclose(mu, written["mu"])
+    np.testing.assert_allclose(sigma, written["sigma"])
 
 
 def test_mu_sigma_is_exact():
