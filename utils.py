@@ -187,6 +187,15 @@ SCHEMA = {
     },
 }
 
+# Keys the seed's config.txt walk-through places in another section. Its "[preprocess]" list describes
+# preprocess_val.py's keys (path of the 10 validation views, N = 50000); the original config.txt has
+# them under [preprocess_val], and [preprocess] (the training-set resize cache) counts no images.
+MOVED_KEYS = {
+    ("preprocess", "N"): "[preprocess] N is the validation image count, which lives in [preprocess_val] N "
+                         "(the seed's walk-through lists it under [preprocess], the original config.txt under "
+                         "[preprocess_val]); move the line there.",
+}
+
 
 # ----------------------------------------------------------------------------
 # Loading
@@ -309,6 +318,8 @@ def load_config(path, schema=None):
                               f"{', '.join('[' + s + ']' for s in schema)}.")
         for name in parser[section]:
             if name not in schema[section]:
+                if (section, name) in MOVED_KEYS:
+                    raise ConfigError(f"{path}: {MOVED_KEYS[section, name]}")
                 raise ConfigError(f"{path}: unknown key '{name}' in [{section}]; expected one of "
                                   f"{', '.join(schema[section])}.")
     sections = {}
