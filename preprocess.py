@@ -38,6 +38,10 @@ def main():
     args = p.parse_args()
     utils.setup_logging()
     cfg = utils.load_config(args.config)
+    if cfg.data.source != "folder":  # the cache is indexed like the folder layout's train list
+        raise utils.UserError(f"preprocess.py's scale cache is built from image folders only, and [data] source = "
+                              f"{cfg.data.source}; the producer resizes shard images on the fly, so skip this "
+                              f"script (and set [runtime_preprocessing] use_scale_cache = false).")
     sides = parse_sides(args.shorter_side, cfg)
     index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
     workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers

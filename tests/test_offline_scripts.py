@@ -34,6 +34,8 @@ def write_config(folder, dataset, **overrides):
               "get_mu_sigma.path_to_save": "stats", **overrides}
     for key, value in values.items():
         section, name = key.split(".")
+        if not parser.has_section(section):
+            parser.add_section(section)
         parser.set(section, name, str(value))
     path = os.path.join(folder, "config.txt")
     with open(path, "w") as f:
@@ -84,6 +86,13 @@ def test_bad_dataset_is_one_line_error(tmp_path):
 
 
 # ---------------------------------------------------------------- preprocess.py
+
+def test_preprocess_on_shards_says_the_cache_is_for_image_folders(tmp_path):
+    path = write_config(str(tmp_path), str(tmp_path / "shards"), **{"data.source": "tfrecord"})
+    result = run("preprocess.py", "--config", path, "--shorter_side", "40")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "built from image folders only" in lines[0]
+
 
 def test_preprocess_aligned_across_scales(config, dataset):
     result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2")
