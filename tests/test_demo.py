@@ -85,13 +85,16 @@ def _alive(pid):
         return False
 
 
-def _launch(d, producer="forever", trainer="ok", extra=(), wait=True):
+def _launch(d, producer="forever", trainer="ok", extra=(), wait=True, sigint_ignored=False):
     env = dict(os.environ, FAKE_DIR=str(d), FAKE_BUFFER=str(d / "buffer"), FAKE_PRODUCER=producer,
                FAKE_TRAINER=trainer)
     argv = [sys.executable, LAUNCH, "--run_folder=r", "--epoch_start=0", "--epoch_end=2", "--batch_size=8",
             f"--config={d / 'demo.txt'}", f"--producer_script={d / 'producer.py'}",
             f"--trainer_script={d / 'trainer.py'}", *extra]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As `make test &` from a script starts it: SIGINT ignored, inherited across exec.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=60)
@@ -138,9 +141,10 @@ def test_producer_restarts_are_bounded(fake):
     assert _all_gone(fake)
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started_with_sigint_ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupting_the_launcher_stops_both_process_groups(fake, sig):
-    proc = _launch(fake, trainer="forever", wait=False)
+def test_interrupting_the_launcher_stops_both_process_groups(fake, sig, sigint_ignored):
+    proc = _launch(fake, trainer="forever", wait=False, sigint_ignored=sigint_ignored)
     try:
         assert wait_until(lambda: len(_pids(fake)) == 4)
         proc.send_signal(sig)
