@@ -324,7 +324,7 @@ def write_rows(csv_path, rows):
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(csv_path, out.getvalue())
+    atomic_write_text(csv_path, out.getvalue(), durable=True)
 
 
 def record(run_path, result):

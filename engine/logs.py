@@ -40,7 +40,7 @@ def write_epoch_row(run_path, row):
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue())
+    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue(), durable=True)
 
 
 def _fmt(value):
