@@ -94,13 +94,14 @@ class TensorBoard:
     does not pull it in).
     """
 
-    def __init__(self, run_path, enabled=True):
+    def __init__(self, run_path, enabled=True, subdir=""):
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
         self.tf = tf
         self.metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""))
-        self.writer = tf.summary.create_file_writer(os.path.join(run_path, TENSORBOARD_DIR)) if enabled else None
+        folder = os.path.join(run_path, TENSORBOARD_DIR, subdir)
+        self.writer = tf.summary.create_file_writer(folder) if enabled else None
 
     def scalars(self, step, values, prefix=""):
         if not self.writer:

@@ -350,6 +350,9 @@ def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, ta
     net = build_model(width_multiplier=0.0625, num_classes=3)
     export_saved_model(net, str(run / "0" / "saved_model"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     shutil.copytree(table_model_dir, run / "1" / "saved_model")
+    from engine import logs
+    for epoch, steps in ((0, 8), (1, 16)):  # the trainer's rows: the global step at each epoch's end
+        logs.write_epoch_row(str(run), {k: 0.5 for k in logs.CSV_FIELDS} | {"epoch": epoch, "steps": steps})
     argv = ["--run_folder=tiny", "--epoch_start=0", "--epoch_end=2", f"--config={config}", "--timeout=5"]
     assert check_accuracy.main(argv) == 0
     out = capsys.readouterr().out
@@ -364,6 +367,15 @@ def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, ta
     assert rows[1]["top1"] == 0.0
     with open(run / "accuracy.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard's own reader finds both accuracies per epoch at the trainer's global steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    board = EventAccumulator(str(run / "tensorboard" / "validation"), size_guidance={"tensors": 0})
+    board.Reload()
+    for k in (1, 5):
+        events = board.Tensors(f"epoch/val_top{k}_10view")
+        assert [(e.step, round(100 * float(make_ndarray(e.tensor_proto)), 4)) for e in events] == \
+            [(8, rows[0][f"top{k}"]), (16, rows[1][f"top{k}"])]
     # 'auto' resumes after the rows already written: nothing left to do.
     assert check_accuracy.main(argv[:1] + ["--epoch_start=auto"] + argv[2:]) == 0
     assert "Nothing to do" in capsys.readouterr().out
