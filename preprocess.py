@@ -48,6 +48,10 @@ def main():
     args = p.parse_args()
     utils.setup_logging()
     cfg = utils.load_config(args.config)
+    if cfg.data.source != "folder":  # the cache is indexed like the folder layout's train list
+        raise utils.UserError(f"preprocess.py's scale cache is built from image folders only, and [data] source = "
+                              f"{cfg.data.source}; the producer resizes shard images on the fly, so skip this "
+                              f"script (and set [runtime_preprocessing] use_scale_cache = false).")
     sides = parse_sides(args.shorter_side, cfg, args.any_side)
     index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
     utils.check_class_count(cfg, len(index.classes), "counted by preprocess.py")

@@ -205,6 +205,15 @@ SCHEMA = {
     },
 }
 
+# Keys the seed's config.txt walk-through places in another section. Its "[preprocess]" list describes
+# preprocess_val.py's keys (path of the 10 validation views, N = 50000); the original config.txt has
+# them under [preprocess_val], and [preprocess] (the training-set resize cache) counts no images.
+MOVED_KEYS = {
+    ("preprocess", "N"): "[preprocess] N is the validation image count, which lives in [preprocess_val] N "
+                         "(the seed's walk-through lists it under [preprocess], the original config.txt under "
+                         "[preprocess_val]); move the line there.",
+}
+
 
 # ----------------------------------------------------------------------------
 # Loading
@@ -330,6 +339,8 @@ def load_config(path, schema=None):
                               f"{', '.join('[' + s + ']' for s in schema)}.")
         for name in parser[section]:
             if name not in schema[section]:
+                if (section, name) in MOVED_KEYS:
+                    raise ConfigError(f"{path}: {MOVED_KEYS[section, name]}")
                 raise ConfigError(f"{path}: unknown key '{name}' in [{section}]; expected one of "
                                   f"{', '.join(schema[section])}.")
     sections = {}
@@ -449,18 +460,51 @@ def human_bytes(n):
         n /= 1000.0
 
 
+def fsync_path(path):
+    """Flush a file's or a folder's data and metadata (a folder: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsync every file and folder under `path`, `path` last (TensorFlow's savers do not fsync)."""
+    if not os.path.isdir(path):
+        return fsync_path(path)
+    for folder, _, names in os.walk(path, topdown=False):
+        for name in names:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
+def _durable_replace(tmp, path, rename):
+    """rename(tmp, path) so that a power cut leaves the old or the new content, never an empty file:
+    the content reaches the disk before the rename and the folder's new entry after it. Without
+    the first fsync, ext4 and XFS may commit the rename before the data blocks."""
+    fsync_tree(tmp)
+    rename(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 @contextlib.contextmanager
-def atomic_path(path, bytes_needed=None, tmp=None):
+def atomic_path(path, bytes_needed=None, tmp=None, durable=False):
     """Yield a temporary path in the same folder; on success rename it to `path`.
 
     On any failure the temporary file is removed, so a reader never sees a
     partial `path`. ENOSPC becomes a UserError naming the folder. `tmp`: a
     temporary name to use instead of a fresh one (it must be in the same folder).
+    `durable`: survive a power cut too (fsync before and after the rename); for the run
+    folder's files. The buffer, regenerable on a RAM disk, skips it.
     """
     tmp = tmp or _tmp_name(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if durable:
+            _durable_replace(tmp, path, os.replace)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -488,14 +532,14 @@ def read_json(path):
         return None
 
 
-def atomic_write_bytes(path, data):
-    with atomic_path(path, len(data)) as tmp:
+def atomic_write_bytes(path, data, durable=False):
+    with atomic_path(path, len(data), durable=durable) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
 
 
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path, text, durable=False):
+    atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 def atomic_save_npy(path, array, reuse=None):
@@ -526,15 +570,19 @@ def atomic_save_npy(path, array, reuse=None):
 
 
 @contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temporary folder; on success it is renamed to `path` (which must not exist)."""
+def atomic_dir(path, durable=False):
+    """Yield a temporary folder; on success it is renamed to `path` (which must not exist).
+    `durable`: every file and folder inside is fsynced before the rename, the parent after."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
     os.makedirs(tmp)
     try:
         yield tmp
-        os.rename(tmp, path)
+        if durable:
+            _durable_replace(tmp, path, os.rename)
+        else:
+            os.rename(tmp, path)
     except OSError as e:
         _remove(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

@@ -349,7 +349,7 @@ def write_rows(csv_path, rows):
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(csv_path, out.getvalue())
+    atomic_write_text(csv_path, out.getvalue(), durable=True)
 
 
 def record(run_path, result):
@@ -437,6 +437,40 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
             say(f"warning: evaluated {result.images} images but [preprocess_val] N = {expected}; "
                 f"the accuracy is not comparable with a full validation run.")
         csv_path, png_path = record(path, result)
+        write_tensorboard(path, result)
         results.append(result)
     say(f"Results: {csv_path}  Plot: {png_path}")
     return results
+
+
+VALIDATION_TB = "validation"  # <run>/tensorboard/validation: a second TensorBoard run beside the trainer's
+
+
+def epoch_step(run_path, epoch):
+    """The global step at the end of `epoch` (the x axis of the trainer's epoch/ scalars): from log.csv,
+    else from the epoch's config.txt header; None when neither says."""
+    from engine import logs
+    for row in logs.read_csv(run_path):
+        if row.get("epoch") == str(epoch) and row.get("steps", "").isdigit():
+            return int(row["steps"])
+    try:
+        with open(os.path.join(run_folder.epoch_dir(run_path, epoch), "config.txt")) as f:
+            first = f.readline()
+    except OSError:
+        return None
+    words = first.rsplit("global step ", 1)
+    return int(words[1]) if len(words) == 2 and words[1].strip().isdigit() else None
+
+
+def write_tensorboard(run_path, result):
+    """Validation top-1/top-5 (fractions, as the trainer's epoch/train_top1) at the epoch's global step,
+    so one `tensorboard --logdir <run>/tensorboard` shows training and validation curves together."""
+    from engine import logs
+    step = epoch_step(run_path, result.epoch)
+    board = logs.TensorBoard(run_path, subdir=VALIDATION_TB)
+    try:
+        board.scalars(result.epoch if step is None else step,
+                      {f"val_top1_{result.protocol}view": result.top1 / 100.0,
+                       f"val_top5_{result.protocol}view": result.top5 / 100.0}, "epoch/")
+    finally:
+        board.close()

@@ -43,7 +43,7 @@ def write_epoch_row(run_path, row):
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue())
+    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue(), durable=True)
 
 
 def _fmt(value):
@@ -97,13 +97,14 @@ class TensorBoard:
     does not pull it in).
     """
 
-    def __init__(self, run_path, enabled=True):
+    def __init__(self, run_path, enabled=True, subdir=""):
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
         self.tf = tf
         self.metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""))
-        self.writer = tf.summary.create_file_writer(os.path.join(run_path, TENSORBOARD_DIR)) if enabled else None
+        folder = os.path.join(run_path, TENSORBOARD_DIR, subdir)
+        self.writer = tf.summary.create_file_writer(folder) if enabled else None
 
     def scalars(self, step, values, prefix=""):
         if not self.writer:

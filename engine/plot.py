@@ -48,7 +48,7 @@ def plot_accuracy(rows, png_path, title="Validation accuracy"):
     if protocols:
         ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    with atomic_path(png_path) as tmp:
+    with atomic_path(png_path, durable=True) as tmp:
         # The temp name has no .png suffix, so the format must be explicit.
         fig.savefig(tmp, format="png")
     return png_path

@@ -121,13 +121,15 @@ def removed_if_left_empty(run_path):
         raise
 
 
-def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True):
+def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True, durable=True):
     """Build <run>/<epoch>/ with write_parts(tmp_folder), then rename it into place.
 
     With overwrite, the old folder is moved aside only after the new one is complete
     (a kill between the two renames leaves both under temp names: rerun that epoch).
     Non-chief workers of a multi-worker run write to a private scratch folder that
     is deleted, because every worker must take part in saving mirrored variables.
+    durable: fsync the whole folder before the rename and the run folder after it, so a power
+    cut leaves the epoch whole or absent (bench/bench_save.py measures the cost).
     """
     if not chief:
         scratch = tempfile.mkdtemp(prefix="worker-save-")
@@ -138,7 +140,7 @@ def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True):
         return None
     final = epoch_dir(run_path, epoch)
     aside = None
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, durable=durable) as tmp:
         write_parts(tmp)
         if os.path.exists(final):
             if not overwrite:

@@ -279,3 +279,11 @@ def surviving_batches(lines):
                 timeline.pop()
         timeline.append((epoch, batch))
     return timeline, resumes
+
+
+def fake_parts(folder):
+    os.makedirs(os.path.join(folder, "saved_model"))
+    os.makedirs(os.path.join(folder, "checkpoint"))
+    for name in ("checkpoint/ckpt.index", "config.txt"):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(folder)

@@ -60,6 +60,11 @@ def test_unknown_key(tmp_path):
     assert "unknown key 'sgd_momentun'" in message and "[train]" in message
 
 
+def test_the_seeds_preprocess_N_is_refused_with_where_it_lives(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("preprocess", "N", "50000"))
+    assert "[preprocess] N" in message and "lives in [preprocess_val] N" in message and message.endswith(".")
+
+
 def test_unknown_section(tmp_path):
     message = load_error(tmp_path, lambda p: p.add_section("trian"))
     assert "unknown section [trian]" in message

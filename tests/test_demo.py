@@ -85,13 +85,16 @@ def _alive(pid):
         return False
 
 
-def _launch(d, producer="forever", trainer="ok", extra=(), wait=True):
+def _launch(d, producer="forever", trainer="ok", extra=(), wait=True, sigint_ignored=False):
     env = dict(os.environ, FAKE_DIR=str(d), FAKE_BUFFER=str(d / "buffer"), FAKE_PRODUCER=producer,
                FAKE_TRAINER=trainer)
     argv = [sys.executable, LAUNCH, "--run_folder=r", "--epoch_start=0", "--epoch_end=2", "--batch_size=8",
             f"--config={d / 'demo.txt'}", f"--producer_script={d / 'producer.py'}",
             f"--trainer_script={d / 'trainer.py'}", *extra]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As `make test &` from a script starts it: SIGINT ignored, inherited across exec.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=60)
@@ -138,9 +141,10 @@ def test_producer_restarts_are_bounded(fake):
     assert _all_gone(fake)
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started_with_sigint_ignored"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupting_the_launcher_stops_both_process_groups(fake, sig):
-    proc = _launch(fake, trainer="forever", wait=False)
+def test_interrupting_the_launcher_stops_both_process_groups(fake, sig, sigint_ignored):
+    proc = _launch(fake, trainer="forever", wait=False, sigint_ignored=sigint_ignored)
     try:
         assert wait_until(lambda: len(_pids(fake)) == 4)
         proc.send_signal(sig)
@@ -234,3 +238,34 @@ def test_demo_prunes_only_its_own_older_runs(tmp_path, capsys):
     demo.prune_old_runs(str(tmp_path), keep=1)
     assert sorted(os.listdir(tmp_path)) == [".tmp-demo-x", "demo-20260103-000000", "myrun"]
     assert "removed the old demo run demo-20260101-000000" in capsys.readouterr().out
+
+
+def test_the_demo_driver_runs_end_to_end_at_reduced_size(tmp_path):
+    """`make demo`'s real driver (tools/demo.py main and every script it runs) on 4 x 40 images, 2 epochs,
+    32-pixel crops and a 1/16-wide network: the table, the plot and both epoch folders come out."""
+    from engine import evaluate, run_folder
+    from tests.helpers import write_config_file, write_train_config
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    small = write_train_config(str(tmp_path / "small"), str(data / "imagenet"))  # crop 32, width 0.0625
+    config = write_config_file(str(tmp_path), small, {
+        "preprocess_val": {"ImageNet_folder": data / "imagenet", "path_to_save": data / "val_views"},
+        "get_mu_sigma": {"path_to_save": data / "stats"},
+        "utils": {f"{name}_{c}": "auto" for name in ("mu", "sigma") for c in range(3)},
+        "train": {"path_for_saving": runs, "deterministic": "false"},
+        "schedule": {"type": "cosine", "base_lr": "0.1", "warmup_epochs": "1"}}, name="demo.txt")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), f"--config={config}",
+                             "--epochs=2", "--batch_size=16", "--classes=4", "--train_per_class=40",
+                             "--val_per_class=4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run,) = os.listdir(runs)
+    run_path = str(runs / run)
+    assert run.startswith("demo-") and run_folder.complete_epochs(run_path) == [0, 1]
+    rows = evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME))
+    assert [(r["epoch"], r["protocol"], r["images"]) for r in rows] == [(0, 10, 16), (1, 10, 16)]
+    table = result.stdout.split("==> Results", 1)[1]
+    for r in rows:
+        assert f"{r['top1']:8.2f}  {r['top5']:8.2f}" in table
+    assert f"plot:           {os.path.join(run_path, evaluate.PNG_NAME)}" in table
+    with open(os.path.join(run_path, evaluate.PNG_NAME), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(data / "stats" / "mu_sigma.json")

@@ -7,6 +7,14 @@ replicas ([batch_renorm] sync_replicas), so the only differences are float round
 weight change during the epoch agrees to 1% overall, and each variable's change to
 5% of its size plus 1e-5 (measured: about 1e-4 overall).
 
+What this pins: the data part of synchronous SGD across replicas and workers: each replica's
+row slice, the cross-entropy averaged over the global batch (a mean of per-replica means
+summed over replicas is 100% off, a mean instead of a sum of gradients 50%), synchronised
+batch statistics, and that only the chief writes the run folder. It does not pin the L2
+term's scaling: with l2 = 1e-4 and lr 0.005 over 8 steps that term moves each weight by
+about 4e-6 of itself, inside these tolerances even if doubled; tests/test_trainer_step.py
+pins it on 1 and 2 replicas with the data gradient taken out.
+
 The test network starts with zero last gammas: with the default init this
 4-channel-wide ResNet-50 is so ill-conditioned that rounding differences between two
 mathematically equal computations (even on one device: local vs synced batch

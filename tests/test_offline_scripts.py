@@ -83,6 +83,13 @@ def test_bad_dataset_is_one_line_error(tmp_path):
 
 # ---------------------------------------------------------------- preprocess.py
 
+def test_preprocess_on_shards_says_the_cache_is_for_image_folders(tmp_path):
+    path = write_config(str(tmp_path), str(tmp_path / "shards"), **{"data.source": "tfrecord"})
+    result = run("preprocess.py", "--config", path, "--shorter_side", "40")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "built from image folders only" in lines[0]
+
+
 def test_preprocess_aligned_across_scales(config, dataset):
     result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2", "--any_side")
     assert result.returncode == 0, result.stderr
@@ -170,7 +177,8 @@ def test_mu_sigma_matches_numpy(config, dataset):
     np.testing.assert_allclose(written["mu"], pixels.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(written["sigma"], pixels.std(axis=0), atol=1e-6)
     mu, sigma = utils.mu_sigma(cfg)  # the demo config says 'auto'
-    np.testing.assert_allclose(mu, written["mu"]) and np.testing.assert_allclose(sigma, written["sigma"])
+    np.testing.assert_allclose(mu, written["mu"])
+    np.testing.assert_allclose(sigma, written["sigma"])
 
 
 def test_mu_sigma_is_exact():

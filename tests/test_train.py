@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, csv_rows, make_data, read_checkpoint, run_path, run_train, start_train_producer, stop_process, train_cmd, write_train_config
+from tests.helpers import ROOT, csv_rows, fake_parts, make_data, read_checkpoint, run_path, run_train, start_train_producer, stop_process, train_cmd, write_train_config
 
 EPOCHS = 3
 STEPS = 8  # 4 classes x 32 images / TRAIN_BATCH
@@ -170,14 +170,6 @@ def test_existing_epoch_folders_are_refused_unless_overwrite(run_a):
 # ----------------------------------------------------------------------------
 # Run folder and log helpers (no TensorFlow)
 # ----------------------------------------------------------------------------
-
-def fake_parts(folder):
-    os.makedirs(os.path.join(folder, "saved_model"))
-    os.makedirs(os.path.join(folder, "checkpoint"))
-    for name in ("checkpoint/ckpt.index", "config.txt"):
-        with open(os.path.join(folder, name), "w") as f:
-            f.write(folder)
-
 
 def test_epoch_folders_appear_whole_and_auto_start_follows_complete_ones(tmp_path):
     from engine import run_folder

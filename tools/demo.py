@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline, end to end, on a generated dataset, on CPU, in a few minutes.
 
     python tools/demo.py [--epochs N] [--batch_size B] [--keep_runs K]
+                         [--classes C --train_per_class T --val_per_class V]   (a smaller set: tests)
 
 The steps are the full-scale recipe's, run as a user would run them, with configs/demo.txt:
   1. tools/make_demo_dataset.py   a small ImageNet-layout set of shape and texture classes
@@ -37,7 +38,7 @@ CONFIG = os.path.join(ROOT, "configs", "demo.txt")
 # The demo set: 10 classes; sizes chosen with configs/demo.txt so that `make demo` fits in
 # 8 minutes on 2 CPU cores and ends above 80% top-1 (chance: 10%).
 NUM_CLASSES = 10
-DATASET_ARGS = [f"--classes={NUM_CLASSES}", "--train_per_class=500", "--val_per_class=40"]
+TRAIN_PER_CLASS, VAL_PER_CLASS = 500, 40
 EPOCHS = 10
 BATCH_SIZE = 64
 TIME_TARGET_S = 8 * 60
@@ -182,11 +183,15 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
                    help=f"images per batch, for the producer and the trainer alike (default {BATCH_SIZE})")
     p.add_argument("--keep_runs", type=int, default=3, help="demo runs kept in demo_runs/ (older ones are deleted)")
+    p.add_argument("--classes", type=int, default=NUM_CLASSES, help="classes of the generated set")
+    p.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS, help="training images per class")
+    p.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS, help="validation images per class")
     p.add_argument("--config", default=CONFIG, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.keep_runs < 1:
-        raise utils.UserError(f"--epochs, --batch_size and --keep_runs must be >= 1, received {args.epochs}, "
-                              f"{args.batch_size} and {args.keep_runs}.")
+    sizes = (args.epochs, args.batch_size, args.keep_runs, args.classes, args.train_per_class, args.val_per_class)
+    if min(sizes) < 1:
+        raise utils.UserError(f"--epochs, --batch_size, --keep_runs, --classes, --train_per_class and "
+                              f"--val_per_class must be >= 1, received {', '.join(map(str, sizes))}.")
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
     utils.quiet_tensorflow()  # inherited by every step: no C++ start-up chatter in the demo's output
@@ -195,10 +200,11 @@ def main(argv=None):
     config = f"--config={args.config}"
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     steps = Steps(5)
-    say(f"make demo: ResNet-50 (width {cfg.model.width_multiplier:g}) on a generated {NUM_CLASSES}-class "
+    say(f"make demo: ResNet-50 (width {cfg.model.width_multiplier:g}) on a generated {args.classes}-class "
         f"set, {args.epochs} epochs, batch {args.batch_size}, run {run}")
     steps.run("Demo dataset", python("tools/make_demo_dataset.py", f"--out={cfg.preprocess.ImageNet_folder}",
-                                     *DATASET_ARGS))
+                                     f"--classes={args.classes}", f"--train_per_class={args.train_per_class}",
+                                     f"--val_per_class={args.val_per_class}"))
     if stats_are_current(cfg):
         steps.run("Channel statistics (reused)", func=lambda: say(
             f"    {os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)} matches the dataset"))

@@ -63,20 +63,27 @@ def keeper(argv):
     processes included. SIGINT is relayed to the script for a clean stop. The
     keeper exits with the script's exit code (128 + signal if it was killed).
     """
-    # A launcher started in the background (nohup, `&` in a script) has SIGINT ignored, and an
-    # ignored signal stays ignored across exec: give the script back its Ctrl-C behaviour.
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child, early = None, []
 
     def relay(signum, frame):
-        if signum == signal.SIGINT:
+        if child is None:  # a stop request before the script exists: deliver it once it does
+            early.append(signum)
+        elif signum == signal.SIGINT:
             _signal(child.pid, signal.SIGINT, group=False)
         else:
             os.killpg(0, signal.SIGKILL)
 
+    # The handlers first: a SIGINT that arrived between the script's start and their
+    # installation was lost when SIGINT came in ignored, and the launcher's 15 s grace ran out.
     signal.signal(signal.SIGINT, relay)
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGHUP, relay)
+    # A launcher started in the background (nohup, `&` in a script) has SIGINT ignored, and an
+    # ignored signal stays ignored across exec: give the script back its Ctrl-C behaviour.
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for signum in early:
+        relay(signum, None)
     code = child.wait()
     return code if code >= 0 else 128 - code
 
@@ -265,6 +272,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--keeper"]:
         return keeper(argv[1:])
+    # Started in the background (`make test &` in a script, nohup) the launcher inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: a SIGINT sent to stop it
+    # did nothing and it ran on (tests/test_demo.py timed out so). SIGINT always stops it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args, passthrough = parse_args(argv)
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
