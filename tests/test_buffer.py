@@ -87,6 +87,21 @@ def test_manifest_differences_name_the_setting():
     assert a["run_id"] != b["run_id"]
 
 
+def test_the_manifest_records_decoder_and_cached_scales_without_changing_the_run_id():
+    import dataclasses
+    from data.buffer.builder import Recipe
+    recipe = Recipe(seed=0, batch_size=4, crop=16, scales=(18, 22), pca_std=0.1, mu=(0.5, 0.45, 0.4),
+                    sigma=(0.25, 0.26, 0.27))
+    plain = protocol.make_manifest(recipe, "f" * 32, 20, 5, 0, 3)
+    cached = protocol.make_manifest(dataclasses.replace(recipe, decoder="pil", cached_scales=frozenset({22, 18})),
+                                    "f" * 32, 20, 5, 0, 3)
+    assert (plain["decoder"], plain["cached_scales"]) == ("turbojpeg", [])
+    assert (cached["decoder"], cached["cached_scales"]) == ("pil", [18, 22])
+    # The id buffers written before cached_scales was recorded carry: a restarted producer and a running
+    # trainer still see the same run (the producer checks decoder and cached scales itself).
+    assert plain["run_id"] == cached["run_id"] == "0519ce29291b6d36"
+
+
 # ----------------------------------------------------------------------------
 # BufferReader
 # ----------------------------------------------------------------------------
