@@ -4,6 +4,7 @@ import os
 import shutil
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -17,7 +18,7 @@ from data.buffer.builder import Recipe
 from data.sources import scale_cache
 from data.sources.index import load_index
 from data.transforms.jpeg_window import get_turbojpeg
-from tests.helpers import COLOURS, SOLID_BATCH, complete_count, heartbeat_pid, read_all, reference_builder, run_producer, solid_config_for, start_solid_producer, wait_until
+from tests.helpers import COLOURS, SOLID_BATCH, complete_count, heartbeat_pid, producer_cmd, read_all, reference_builder, run_producer, solid_config_for, start_solid_producer, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -296,3 +297,23 @@ def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without
         f"producer would build the rest with scale 18 decoded afresh, so they would differ from an uninterrupted "
         f"run's; set [runtime_preprocessing] use_scale_cache = true to continue the run, or pass --clear_buffer "
         f"to start the buffer over.")
+
+
+@pytest.mark.parametrize("when", ["filling", "full"])  # a worker's batch write or the heartbeat finds it gone
+def test_deleting_the_buffer_folder_under_a_running_producer_is_one_sentence_and_exit_2(solid_dataset, tmp_path,
+                                                                                       when):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
+    folder = utils.load_config(config).train.buffer_folder
+    p = subprocess.Popen(producer_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: os.path.isdir(folder) and complete_count(folder) >= (1 if when == "filling" else 6))
+        os.rename(folder, folder + "-gone")  # rm -rf, but at once: the producer may be writing a file meanwhile
+        shutil.rmtree(folder + "-gone")
+        stderr = p.communicate(timeout=30)[1]
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 2 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: The buffer folder {folder} was deleted under the running producer; rerun runtime_preprocessing.py "
+        f"with --epoch_start=auto to recreate it and continue.")

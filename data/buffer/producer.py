@@ -142,11 +142,11 @@ class Producer:
         self._adopt_progress()
         utils.atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
         self._check_free_space()
+        cached = self.recipe.cached_scales  # the run's, when a restart keeps them (_keep_run_choices)
         log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s), decoder %s, "
                  "scale cache %s, %d valid batches kept", len(index), self.num_batches, self.batch_size,
                  "auto" if self.auto_start else self.epoch_start, self.epoch_end - 1, self.num_workers,
-                 self.recipe.decoder, f"{len(self.recipe.cached_scales)} scales" if self.recipe.cached_scales else "off",
-                 len(self.ready))
+                 self.recipe.decoder, f"{len(cached)} scales" if cached else "off", len(self.ready))
 
     def _make_folder(self):
         try:
@@ -286,6 +286,11 @@ class Producer:
             self.t0 = time.monotonic()
             self._loop(workers)
             final = "finished"
+        except (OSError, RuntimeError):  # the heartbeat's write, the loop's or a worker's batch write (its crash)
+            if os.path.isdir(self.folder):
+                raise
+            raise UserError(f"The buffer folder {self.folder} was deleted under the running producer; rerun "
+                            f"runtime_preprocessing.py with --epoch_start=auto to recreate it and continue.") from None
         finally:
             workers.stop()
             self._tidy()
