@@ -170,6 +170,26 @@ def test_reader_times_out_without_producer(buffer_setup):
     assert folder in str(err.value) and "runtime_preprocessing.py" in str(err.value)
 
 
+def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_creating_it(tmp_path):
+    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.3"}))
+    folder = cfg.train.buffer_folder
+    with pytest.raises(utils.UserError, match=r"Waited 0 s for the buffer manifest in .*buffer but the folder does "
+                                              r"not exist \(no producer has started there"):
+        buffer_reader.BufferReader(cfg, 4).check_manifest()
+    assert not os.path.exists(folder)
+    cfg.train.wait_timeout = 30
+    reader, found = buffer_reader.BufferReader(cfg, 4), []
+    waiting = threading.Thread(target=lambda: found.append(reader.check_manifest()))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and not os.path.exists(folder)  # waits, and leaves the folder to the producer
+    os.makedirs(folder)  # the producer starts: folder, manifest, a first batch
+    files.write_batch(folder, 0, 0, *fake_batch())
+    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(fake_manifest()))
+    waiting.join(10)
+    assert found == [fake_manifest()]
+
+
 def test_reader_detects_killed_producer_by_pid(buffer_setup):
     cfg, folder = buffer_setup
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
