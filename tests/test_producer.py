@@ -271,6 +271,13 @@ def test_a_restart_with_another_decoder_is_refused_unless_set_back_or_cleared(so
         assert np.array_equal(np.load(buffer_files.batch_file(folder, "X", 0, b)), builder.build(0, b)[0])
     r = run_producer(configs["turbojpeg"], "--once", "--clear_buffer")
     assert r.returncode == 0 and _manifest(folder)["decoder"] == "turbojpeg", r.stderr
+    for name in os.listdir(folder):  # every batch consumed: nothing to keep, so the switch is only warned about
+        if buffer_files.parse_batch_name(name):
+            os.remove(os.path.join(folder, name))
+    r = run_producer(configs["pil"], "--once")
+    assert r.returncode == 0 and _manifest(folder)["decoder"] == "pil", r.stderr
+    assert "was built with decoder turbojpeg and this producer builds with decoder pil: if this resumes that run, " \
+           "its batches from here on differ from an uninterrupted run's" in r.stderr
 
 
 def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without_them(solid_dataset, tmp_path):
