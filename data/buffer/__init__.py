@@ -40,7 +40,8 @@ original). At most buffer_size batches are on disk; every temp file is swept on 
 
 Restart: the producer removes its temp files and half-written batches, checks the manifest (same
 settings: keeps the valid batches and continues, with the run's decoder and cached scales; different
-run, batch size or crop, or a decoder or cached scale it cannot keep: refuses, or clears with --clear_buffer), and follows the progress file clamped to [epoch_start, epoch_end].
+run, batch size or crop, or a decoder or cached scale it cannot keep: refuses, or clears with
+--clear_buffer), and follows the progress file clamped to [epoch_start, epoch_end].
 It leaves no temp file or half-written batch behind when it stops.
 
 Start order does not matter (two terminals, a launcher, a reboot):

@@ -216,8 +216,9 @@ class Producer:
         if cached is not None and set(cached) != r.cached_scales:
             if set(cached) <= r.cached_scales and not self.clear_buffer:
                 r = dataclasses.replace(r, cached_scales=frozenset(cached), cache_root=r.cache_root if cached else None)
-                log.info("reading the scale cache at the run's scales %s only (%s complete now; --clear_buffer "
-                         "starts a buffer that reads them all)", cached, sorted(self.recipe.cached_scales))
+                log.info("%s (%s complete now; --clear_buffer starts a buffer that reads them all)",
+                         f"reading the scale cache at the run's scales {cached} only" if cached else
+                         "not reading the scale cache, as the run did not", sorted(self.recipe.cached_scales))
             else:
                 missing = sorted(set(cached) - r.cached_scales)
                 fix = ("set [runtime_preprocessing] use_scale_cache = true" if not rp.use_scale_cache else
