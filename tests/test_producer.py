@@ -324,3 +324,18 @@ def test_deleting_the_buffer_folder_under_a_running_producer_is_one_sentence_and
     assert stderr.strip().splitlines()[-1] == (
         f"error: The buffer folder {folder} was deleted under the running producer; rerun runtime_preprocessing.py "
         f"with --epoch_start=auto to recreate it and continue.")
+
+
+def test_a_buffer_folder_deleted_while_the_index_loads_is_the_same_sentence(solid_dataset, tmp_path, monkeypatch):
+    config = solid_config_for(str(tmp_path), solid_dataset)
+    cfg = utils.load_config(config)
+    real = buffer_producer.load_source_index
+
+    def load_then_delete(*args):
+        index = real(*args)
+        shutil.rmtree(cfg.train.buffer_folder)
+        return index
+    monkeypatch.setattr(buffer_producer, "load_source_index", load_then_delete)
+    with pytest.raises(utils.UserError, match=r"^The buffer folder .*buffer was deleted under the running producer; "
+                                              r"rerun runtime_preprocessing.py with --epoch_start=auto"):
+        buffer_producer.Producer(cfg, SOLID_BATCH, 0, 2, progress=False).run()

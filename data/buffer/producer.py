@@ -275,7 +275,11 @@ class Producer:
     def run(self):
         """Produce until the trainer has consumed epoch_end's last batch (or, with once, until the window is full)."""
         if not hasattr(self, "manifest"):
-            self.setup()
+            try:
+                self.setup()
+            except OSError:  # deleted while the index loaded (minutes for ImageNet)
+                self._raise_if_folder_gone()
+                raise
         info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end}
         # Workers first: forking while the heartbeat's or the bar's thread holds a lock could hang a child.
         workers = WorkerSet(self.num_workers, self.index.paths, self.index.labels, self.recipe, self.folder)
@@ -288,10 +292,8 @@ class Producer:
             self._loop(workers)
             final = "finished"
         except (OSError, RuntimeError):  # the heartbeat's write, the loop's or a worker's batch write (its crash)
-            if os.path.isdir(self.folder):
-                raise
-            raise UserError(f"The buffer folder {self.folder} was deleted under the running producer; rerun "
-                            f"runtime_preprocessing.py with --epoch_start=auto to recreate it and continue.") from None
+            self._raise_if_folder_gone()
+            raise
         finally:
             workers.stop()
             self._tidy()
@@ -300,6 +302,11 @@ class Producer:
             if hasattr(self, "bar"):
                 self.bar.close()
         return self.produced
+
+    def _raise_if_folder_gone(self):
+        if not os.path.isdir(self.folder):
+            raise UserError(f"The buffer folder {self.folder} was deleted under the running producer; rerun "
+                            f"runtime_preprocessing.py with --epoch_start=auto to recreate it and continue.") from None
 
     def _loop(self, workers):
         while True:
