@@ -30,7 +30,8 @@ def parse_args(argv=None):
                          "produce epochs up to epoch_end - 1")
     p.add_argument("--batch_size", type=int, required=True, help="images per batch; must match train.py's")
     p.add_argument("--clear_buffer", action="store_true",
-                   help="delete batches of another run (different batch size, crop, seed or dataset) instead of refusing")
+                   help="delete batches of another run (different batch size, crop, seed, dataset, decoder or "
+                        "cached scales) instead of refusing")
     p.add_argument("--once", action="store_true", help="fill the buffer once and exit (pre-filling, benchmarks)")
     p.add_argument("--num_workers", type=int, default=0, help="override [runtime_preprocessing] num_of_threads")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")

@@ -87,6 +87,21 @@ def test_manifest_differences_name_the_setting():
     assert a["run_id"] != b["run_id"]
 
 
+def test_the_manifest_records_decoder_and_cached_scales_without_changing_the_run_id():
+    import dataclasses
+    from data.buffer.builder import Recipe
+    recipe = Recipe(seed=0, batch_size=4, crop=16, scales=(18, 22), pca_std=0.1, mu=(0.5, 0.45, 0.4),
+                    sigma=(0.25, 0.26, 0.27))
+    plain = protocol.make_manifest(recipe, "f" * 32, 20, 5, 0, 3)
+    cached = protocol.make_manifest(dataclasses.replace(recipe, decoder="pil", cached_scales=frozenset({22, 18})),
+                                    "f" * 32, 20, 5, 0, 3)
+    assert (plain["decoder"], plain["cached_scales"]) == ("turbojpeg", [])
+    assert (cached["decoder"], cached["cached_scales"]) == ("pil", [18, 22])
+    # The id buffers written before cached_scales was recorded carry: a restarted producer and a running
+    # trainer still see the same run (the producer checks decoder and cached scales itself).
+    assert plain["run_id"] == cached["run_id"] == "0519ce29291b6d36"
+
+
 # ----------------------------------------------------------------------------
 # BufferReader
 # ----------------------------------------------------------------------------
@@ -153,6 +168,26 @@ def test_reader_times_out_without_producer(buffer_setup):
         reader.read(0, 0)
     assert time.monotonic() - t0 < 3
     assert folder in str(err.value) and "runtime_preprocessing.py" in str(err.value)
+
+
+def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_creating_it(tmp_path):
+    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.3"}))
+    folder = cfg.train.buffer_folder
+    with pytest.raises(utils.UserError, match=r"Waited 0 s for the buffer manifest in .*buffer but the folder does "
+                                              r"not exist \(no producer has started there"):
+        buffer_reader.BufferReader(cfg, 4).check_manifest()
+    assert not os.path.exists(folder)
+    cfg.train.wait_timeout = 30
+    reader, found = buffer_reader.BufferReader(cfg, 4), []
+    waiting = threading.Thread(target=lambda: found.append(reader.check_manifest()))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and not os.path.exists(folder)  # waits, and leaves the folder to the producer
+    os.makedirs(folder)  # the producer starts: folder, manifest, a first batch
+    files.write_batch(folder, 0, 0, *fake_batch())
+    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(fake_manifest()))
+    waiting.join(10)
+    assert found == [fake_manifest()]
 
 
 def test_reader_detects_killed_producer_by_pid(buffer_setup):

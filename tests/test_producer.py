@@ -4,6 +4,7 @@ import os
 import shutil
 import random
 import signal
+import subprocess
 import threading
 import time
 
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 
 import utils
-from data.buffer import files as buffer_files, producer as buffer_producer, protocol, reader as buffer_reader
+from data.buffer import (builder as buffer_builder, files as buffer_files, producer as buffer_producer, protocol,
+                         reader as buffer_reader)
 from data.buffer.builder import Recipe
+from data.sources import scale_cache
 from data.sources.index import load_index
-from tests.helpers import COLOURS, SOLID_BATCH, complete_count, heartbeat_pid, read_all, reference_builder, run_producer, solid_config_for, start_solid_producer, wait_until
+from data.transforms.jpeg_window import get_turbojpeg
+from tests.helpers import COLOURS, SOLID_BATCH, complete_count, heartbeat_pid, producer_cmd, read_all, reference_builder, run_producer, solid_config_for, start_solid_producer, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,3 +240,102 @@ def test_a_dead_worker_is_a_clear_error(solid_dataset, tmp_path):
             workers.collect(timeout=30)
     finally:
         workers.stop()
+
+
+def _manifest(folder):
+    return protocol.load_manifest(folder)
+
+
+def test_a_restart_with_another_decoder_is_refused_unless_set_back_or_cleared(solid_dataset, tmp_path):
+    if get_turbojpeg() is None:
+        pytest.skip("the turbojpeg wheel is not installed")
+    configs = {d: solid_config_for(str(tmp_path / d), solid_dataset, train={"buffer_size": "4", "buffer_folder":
+                                   str(tmp_path / "buffer")}, runtime_preprocessing={"decoder": d})
+               for d in ("pil", "turbojpeg", "auto")}
+    folder = str(tmp_path / "buffer")
+    assert run_producer(configs["pil"], "--once").returncode == 0
+    before = batch_file_bytes(folder)
+    r = run_producer(configs["turbojpeg"], "--once")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: The buffer folder {folder} holds batches built with decoder pil but this producer would build the "
+        f"rest with decoder turbojpeg, so they would differ from an uninterrupted run's; set [runtime_preprocessing] "
+        f"decoder = pil to continue the run, or pass --clear_buffer to start the buffer over.")
+    assert batch_file_bytes(folder) == before
+    protocol.write_progress(folder, 0, 2)  # the trainer consumed two: the restart builds batches 4 and 5
+    r = run_producer(configs["auto"], "--once", epoch_start="auto")  # auto keeps the run's pil
+    assert r.returncode == 0 and "decoder pil" in r.stderr, r.stderr
+    assert _manifest(folder)["decoder"] == "pil"
+    builder = reference_builder(configs["pil"])  # the run's recipe
+    for b in (4, 5):
+        assert np.array_equal(np.load(buffer_files.batch_file(folder, "X", 0, b)), builder.build(0, b)[0])
+    r = run_producer(configs["turbojpeg"], "--once", "--clear_buffer")
+    assert r.returncode == 0 and _manifest(folder)["decoder"] == "turbojpeg", r.stderr
+    for name in os.listdir(folder):  # every batch consumed: nothing to keep, so the switch is only warned about
+        if buffer_files.parse_batch_name(name):
+            os.remove(os.path.join(folder, name))
+    r = run_producer(configs["pil"], "--once")
+    assert r.returncode == 0 and _manifest(folder)["decoder"] == "pil", r.stderr
+    assert "was built with decoder turbojpeg and this producer builds with decoder pil: if this resumes that run, " \
+           "its batches from here on differ from an uninterrupted run's" in r.stderr
+
+
+def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without_them(solid_dataset, tmp_path):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
+    cfg = utils.load_config(config)
+    folder, cache = cfg.train.buffer_folder, cfg.preprocess.path_to_save
+    index = load_index(cfg.preprocess.ImageNet_folder, "train")
+    scale_cache.build_scale(cache, index, 18, num_workers=1, progress=False)
+    assert run_producer(config, "--once").returncode == 0
+    assert _manifest(folder)["cached_scales"] == [18]
+    scale_cache.build_scale(cache, index, 22, num_workers=1, progress=False)  # the cache gains a scale
+    protocol.write_progress(folder, 0, 2)
+    r = run_producer(config, "--once", epoch_start="auto")
+    assert r.returncode == 0 and "reading the scale cache at the run's scales [18] only ([18, 22]" in r.stderr
+    assert _manifest(folder)["cached_scales"] == [18]
+    builder = buffer_builder.BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH, [18]))
+    for b in (4, 5):
+        assert np.array_equal(np.load(buffer_files.batch_file(folder, "X", 0, b)), builder.build(0, b)[0])
+    off = solid_config_for(str(tmp_path / "off"), solid_dataset, train={"buffer_folder": folder},
+                           preprocess={"path_to_save": cache}, runtime_preprocessing={"use_scale_cache": "false"})
+    r = run_producer(off, "--once", epoch_start="auto")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: The buffer folder {folder} holds batches built with scale 18 from the scale cache but this "
+        f"producer would build the rest with scale 18 decoded afresh, so they would differ from an uninterrupted "
+        f"run's; set [runtime_preprocessing] use_scale_cache = true to continue the run, or pass --clear_buffer "
+        f"to start the buffer over.")
+
+
+@pytest.mark.parametrize("when", ["filling", "full"])  # a worker's batch write or the heartbeat finds it gone
+def test_deleting_the_buffer_folder_under_a_running_producer_is_one_sentence_and_exit_2(solid_dataset, tmp_path,
+                                                                                       when):
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
+    folder = utils.load_config(config).train.buffer_folder
+    p = subprocess.Popen(producer_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: os.path.isdir(folder) and complete_count(folder) >= (1 if when == "filling" else 6))
+        os.rename(folder, folder + "-gone")  # rm -rf, but at once: the producer may be writing a file meanwhile
+        shutil.rmtree(folder + "-gone")
+        stderr = p.communicate(timeout=30)[1]
+    finally:
+        p.kill()
+        p.wait()
+    assert p.returncode == 2 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: The buffer folder {folder} was deleted under the running producer; rerun runtime_preprocessing.py "
+        f"with --epoch_start=auto to recreate it and continue.")
+
+
+def test_a_buffer_folder_deleted_while_the_index_loads_is_the_same_sentence(solid_dataset, tmp_path, monkeypatch):
+    config = solid_config_for(str(tmp_path), solid_dataset)
+    cfg = utils.load_config(config)
+    real = buffer_producer.load_source_index
+
+    def load_then_delete(*args):
+        index = real(*args)
+        shutil.rmtree(cfg.train.buffer_folder)
+        return index
+    monkeypatch.setattr(buffer_producer, "load_source_index", load_then_delete)
+    with pytest.raises(utils.UserError, match=r"^The buffer folder .*buffer was deleted under the running producer; "
+                                              r"rerun runtime_preprocessing.py with --epoch_start=auto"):
+        buffer_producer.Producer(cfg, SOLID_BATCH, 0, 2, progress=False).run()

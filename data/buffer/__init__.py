@@ -25,8 +25,10 @@ helpers: a temp file renamed into place, so nothing half-written ever carries a 
                                                                 new ones); batch files + spares <= buffer_size
   manifest.json           producer          trainer, producer   what the producer promises: run id, batch size,
                                                                 crop size per epoch, dtype, seed, num_batches,
-                                                                num_classes, dataset fingerprint, epoch range;
-                                                                batches on disk were built under it
+                                                                num_classes, dataset fingerprint, epoch range,
+                                                                decoder and cached scales (kept or refused by
+                                                                a restarted producer); batches on disk were
+                                                                built under it
   producer.json           producer          trainer             heartbeat (pid, host, time, state, epoch range),
                                                                 rewritten every few seconds while running
   training_progress.txt   trainer           producer            'epoch\\nbatch': the next batch the trainer
@@ -37,8 +39,9 @@ Epochs are absolute; batch b of epoch e holds positions b*B .. b*B+B-1 of that e
 original). At most buffer_size batches are on disk; every temp file is swept on start and exit.
 
 Restart: the producer removes its temp files and half-written batches, checks the manifest (same
-settings: keeps the valid batches and continues; different run, batch size or crop: refuses,
-or clears with --clear_buffer), and follows the progress file clamped to [epoch_start, epoch_end].
+settings: keeps the valid batches and continues, with the run's decoder and cached scales; different
+run, batch size or crop, or a decoder or cached scale it cannot keep: refuses, or clears with
+--clear_buffer), and follows the progress file clamped to [epoch_start, epoch_end].
 It leaves no temp file or half-written batch behind when it stops.
 
 Start order does not matter (two terminals, a launcher, a reboot):

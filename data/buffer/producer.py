@@ -8,6 +8,7 @@ During a refill the position is re-read, consumed batches are deleted as the tra
 that restarted earlier (position moved back) re-plans the fill. Restarts and start order: data/buffer/__init__.py.
 """
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from data.buffer.protocol import (HEARTBEAT, MANIFEST, PROGRESS, Heartbeat, file
 from data.buffer.workers import WorkerSet
 from data.sources import scale_cache
 from data.sources.index import load_source_index
+from data.transforms.families import USES_SCALE_CACHE
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class Producer:
         self.num_batches = len(index) // self.batch_size
         self.start_lin, self.end_lin = self.lin(self.epoch_start, 0), self.lin(self.epoch_end, 0)
         cache = []
-        if cfg.runtime_preprocessing.use_scale_cache:
+        if cfg.runtime_preprocessing.use_scale_cache and cfg.images.augmentation in USES_SCALE_CACHE:
             cache = sorted(set(scale_cache.complete_scales(cfg.preprocess.path_to_save, index)) & set(utils.scales(cfg)))
         self.recipe = Recipe.from_config(cfg, self.batch_size, cache)
         self.index = index
@@ -140,10 +142,11 @@ class Producer:
         self._adopt_progress()
         utils.atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
         self._check_free_space()
+        cached = self.recipe.cached_scales  # the run's, when a restart keeps them (_keep_run_choices)
         log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s), decoder %s, "
                  "scale cache %s, %d valid batches kept", len(index), self.num_batches, self.batch_size,
                  "auto" if self.auto_start else self.epoch_start, self.epoch_end - 1, self.num_workers,
-                 self.recipe.decoder, f"{len(cache)} scales" if cache else "off", len(self.ready))
+                 self.recipe.decoder, f"{len(cached)} scales" if cached else "off", len(self.ready))
 
     def _make_folder(self):
         try:
@@ -163,11 +166,14 @@ class Producer:
         old = load_manifest(self.folder)
         complete, partial = scan_batches(self.folder)
         differences = manifest_differences(old, self.manifest) if old is not None else []
+        lost = self._keep_run_choices(old) if old and not differences else []
         # An empty folder with an old manifest is simply taken over; batch files are never silently reused.
-        foreign = bool(complete or partial) and (old is None or bool(differences))
+        foreign = bool(complete or partial) and (old is None or bool(differences)) or bool(complete and lost)
         if foreign:
-            what = ("; ".join(differences) if differences else
-                    f"{len(complete) + len(partial)} batch files without a manifest")
+            what = ("; ".join(differences or [f"{was} -> {now}" for was, now, _ in lost])
+                    or f"{len(complete) + len(partial)} batch files without a manifest")
+            if lost and not self.clear_buffer:
+                raise UserError(self._choices_refusal(lost))
             if not self.clear_buffer:
                 raise UserError(f"The buffer folder {self.folder} holds batches of another run ({what}); pass "
                                 f"--clear_buffer to delete them, or set [train] buffer_folder to an empty folder.")
@@ -175,6 +181,10 @@ class Producer:
             for key in complete | partial:
                 delete_batch(self.folder, *key)
             complete, partial = set(), set()
+        if lost and not foreign and not self.clear_buffer:
+            log.warning("the buffer's last run (%s) was built with %s and this producer builds with %s: if this "
+                        "resumes that run, its batches from here on differ from an uninterrupted run's (%s to keep "
+                        "them identical)", old.get("run_id"), *(" and ".join(part) for part in zip(*lost)))
         for key in partial:
             delete_batch(self.folder, *key)
         for key in complete:
@@ -183,6 +193,49 @@ class Producer:
                 self.ready.add(self.lin(*key))
             else:
                 delete_batch(self.folder, *key)
+
+    def _keep_run_choices(self, old):
+        """Build with the decoder and cached scales of the buffer's run where this producer can; the
+        [(run's choice, this producer's, how to keep the run's)] it cannot keep (all, with --clear_buffer).
+
+        Both decide a batch's bytes (a cached and a fresh crop differ by several grey levels), so a
+        resume is byte-identical only if they stay: decoder = auto keeps the run's decoder when it is
+        installed, and a cache that gained scales is read at the run's scales only.
+        """
+        r, rp = self.recipe, self.cfg.runtime_preprocessing
+        lost = []
+        decoder = old.get("decoder", r.decoder)
+        if decoder != r.decoder:
+            if rp.decoder == "auto" and decoder == "pil" and not self.clear_buffer:
+                r = dataclasses.replace(r, decoder="pil")
+            else:
+                fix = (f"set [runtime_preprocessing] decoder = {decoder}" if rp.decoder != "auto" else
+                       "install the turbojpeg wheel (pip install -r requirements.txt)")
+                lost.append((f"decoder {decoder}", f"decoder {r.decoder}", fix))
+        cached = old.get("cached_scales")  # absent in manifests written before it was recorded
+        if cached is not None and set(cached) != r.cached_scales:
+            if set(cached) <= r.cached_scales and not self.clear_buffer:
+                r = dataclasses.replace(r, cached_scales=frozenset(cached), cache_root=r.cache_root if cached else None)
+                log.info("%s (%s complete now; --clear_buffer starts a buffer that reads them all)",
+                         f"reading the scale cache at the run's scales {cached} only" if cached else
+                         "not reading the scale cache, as the run did not", sorted(self.recipe.cached_scales))
+            else:
+                missing = sorted(set(cached) - r.cached_scales)
+                fix = ("set [runtime_preprocessing] use_scale_cache = true" if not rp.use_scale_cache else
+                       f"complete the cache with preprocess.py --shorter_side={','.join(map(str, missing))}"
+                       if missing else "pass --clear_buffer")
+                lost.append((f"{_scales(cached)} from the scale cache",
+                             f"{_scales(missing)} decoded afresh" if missing else
+                             f"{_scales(sorted(r.cached_scales))} from the scale cache", fix))
+        self.recipe = r
+        self.manifest.update(decoder=r.decoder, cached_scales=sorted(r.cached_scales))
+        return lost
+
+    def _choices_refusal(self, lost):
+        was, now, fix = (" and ".join(part) for part in zip(*lost))
+        return (f"The buffer folder {self.folder} holds batches built with {was} but this producer would build "
+                f"the rest with {now}, so they would differ from an uninterrupted run's; {fix} to continue the "
+                f"run, or pass --clear_buffer to start the buffer over.")
 
     def _sweep_temps(self):
         """Remove temp files of killed writers: ours, and progress temps too old to be a live trainer's."""
@@ -222,7 +275,11 @@ class Producer:
     def run(self):
         """Produce until the trainer has consumed epoch_end's last batch (or, with once, until the window is full)."""
         if not hasattr(self, "manifest"):
-            self.setup()
+            try:
+                self.setup()
+            except OSError:  # deleted while the index loaded (minutes for ImageNet)
+                self._raise_if_folder_gone()
+                raise
         info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end}
         # Workers first: forking while the heartbeat's or the bar's thread holds a lock could hang a child.
         workers = WorkerSet(self.num_workers, self.index.paths, self.index.labels, self.recipe, self.folder)
@@ -234,6 +291,9 @@ class Producer:
             self.t0 = time.monotonic()
             self._loop(workers)
             final = "finished"
+        except (OSError, RuntimeError):  # the heartbeat's write, the loop's or a worker's batch write (its crash)
+            self._raise_if_folder_gone()
+            raise
         finally:
             workers.stop()
             self._tidy()
@@ -242,6 +302,11 @@ class Producer:
             if hasattr(self, "bar"):
                 self.bar.close()
         return self.produced
+
+    def _raise_if_folder_gone(self):
+        if not os.path.isdir(self.folder):
+            raise UserError(f"The buffer folder {self.folder} was deleted under the running producer; rerun "
+                            f"runtime_preprocessing.py with --epoch_start=auto to recreate it and continue.") from None
 
     def _loop(self, workers):
         while True:
@@ -339,3 +404,7 @@ class Producer:
         rate = self.produced * self.batch_size / busy if busy > 0 else 0.0
         self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, {rate:.0f} img/s", refresh=False)
         self.bar.refresh()
+
+
+def _scales(sides):
+    return f"scale{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))}"

@@ -68,8 +68,10 @@ def make_manifest(recipe, fingerprint, num_images, num_classes, epoch_start, epo
              "num_classes": num_classes, "dataset_fingerprint": fingerprint, "scales": list(recipe.scales),
              "pca_std": recipe.pca_std, "mu": list(recipe.mu), "sigma": list(recipe.sigma)}
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    # decoder and cached_scales decide the bytes too: a restarted producer keeps them or refuses
+    # (producer.py: _keep_run_choices); outside run_id, so buffers written before they were recorded keep it.
     return {"run_id": run_id, **ident, "num_images": num_images, "epoch_start": epoch_start,
-            "epoch_end": epoch_end, "decoder": recipe.decoder}
+            "epoch_end": epoch_end, "decoder": recipe.decoder, "cached_scales": sorted(recipe.cached_scales)}
 
 
 def load_manifest(folder):

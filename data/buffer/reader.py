@@ -261,6 +261,8 @@ class BufferReader:
         detail = {"absent": "no producer has ever written a heartbeat there",
                   "finished": "the producer finished its epoch range",
                   "stopped": "the producer was stopped", "dead": "the producer's heartbeat stopped"}[state]
+        if state == "absent" and not os.path.isdir(self.folder):  # the reader never creates it: the producer does
+            detail = "the folder does not exist (no producer has started there; runtime_preprocessing.py creates it)"
         start = f" --epoch_start={position[0]}" if position else ""
         return (f"Waited {self.wait_timeout:.0f} s for {what} in {self.folder} but {detail}; start "
                 f"runtime_preprocessing.py --batch_size={self.batch_size}{start} with this config.")
