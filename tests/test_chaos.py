@@ -39,7 +39,7 @@ from data import buffer
 from tests.test_producer import (BATCH as SOLID_BATCH, complete_count, config_for, dataset, heartbeat_pid,  # noqa: F401
                                  read_all, reference_builder, run_producer, start_producer)
 from tests.helpers import stop_process, wait_until
-from tests.test_train import make_data, read_checkpoint, write_config
+from tests.helpers import make_data, read_checkpoint, write_config
 
 pytestmark = pytest.mark.chaos
 

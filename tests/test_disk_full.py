@@ -28,7 +28,7 @@ from data.index import load_index
 from tests.test_chaos import surviving_batches
 from tests.helpers import stop_process
 from tests.test_producer import read_all
-from tests.test_train import make_data, start_producer, train_cmd, write_config
+from tests.helpers import make_data, start_producer, train_cmd, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable

@@ -21,7 +21,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.test_train import PY, ROOT, make_data, read_checkpoint, start_producer, train_cmd, write_config
+from tests.helpers import PY, ROOT, make_data, read_checkpoint, start_producer, train_cmd, write_config
 
 STEPS = 8
 TOTAL_TOLERANCE, VARIABLE_TOLERANCE, FLOOR = 0.01, 0.05, 1e-5

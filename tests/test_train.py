@@ -5,84 +5,14 @@ saves epoch 1 and then resumed with --epoch_start=auto against its still running
 its final weights and optimizer state must equal A's bit for bit ([train] deterministic = true).
 """
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import merge_sections, stop_process, write_config_file
+from tests.helpers import csv_rows, killed_twin_runs, make_data, read_checkpoint, run_path, run_train, write_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-BATCH = 16
 EPOCHS = 3
 STEPS = 8  # 4 classes x 32 images / BATCH
-
-
-# ----------------------------------------------------------------------------
-# Helpers (also used by test_distribute.py)
-# ----------------------------------------------------------------------------
-
-def make_data(root, classes=4, per_class=32):
-    sys.path.insert(0, ROOT)
-    from tools.make_demo_dataset import make_dataset
-    make_dataset(root, num_classes=classes, train_per_class=per_class, val_per_class=2, odd_files=False,
-                 min_side=40, max_side=56)
-    return root
-
-
-def write_config(folder, data_root, **sections):
-    """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides
-    given as section={key: value}."""
-    values = {
-        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
-        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
-                  "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
-        "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
-                   "eval_resize": "36", "eval_scales_50": "36, 40"},
-        # Zero-initialised last gammas keep this 4-channel-wide network well conditioned; without
-        # them float rounding differences grow to O(1) within a few steps (see test_distribute.py).
-        "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
-        "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
-        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
-    }
-    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
-
-
-def start_producer(config, epoch_start, epoch_end, *extra):
-    return subprocess.Popen([PY, "runtime_preprocessing.py", "--config", config, f"--epoch_start={epoch_start}",
-                             f"--epoch_end={epoch_end}", f"--batch_size={BATCH}", "--no_progress", *extra],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH):
-    return [PY, "train.py", "--config", config, f"--run_folder={run}", f"--epoch_start={epoch_start}",
-            f"--epoch_end={epoch_end}", f"--batch_size={batch_size}", *extra]
-
-
-def run_train(config, run, epoch_start, epoch_end, *extra, batch_size=BATCH, timeout=240):
-    return subprocess.run(train_cmd(config, run, epoch_start, epoch_end, *extra, batch_size=batch_size),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def read_checkpoint(prefix):
-    """{key: array} of a tf.train.Checkpoint, read with TensorFlow alone."""
-    import tensorflow as tf
-    reader = tf.train.load_checkpoint(prefix)
-    return {k: np.asarray(reader.get_tensor(k)) for k in reader.get_variable_to_shape_map()
-            if not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
-
-
-def run_path(config, run):
-    return os.path.join(os.path.dirname(config), "runs", run)
-
-
-def csv_rows(run):
-    import csv
-    with open(os.path.join(run, "log.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------
@@ -94,38 +24,14 @@ def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
 
 
-def kill_while_saving(trainer, run, epoch, timeout=240):
-    """SIGKILL `trainer` while it writes `epoch` (its temp folder exists, the final one does not)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and trainer.poll() is None:
-        if os.path.isdir(run) and any(n.startswith(f".tmp-{epoch}-") for n in os.listdir(run)):
-            trainer.kill()
-            trainer.wait()
-            return True
-        time.sleep(0.005)
-    return False
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
     """Run A: uninterrupted, 3 epochs. Run B, alongside: SIGKILLed while saving epoch 1 (its
     producer keeps running for the resume). Each has its own buffer and producer."""
     config_a = write_config(str(tmp_path_factory.mktemp("a")), data)
     config_b = write_config(str(tmp_path_factory.mktemp("b")), data)
-    producers = [start_producer(config_a, 0, EPOCHS), start_producer(config_b, 0, EPOCHS)]
-    try:
-        trainer_a = subprocess.Popen(train_cmd(config_a, "A", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        trainer_b = subprocess.Popen(train_cmd(config_b, "B", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        killed = kill_while_saving(trainer_b, run_path(config_b, "B"), 1)
-        _, err = trainer_a.communicate(timeout=240)
-        assert trainer_a.returncode == 0, err[-3000:]
-        producers[0].wait(timeout=30)  # it exits once the trainer consumed the last batch
-        yield {"a": config_a, "b": config_b, "b_killed": killed, "b_producer": producers[1]}
-    finally:
-        for p in producers:
-            stop_process(p)
+    with killed_twin_runs(config_a, config_b, EPOCHS) as twins:
+        yield {"a": config_a, "b": config_b, **twins}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +51,8 @@ def test_real_run_saves_complete_epochs_and_logs(run_a):
         assert sorted(os.listdir(folder)) == ["checkpoint", "config.txt", "saved_model"]
         text = open(os.path.join(folder, "config.txt")).read()
         assert "# git " in text and "[schedule]" in text and f"global step {(epoch + 1) * STEPS}" in text
+        # [train] mixed_precision = auto (configs/demo.txt) as resolved on this CPU.
+        assert "mixed_precision = none\n" in text and "# mixed_precision none (auto: no GPU)" in text
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
 
     rows = csv_rows(run)
