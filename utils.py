@@ -87,8 +87,9 @@ SCHEMA = {
         "deterministic": Key("bool", False, help="TF op determinism (slower); batches are deterministic regardless"),
         "optimizer": Key("choice", "sgd", choices=("sgd", "rmsprop"),
                          help="sgd = SGD with sgd_momentum; rmsprop = RMSprop, epsilon 1e-8 (the Tiny ImageNet recipe)"),
-        "mixed_precision": Key("choice", "none", choices=("none", "mixed_float16", "mixed_bfloat16"),
-                               help="compute dtype; float16 uses dynamic loss scaling"),
+        "mixed_precision": Key("choice", "auto", choices=("auto", "none", "mixed_float16", "mixed_bfloat16"),
+                               help="compute dtype; auto = mixed_float16 on NVIDIA GPUs of compute capability "
+                                    ">= 7.0, else none; float16 uses dynamic loss scaling"),
         "jit_compile": Key("bool", False, help="compile the forward/backward pass with XLA (one device, not with deterministic)"),
         "distribute": Key("choice", "auto", choices=("auto", "one_device", "mirrored", "multi_worker"),
                           help="auto = multi_worker if TF_CONFIG is set, mirrored if >1 GPU, else one device"),
@@ -104,6 +105,8 @@ SCHEMA = {
         "mix_prob": Key("float", 1.0, lo=0.0, hi=1.0, help="probability that a batch is mixed at all (timm prob)"),
         "switch_prob": Key("float", 0.5, lo=0.0, hi=1.0,
                            help="with both alphas > 0: probability of cutmix instead of mixup (timm switch_prob)"),
+        "profile_steps": Key("ints", (), lo=0, help="first, last global step of a TensorBoard profiler trace "
+                                                    "written to <run>/tensorboard/; empty = none"),
     },
     "schedule": {
         "type": Key("choice", "constant", choices=("constant", "step", "cosine", "onecycle", "linear"),
@@ -373,6 +376,10 @@ def _check_cross_keys(cfg):
                           f"({im.scale_min}), or the random crop would not fit.")
     if im.crop_size > im.eval_resize:
         raise ConfigError(f"{cfg.path}: [images] crop_size ({im.crop_size}) must not exceed eval_resize ({im.eval_resize}).")
+    steps = cfg.train.profile_steps
+    if steps and (len(steps) != 2 or steps[0] >= steps[1]):
+        raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' with first < "
+                          f"last (e.g. 100, 110) or empty, received '{', '.join(map(str, steps))}'.")
     br = cfg.batch_renorm
     for what in ("rmax", "dmax"):
         start, reach = getattr(br, f"start_relaxing_{what}"), getattr(br, f"reach_{what}_max")

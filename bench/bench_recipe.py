@@ -59,8 +59,6 @@ class _Reader:
     def batches_per_epoch(self):
         return len(self.batches)
 
-    def num_batches(self, epoch):
-        return len(self.batches)
 
 
 def _config(folder, train):

@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 import utils  # noqa: E402
 
-ORDER = ("bench_model", "bench_producer", "bench_eval")  # known ones first, then any other bench_*.py
+ORDER = ("bench_model", "bench_producer", "bench_eval", "bench_feed")  # known ones first, then any other bench_*.py
 
 
 def discover():

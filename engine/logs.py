@@ -8,7 +8,9 @@
   for the next batch, `wait_fraction` that over `wall_seconds`.
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
-- <run>/tensorboard/: scalars every [train] log_every steps and per epoch.
+- <run>/tensorboard/: scalars every [train] log_every steps and per epoch; with [train]
+  profile_steps = first, last a profiler trace of global steps first..last-1 under
+  plugins/profile/<time>/ (ProfilerWindow).
 """
 import csv
 import errno
@@ -122,6 +124,42 @@ class TensorBoard:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+class ProfilerWindow:
+    """A tf.profiler.experimental trace of the global steps first..last-1 into <run>/tensorboard/.
+
+    TensorBoard's Profile tab (pip install tensorboard-plugin-profile) then shows per step
+    whether it waited on input (the trace view's gaps between steps, the input-pipeline
+    analysis) or on compute. The trace starts before step `first` is launched and stops before
+    step `last` is; on a GPU the last traced step's kernels may still be running then.
+    """
+
+    def __init__(self, run_path, steps, enabled=True):
+        self.window = tuple(steps) if steps and enabled else None
+        self.logdir = os.path.join(run_path, TENSORBOARD_DIR)
+        self.active = False
+
+    def at_step(self, step):
+        """Call before launching global step `step` (the number of steps done so far)."""
+        if self.window is None:
+            return
+        first, last = self.window
+        if not self.active and first <= step < last:
+            import tensorflow as tf
+            tf.profiler.experimental.start(self.logdir)
+            self.active = True
+        elif self.active and step >= last:
+            self.close()
+
+    def close(self):
+        if self.active:
+            import logging
+            import tensorflow as tf
+            tf.profiler.experimental.stop()
+            self.active = False
+            logging.getLogger("train").info("profiler trace of steps %d..%d written under %s", self.window[0],
+                                            self.window[1] - 1, os.path.join(self.logdir, "plugins", "profile"))
 
 
 def _ends_with_newline(path):

@@ -19,6 +19,7 @@ convolution autotuning, scatter/segment reductions) fall back to slower
 deterministic versions, typically 5-30% on GPU; on CPU the difference is small.
 Batches are deterministic regardless (the producer's draws derive from the seed).
 """
+import dataclasses
 import logging
 import queue
 import threading
@@ -28,7 +29,8 @@ import numpy as np
 
 from engine import logs, run_folder, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
-from utils import UserError, disk_full_error, human_bytes, git_hash, mu_sigma
+from model.precision import resolve_mixed_precision
+from utils import UserError, disk_full_error, git_hash, human_bytes, mu_sigma
 
 log = logging.getLogger("train")
 
@@ -38,11 +40,13 @@ DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too l
 
 
 class Prefetcher:
-    """Reads an epoch's batches in order on a background thread, `depth` batches ahead."""
+    """Reads an epoch's batches in order on a background thread, `depth` batches ahead; `place(batch)`,
+    when given, also runs on that thread (the trainer's copy of the batch to its device)."""
 
-    def __init__(self, reader, epoch, num_batches, depth=PREFETCH_DEPTH):
+    def __init__(self, reader, epoch, num_batches, depth=PREFETCH_DEPTH, place=None):
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
+        self.place = place or (lambda batch: batch)
         self.thread = threading.Thread(target=self._run, args=(reader, epoch, num_batches), daemon=True,
                                        name=f"prefetch-epoch-{epoch}")
         self.thread.start()
@@ -50,7 +54,7 @@ class Prefetcher:
     def _run(self, reader, epoch, num_batches):
         try:
             for b in range(num_batches):
-                item = (b, reader.read(epoch, b))
+                item = (b, self.place(reader.read(epoch, b)))
                 while not self.stop.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
@@ -97,6 +101,9 @@ class Trainer:
             raise UserError("[train] jit_compile and deterministic cannot both be true: XLA has no deterministic "
                             "max-pool gradient; set one of them to false.")
         self._seed(cfg.train)
+        # 'auto' becomes the policy for this machine's device (model/precision.py); the resolved one is
+        # what the start-up line, every epoch's config.txt and the model build see.
+        cfg.train.mixed_precision, self.precision_reason = resolve_mixed_precision(cfg.train.mixed_precision)
         # SavedModel export chatter, and the reader's line per wait: waits are summed into the bar,
         # the epoch line, log.csv and TensorBoard instead, so the log never outpaces the bar.
         for name in ("tensorflow", "absl", "data.buffer"):
@@ -118,8 +125,12 @@ class Trainer:
         self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(cfg.train), kwargs["num_classes"],
                                           cfg.train.seed)
         self._train_step = self._make_train_step()
+        # One replica: the batch goes straight to its device. Several: the global batch stays on the host and
+        # each replica's rows are copied to it inside the step (engine/distribute.py split_batch).
+        self.input_device = self.strategy.extended.worker_devices[0] if self.replicas == 1 else "/cpu:0"
         self.tensorboard = logs.TensorBoard(run_path, enabled=self.chief)
         self.batch_log = logs.BatchLog(run_path, enabled=self.chief)
+        self.profiler = logs.ProfilerWindow(run_path, cfg.train.profile_steps, enabled=self.chief)
 
     # ------------------------------------------------------------------ setup
 
@@ -217,9 +228,9 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def train(self, epoch_start, epoch_end):
-        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s",
-                 epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
-                 self.schedule.describe())
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, "
+                 "mixed_precision %s (%s)", epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size,
+                 self.replicas, self.schedule.describe(), self.cfg.train.mixed_precision, self.precision_reason)
         try:
             for epoch in range(epoch_start, epoch_end):
                 self.check_space(epoch)
@@ -229,6 +240,7 @@ class Trainer:
                 self.finish_epoch(epoch, summary)
                 self.save(epoch)
         finally:
+            self.profiler.close()
             self.batch_log.close()
             self.tensorboard.close()
 
@@ -240,15 +252,15 @@ class Trainer:
         window = _Window()
         totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
         bar = logs.progress_bar(epoch, num_batches, enabled=self.chief)
-        prefetch = Prefetcher(reader, epoch, num_batches)
+        prefetch = Prefetcher(reader, epoch, num_batches, place=self.to_device)
         started = time.perf_counter()
         lr = self.schedule(step)
         try:
             for _ in range(num_batches):
                 b, batch, waited = prefetch.get()
                 lr = self.schedule(step)
-                outputs = self._train_step(tf.constant(batch.images), tf.constant(batch.labels),
-                                           tf.constant(batch.lighting), tf.constant(lr, tf.float32),
+                self.profiler.at_step(step)
+                outputs = self._train_step(batch.images, batch.labels, batch.lighting, tf.constant(lr, tf.float32),
                                            *self.recipe.step_args(epoch, b, batch.images.shape))
                 step += 1
                 self.batch_log.write(epoch, b)
@@ -265,6 +277,20 @@ class Trainer:
                 "train_top1": totals["hits"] / max(totals["images"], 1), "lr": lr,
                 "images_per_sec": totals["images"] / wall, "wait_seconds": totals["wait"],
                 "wait_fraction": totals["wait"] / wall, "wall_seconds": wall}
+
+    def to_device(self, batch):
+        """The batch's arrays as tensors on the training device; runs on the prefetch thread.
+
+        What overlaps with what: while step n runs on the training thread (on a GPU: while its kernels
+        run on the compute stream), the prefetch thread reads batch n+1 from the buffer and copies it
+        host -> device here (9.6 MB at batch 64, 38.5 MB at 256, 224 px), so the training thread only
+        launches steps and never waits for a synchronous copy. On a CPU the copy is a host memcpy and
+        changes nothing measurable (bench/bench_feed.py compares the loop with the model alone).
+        """
+        tf = self.tf
+        with tf.device(self.input_device):
+            return dataclasses.replace(batch, images=tf.identity(batch.images), labels=tf.identity(batch.labels),
+                                       lighting=tf.identity(batch.lighting))
 
     def _flush_window(self, window, totals, bar, step, lr):
         # The only host-device sync in the loop: once per log_every steps.
@@ -355,7 +381,8 @@ class Trainer:
         header = [f"# epoch {epoch} of run {self.run_path}, global step {self.global_step()}",
                   f"# git {git_hash()}", f"# command: {self.command}",
                   f"# schedule: {self.schedule.describe()}",
-                  f"# {self.replicas} replica(s), global batch {self.batch_size}"]
+                  f"# {self.replicas} replica(s), global batch {self.batch_size}",
+                  f"# mixed_precision {self.cfg.train.mixed_precision} ({self.precision_reason})"]
         return "\n".join(header) + "\n" + self.cfg.resolved_text()
 
 

@@ -88,6 +88,7 @@ def model_kwargs(cfg, num_classes):
     unknown); [model] num_classes = 0 means "use it", any other value must match it.
     All values are plain Python types, so the result can be written to JSON.
     """
+    from model.precision import resolve_mixed_precision
     configured = cfg.model.num_classes
     if configured and num_classes and configured != num_classes:
         raise UserError(f"[model] num_classes is {configured} but the dataset has {num_classes} classes; "
@@ -103,6 +104,6 @@ def model_kwargs(cfg, num_classes):
                 variant=cfg.model.variant, stride_on=cfg.model.stride_on,
                 zero_init_last_gamma=cfg.model.zero_init_last_gamma,
                 renorm=dataclasses.asdict(RenormConfig.from_config_section(cfg.batch_renorm)),
-                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[cfg.train.mixed_precision], seed=cfg.train.seed,
+                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[resolve_mixed_precision(cfg.train.mixed_precision)[0]], seed=cfg.train.seed,
                 normalization=cfg.model.normalization)
 

@@ -3,6 +3,7 @@
 Sections: config files; child processes; the solid-colour dataset and buffer (producer and reader tests);
 the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests)."""
 import configparser
+import contextlib
 import json
 import os
 import signal
@@ -287,3 +288,38 @@ def fake_parts(folder):
     for name in ("checkpoint/ckpt.index", "config.txt"):
         with open(os.path.join(folder, name), "w") as f:
             f.write(folder)
+
+
+def kill_while_saving(trainer, run, epoch, timeout=240):
+    """SIGKILL `trainer` while it writes `epoch` (its temp folder exists, the final one does not)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and trainer.poll() is None:
+        if os.path.isdir(run) and any(n.startswith(f".tmp-{epoch}-") for n in os.listdir(run)):
+            trainer.kill()
+            trainer.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@contextlib.contextmanager
+def killed_twin_runs(config_a, config_b, epochs, kill_epoch=1, timeout=240):
+    """Run A (config_a, run "A") trains epochs 0..epochs-1 uninterrupted. Run B (config_b, run "B"),
+    alongside, is SIGKILLed while it saves `kill_epoch`; its producer keeps running until the block
+    ends, for the resume. Each run has its own buffer and producer. Yields
+    {"b_killed": whether the kill happened mid-save, "b_producer": B's producer}."""
+    producers = [start_train_producer(config_a, 0, epochs), start_train_producer(config_b, 0, epochs)]
+    try:
+        trainer_a = subprocess.Popen(train_cmd(config_a, "A", 0, epochs), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        trainer_b = subprocess.Popen(train_cmd(config_b, "B", 0, epochs), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        killed = kill_while_saving(trainer_b, run_path(config_b, "B"), kill_epoch, timeout=timeout)
+        _, err = trainer_a.communicate(timeout=timeout)
+        assert trainer_a.returncode == 0, err[-3000:]
+        producers[0].wait(timeout=30)  # it exits once the trainer consumed the last batch
+        yield {"b_killed": killed, "b_producer": producers[1]}
+    finally:
+        for p in producers:
+            stop_process(p)
+

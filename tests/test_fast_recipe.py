@@ -7,10 +7,7 @@ import pytest
 import utils
 from engine import schedules
 
-try:
-    from data.transforms import progressive
-except ImportError:  # before issue 13's data/ reorganisation
-    from data import progressive
+from data.transforms import progressive
 
 PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "fast_recipe.txt")
 STEPS_PER_EPOCH = 1281167 // 256

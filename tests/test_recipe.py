@@ -176,8 +176,6 @@ class FakeReader:
     def batches_per_epoch(self):
         return len(self.batches)
 
-    def num_batches(self, epoch):
-        return len(self.batches)
 
     def read(self, epoch, b):
         return self.batches[(epoch + b) % len(self.batches)]
@@ -201,10 +199,7 @@ def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_pat
     """Today's step written out (sparse cross-entropy + L2, SGD), against the trainer with the new keys at 0."""
     import keras
     from model import build_model, model_kwargs
-    try:
-        from model.preprocessing import to_model_input
-    except ImportError:  # before issue 13 moved it out of data/
-        from data.device import to_model_input
+    from model.preprocessing import to_model_input
     trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
     assert trainer.ema is None and not trainer.recipe.active
     assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()

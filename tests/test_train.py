@@ -5,21 +5,14 @@ saves epoch 1 and then resumed with --epoch_start=auto against its still running
 its final weights and optimizer state must equal A's bit for bit ([train] deterministic = true).
 """
 import os
-import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, csv_rows, fake_parts, make_data, read_checkpoint, run_path, run_train, start_train_producer, stop_process, train_cmd, write_train_config
+from tests.helpers import csv_rows, fake_parts, killed_twin_runs, make_data, read_checkpoint, run_path, run_train, write_train_config
 
 EPOCHS = 3
 STEPS = 8  # 4 classes x 32 images / TRAIN_BATCH
-
-
-# ----------------------------------------------------------------------------
-# Helpers (also used by test_distribute.py)
-# ----------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------
@@ -31,38 +24,14 @@ def data(tmp_path_factory):
     return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
 
 
-def kill_while_saving(trainer, run, epoch, timeout=240):
-    """SIGKILL `trainer` while it writes `epoch` (its temp folder exists, the final one does not)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and trainer.poll() is None:
-        if os.path.isdir(run) and any(n.startswith(f".tmp-{epoch}-") for n in os.listdir(run)):
-            trainer.kill()
-            trainer.wait()
-            return True
-        time.sleep(0.005)
-    return False
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
     """Run A: uninterrupted, 3 epochs. Run B, alongside: SIGKILLed while saving epoch 1 (its
     producer keeps running for the resume). Each has its own buffer and producer."""
     config_a = write_train_config(str(tmp_path_factory.mktemp("a")), data)
     config_b = write_train_config(str(tmp_path_factory.mktemp("b")), data)
-    producers = [start_train_producer(config_a, 0, EPOCHS), start_train_producer(config_b, 0, EPOCHS)]
-    try:
-        trainer_a = subprocess.Popen(train_cmd(config_a, "A", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        trainer_b = subprocess.Popen(train_cmd(config_b, "B", 0, EPOCHS), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        killed = kill_while_saving(trainer_b, run_path(config_b, "B"), 1)
-        _, err = trainer_a.communicate(timeout=240)
-        assert trainer_a.returncode == 0, err[-3000:]
-        producers[0].wait(timeout=30)  # it exits once the trainer consumed the last batch
-        yield {"a": config_a, "b": config_b, "b_killed": killed, "b_producer": producers[1]}
-    finally:
-        for p in producers:
-            stop_process(p)
+    with killed_twin_runs(config_a, config_b, EPOCHS) as twins:
+        yield {"a": config_a, "b": config_b, **twins}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +51,8 @@ def test_real_run_saves_complete_epochs_and_logs(run_a):
         assert sorted(os.listdir(folder)) == ["checkpoint", "config.txt", "saved_model"]
         text = open(os.path.join(folder, "config.txt")).read()
         assert "# git " in text and "[schedule]" in text and f"global step {(epoch + 1) * STEPS}" in text
+        # [train] mixed_precision = auto (configs/demo.txt) as resolved on this CPU.
+        assert "mixed_precision = none\n" in text and "# mixed_precision none (auto: no GPU)" in text
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
 
     rows = csv_rows(run)

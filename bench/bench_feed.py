@@ -1,0 +1,230 @@
+"""Does the buffer keep the training device busy? Model, feed and loop rates side by side.
+
+    python bench/bench_feed.py [--config configs/demo.txt] [--batch_size 64] [--width_multiplier W] [--crop C]
+
+On a GPU, the full ResNet-50 at 224 px with the run's batch size:
+
+    python bench/bench_feed.py --config config.txt --batch_size 256 --width_multiplier 1 --crop 224
+
+The model, precision ([train] mixed_precision, resolved for this machine), XLA setting and device
+are the config's; the bench generates its own JPEGs and fills a buffer of real batches with
+runtime_preprocessing.py --once (in /dev/shm when there is one), then measures, interleaved over
+--rounds rounds, for the same batches:
+  model  the Trainer's train step alone on one batch already on the device (normalisation and PCA
+         lighting included, as they are part of the step), as peers' --use_synthetic_data
+  feed   the buffer reader + the copy to the device (the trainer's prefetch thread) + the device-side
+         normalisation and PCA lighting, with the model left out
+  loop   the real Trainer.train_epoch on that buffer
+and prints loop/model (the share of the model's speed that the pipeline delivers; target >= 0.97)
+and feed/model (the headroom; target >= 3). The feed's device work is split further: the feed
+without the PCA lighting, the PCA lighting shift alone per batch (per-image covariance, batched
+3x3 eigh, shift) and the batched eigh alone per batch. Each figure is the best round (on a shared
+machine interference only ever slows a round down); medians are printed beside.
+"""
+import argparse
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import utils  # noqa: E402
+
+TARGET_LOOP = 0.97
+TARGET_FEED = 3.0
+MU, SIGMA = (0.48180, 0.44969, 0.39839), (0.27336, 0.26435, 0.27563)  # config.txt's values
+CLASSES = 10
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "demo.txt"),
+                   help="model, precision and training settings (default configs/demo.txt)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch size (default 64)")
+    p.add_argument("--width_multiplier", type=float, default=None, help="default: the config's [model] value")
+    p.add_argument("--crop", type=int, default=None, help="crop side in pixels; default: the config's crop_size")
+    p.add_argument("--batches", type=int, default=16, help="batches in the buffer, one pass each per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported (default 3)")
+    p.add_argument("--buffer_dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                   help="where the buffer of batch files is made (default /dev/shm, a RAM disk)")
+    return p.parse_args(argv)
+
+
+def bench_config(args, work):
+    """The user's config with this bench's dataset, buffer, run folder, crop and width."""
+    from tests.helpers import write_config_file
+    from tools.make_demo_dataset import make_dataset
+    base = utils.load_config(args.config)
+    crop = args.crop or base.images.crop_size
+    width = args.width_multiplier if args.width_multiplier is not None else base.model.width_multiplier
+    scale = math.ceil(crop * 8 / 7)  # 256 for 224, as the original's smallest scale
+    per_class = math.ceil(args.batches * args.batch_size / CLASSES)
+    data = os.path.join(work, "imagenet")
+    make_dataset(data, num_classes=CLASSES, train_per_class=per_class, val_per_class=1, odd_files=False,
+                 min_side=max(16, scale), max_side=max(16, scale * 3 // 2))
+    values = {
+        "preprocess": {"ImageNet_folder": data, "path_to_save": os.path.join(work, "scales")},
+        "preprocess_val": {"ImageNet_folder": data, "path_to_save": os.path.join(work, "val"), "N": "0"},
+        "get_mu_sigma": {"path_to_save": os.path.join(work, "stats")},
+        "data": {"source": "folder"},
+        "train": {"buffer_folder": os.path.join(work, "buffer"), "path_for_saving": os.path.join(work, "runs"),
+                  "N": "0", "buffer_size": str(args.batches), "wait_timeout": "60", "sleep_time": "0.05",
+                  "profile_steps": ""},
+        "runtime_preprocessing": {"num_of_threads": str(max(1, min(4, os.cpu_count() or 1))),
+                                  "use_scale_cache": "false", "sleep_time": "0.05"},
+        "images": {"crop_size": str(crop), "scale_min": str(scale), "scale_max": str(scale), "scale_step": "1",
+                   "eval_resize": str(scale), "eval_scales_50": str(scale), "crop_schedule": ""},
+        "model": {"width_multiplier": str(width), "num_classes": "0"},
+        "utils": {**{f"mu_{c}": str(MU[c]) for c in range(3)}, **{f"sigma_{c}": str(SIGMA[c]) for c in range(3)}},
+    }
+    return write_config_file(work, args.config, values), crop, width
+
+
+def fill_buffer(config, batch_size):
+    """runtime_preprocessing.py --once: every batch of epoch 0, in a separate process (no fork after TF)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "runtime_preprocessing.py"), "--config", config,
+                             "--epoch_start=0", "--epoch_end=1", f"--batch_size={batch_size}", "--once",
+                             "--no_progress"], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise utils.UserError(f"runtime_preprocessing.py could not fill the bench's buffer: "
+                              f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+
+
+def make_reader(cfg, batch_size):
+    from data.buffer.reader import BufferReader
+    reader = BufferReader(cfg, batch_size)
+    reader.check_manifest()
+    return reader
+
+
+class Bench:
+    def __init__(self, cfg, batch_size):
+        import tensorflow as tf
+        from model.preprocessing import normalisation_constants, pca_lighting_shift, to_model_input
+        from engine.trainer import Trainer
+        from model import COMPUTE_DTYPE_OF_POLICY
+        self.tf, self.cfg, self.batch_size = tf, cfg, batch_size
+        reader = make_reader(cfg, batch_size)
+        run_path = os.path.join(cfg.train.path_for_saving, "bench")
+        os.makedirs(run_path, exist_ok=True)
+        self.trainer = Trainer(cfg, reader, run_path, batch_size, reader.num_classes, learning_rate=0.01,
+                               epoch_end=1)  # a constant rate: the schedule does not change the speed
+        self.trainer.chief = False  # no progress bar
+        self.batches = reader.batches_per_epoch
+        self.resident = self.trainer.to_device(reader.read(0, 0))
+        self.lr = tf.constant(0.01, tf.float32)
+        mu, sigma = self.trainer.mu, self.trainer.sigma
+        dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[cfg.train.mixed_precision])
+        jit = cfg.train.jit_compile
+        self.prep = tf.function(lambda im, li: tf.reduce_sum(tf.cast(to_model_input(im, li, mu, sigma, dtype),
+                                                                     tf.float32)), jit_compile=jit)
+        self.prep_plain = tf.function(lambda im: tf.reduce_sum(tf.cast(to_model_input(im, None, mu, sigma, dtype),
+                                                                       tf.float32)), jit_compile=jit)
+        scale, offset = normalisation_constants(mu, sigma)
+        with tf.device(self.trainer.input_device):
+            self.normalised = tf.cast(self.resident.images, tf.float32) * scale + offset
+        self.pca = tf.function(lambda x, li: pca_lighting_shift(x, li))
+        pixels = tf.reshape(self.normalised, [batch_size, -1, 3])
+        centred = pixels - tf.reduce_mean(pixels, axis=1, keepdims=True)
+        self.cov = tf.matmul(centred, centred, transpose_a=True) / float(pixels.shape[1] - 1)
+        self.eigh = tf.function(lambda c: tf.linalg.eigh(c))
+        # Warm-up: tracing (and XLA compilation) of every function before any clock runs.
+        for _ in range(2):
+            self.model(2)
+        self.feed(self.prep)
+        self.feed(self.prep_plain, lighting=False)
+        self.per_batch(self.pca, self.normalised, self.resident.lighting, reps=3)
+        self.per_batch(self.eigh, self.cov, reps=3)
+
+    def model(self, steps=None):
+        r, steps = self.resident, steps or self.batches
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = self.trainer._train_step(r.images, r.labels, r.lighting, self.lr)
+        float(out[0])  # waits for the device
+        return steps * self.batch_size / (time.perf_counter() - start)
+
+    def feed(self, prep, lighting=True):
+        from engine.trainer import Prefetcher
+        reader = make_reader(self.cfg, self.batch_size)
+        start = time.perf_counter()
+        prefetch = Prefetcher(reader, 0, self.batches, place=self.trainer.to_device)
+        try:
+            for _ in range(self.batches):
+                _, batch, _ = prefetch.get()
+                out = prep(batch.images, batch.lighting) if lighting else prep(batch.images)
+            float(out)
+        finally:
+            prefetch.close()
+        return self.batches * self.batch_size / (time.perf_counter() - start)
+
+    def loop(self):
+        self.trainer.reader = make_reader(self.cfg, self.batch_size)
+        return self.trainer.train_epoch(0)["images_per_sec"]
+
+    def per_batch(self, fn, *inputs, reps=20):
+        """Seconds per call of fn(*inputs) on the device."""
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*inputs)
+        self.tf.nest.map_structure(lambda t: t.numpy(), out)
+        return (time.perf_counter() - start) / reps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    utils.quiet_tensorflow()
+    import logging
+    for name in ("train", "data.buffer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    work = tempfile.mkdtemp(prefix="bench_feed_", dir=args.buffer_dir)
+    try:
+        config, crop, width = bench_config(args, work)
+        fill_buffer(config, args.batch_size)
+        cfg = utils.load_config(config)
+        bench = Bench(cfg, args.batch_size)
+        rates = {k: [] for k in ("model", "feed", "loop", "feed_no_pca")}
+        pca, eigh = [], []
+        for _ in range(args.rounds):
+            rates["model"].append(bench.model())
+            rates["feed"].append(bench.feed(bench.prep))
+            rates["loop"].append(bench.loop())
+            rates["feed_no_pca"].append(bench.feed(bench.prep_plain, lighting=False))
+            pca.append(bench.per_batch(bench.pca, bench.normalised, bench.resident.lighting))
+            eigh.append(bench.per_batch(bench.eigh, bench.cov))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = {k: max(v) for k, v in rates.items()}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    device = bench.trainer.input_device.split("/")[-1].replace("device:", "")
+    print(f"bench_feed: ResNet-50 width {width:g}, {crop} px, batch {args.batch_size}, "
+          f"{cfg.train.mixed_precision} ({bench.trainer.precision_reason}), jit_compile "
+          f"{str(cfg.train.jit_compile).lower()}, on {device}; {bench.batches} real batches in a "
+          f"{'RAM-disk ' if work.startswith('/dev/shm') else ''}buffer, best of {args.rounds} interleaved rounds "
+          f"(median), {os.cpu_count()} CPU threads visible")
+    for name, what in (("model", "train step alone, batch on the device"),
+                       ("feed", "reader + copy to device + normalisation + PCA lighting"),
+                       ("feed_no_pca", "the same without the PCA lighting"),
+                       ("loop", "Trainer.train_epoch on the buffer")):
+        print(f"  {name:12s} {best[name]:9.1f} img/s  ({median[name]:.1f})   {what}")
+    pca_ms, eigh_ms = 1000 * min(pca), 1000 * min(eigh)
+    print(f"  PCA lighting shift alone {pca_ms:.2f} ms per batch, of which the batched 3x3 eigh {eigh_ms:.3f} ms "
+          f"({100 * eigh_ms / pca_ms:.0f}%); the step at the model's rate takes "
+          f"{1000 * args.batch_size / best['model']:.1f} ms")
+    ratios = {"loop/model": best["loop"] / best["model"], "feed/model": best["feed"] / best["model"]}
+    for (name, ratio), target in zip(ratios.items(), (TARGET_LOOP, TARGET_FEED)):
+        verdict = "met" if ratio >= target else "MISSED"
+        print(f"  {name}: {ratio:.3f} (medians {median[name.split('/')[0]] / median['model']:.3f}; "
+              f"target >= {target:g} {verdict})")
+    return {"rates": rates, "pca_seconds": pca, "eigh_seconds": eigh, "ratios": ratios}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

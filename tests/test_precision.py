@@ -1,0 +1,177 @@
+"""[train] mixed_precision = auto, float16 and XLA runs that are killed and resumed, the profiler trace,
+and the batch placed on the training device by the prefetch thread.
+
+Each twin pair trains 3 epochs of 4 steps on the CPU with a 4-channel-wide ResNet-50: run A
+uninterrupted, run B SIGKILLed while it saves epoch 1 (its producer waits for epoch 2) and resumed
+with --epoch_start=auto. B's final checkpoint (weights, batch-renorm statistics, momentum slots,
+the loss scale and its counter of good steps) must equal A's. On this shared 2-core machine a
+pair takes minutes (two trainers and two producers, a SavedModel export per epoch), hence `slow`.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from model.precision import resolve_mixed_precision
+from tests.helpers import killed_twin_runs, make_data, read_checkpoint, run_path, run_train, write_train_config
+
+EPOCHS = 3
+STEPS = 4  # 4 classes x 16 images / batch 16
+
+A100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
+P100 = {"device_name": "Tesla P100-PCIE-16GB", "compute_capability": (6, 0)}
+
+
+# ----------------------------------------------------------------------------
+# auto
+# ----------------------------------------------------------------------------
+
+def test_auto_is_float32_on_this_cpu():
+    assert resolve_mixed_precision("auto") == ("none", "auto: no GPU")
+
+
+def test_auto_is_mixed_float16_on_a_tensor_core_gpu_from_the_device_query(monkeypatch):
+    import tensorflow as tf
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda device: dict(A100))
+    policy, reason = resolve_mixed_precision("auto")
+    assert policy == "mixed_float16"
+    assert "NVIDIA A100" in reason and "compute capability 8.0" in reason
+
+
+def test_auto_is_float32_on_pre_volta_gpus_and_gpus_without_cuda_capability():
+    assert resolve_mixed_precision("auto", [P100])[0] == "none"
+    assert resolve_mixed_precision("auto", [{"device_name": "AMD Instinct MI100"}])[0] == "none"
+    assert resolve_mixed_precision("auto", [A100, P100])[0] == "none"  # every replica must have tensor cores
+    assert resolve_mixed_precision("auto", [{"compute_capability": (7, 0)}])[0] == "mixed_float16"  # V100
+
+
+def test_explicit_choices_are_kept_whatever_the_device():
+    for choice in ("none", "mixed_float16", "mixed_bfloat16"):
+        assert resolve_mixed_precision(choice, [A100]) == (choice, "set in the config")
+        assert resolve_mixed_precision(choice, [])[0] == choice
+
+
+def test_auto_is_the_default_and_in_every_shipped_config(tmp_path):
+    import utils
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert utils.SCHEMA["train"]["mixed_precision"].default == "auto"
+    for name in ("config.txt", "configs/demo.txt", "configs/seed002_tiny_imagenet.txt", "configs/seed003_recipe.txt"):
+        assert "\nmixed_precision = auto\n" in open(os.path.join(root, name)).read(), name
+
+
+def test_profile_steps_must_be_two_increasing_steps(tmp_path):
+    import utils
+    data = str(tmp_path / "data")
+    for bad in ("5", "10, 5", "1, 2, 3"):
+        with pytest.raises(utils.ConfigError, match=r"profile_steps must be two global steps"):
+            utils.load_config(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": bad}))
+    assert utils.load_config(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": "2, 4"})
+                             ).train.profile_steps == (2, 4)
+
+
+# ----------------------------------------------------------------------------
+# The batch on the training device
+# ----------------------------------------------------------------------------
+
+def test_prefetch_thread_hands_over_tensors_already_on_the_training_device():
+    import threading
+
+    import tensorflow as tf
+
+    from data.buffer.reader import Batch
+    from engine.trainer import Prefetcher, Trainer
+
+    class Reader:
+        def read(self, epoch, b):
+            return Batch(np.full([2, 4, 4, 3], b, np.uint8), np.array([b, b], np.int32),
+                         np.zeros([2, 3], np.float32), epoch, b)
+
+    threads = []
+
+    def place(batch):
+        threads.append(threading.current_thread().name)
+        return Trainer.to_device(trainer, batch)
+
+    trainer = type("T", (), {"tf": tf, "input_device": "/job:localhost/replica:0/task:0/device:CPU:0"})()
+    prefetch = Prefetcher(Reader(), 0, 3, place=place)
+    try:
+        for expected in range(3):
+            b, batch, _ = prefetch.get()
+            assert b == expected
+            assert isinstance(batch.images, tf.Tensor) and batch.images.device.endswith("device:CPU:0")
+            assert int(batch.labels[0]) == expected and batch.images.dtype == tf.uint8
+    finally:
+        prefetch.close()
+    assert threads == ["prefetch-epoch-0"] * 3
+
+
+# ----------------------------------------------------------------------------
+# Kill and resume in float16, with and without XLA
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"), per_class=16)
+
+
+TWINS = {
+    # deterministic ops: B must equal A bit for bit; A also writes a profiler trace of steps 2..3
+    "float16": {"mixed_precision": "mixed_float16", "deterministic": "true", "profile_steps": "2, 4"},
+    # XLA has no deterministic mode (utils/trainer refuse the pair); on the CPU its kernels are
+    # deterministic anyway
+    "float16_xla": {"mixed_precision": "mixed_float16", "jit_compile": "true", "deterministic": "false"},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TWINS))
+def twins(request, tmp_path_factory, data):
+    train = TWINS[request.param]
+    config_a = write_train_config(str(tmp_path_factory.mktemp("a")), data, train={**train, "log_every": "2"})
+    config_b = write_train_config(str(tmp_path_factory.mktemp("b")), data,
+                            train={**{k: v for k, v in train.items() if k != "profile_steps"}, "log_every": "2"})
+    with killed_twin_runs(config_a, config_b, EPOCHS, timeout=600) as runs:  # slow on a loaded 2-core machine
+        assert runs["b_killed"], "run B ended before it saved epoch 1"
+        resumed = run_train(config_b, "B", "auto", EPOCHS, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from" in resumed.stderr and "epoch 0 done" in resumed.stderr
+        yield {"name": request.param, "a": run_path(config_a, "A"), "b": run_path(config_b, "B"),
+               "b_log": resumed.stderr}
+
+
+def final_checkpoint(run):
+    from engine import run_folder
+    return read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, str(EPOCHS - 1))))
+
+
+@pytest.mark.slow
+def test_float16_run_killed_and_resumed_equals_its_uninterrupted_twin_with_the_loss_scale(twins):
+    reference, resumed = final_checkpoint(twins["a"]), final_checkpoint(twins["b"])
+    assert sorted(reference) == sorted(resumed)
+    loss_scale = [k for k in reference if "dynamic_scale" in k or "step_counter" in k]
+    assert len(loss_scale) == 2, sorted(reference)  # Keras 3 LossScaleOptimizer: scale and good-step counter
+    assert any(reference[k].ndim == 4 and reference[k].any() for k in reference if "_variables/" in k)  # momentum
+    for key in reference:
+        np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+    assert int(reference["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == EPOCHS * STEPS
+
+
+@pytest.mark.slow
+def test_the_resolved_precision_is_in_the_start_up_line_and_each_epochs_config(twins):
+    assert "mixed_precision mixed_float16 (set in the config)" in twins["b_log"]
+    for epoch in range(EPOCHS):
+        text = open(os.path.join(twins["a"], str(epoch), "config.txt")).read()
+        assert "mixed_precision = mixed_float16\n" in text
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_trace_into_the_runs_tensorboard_folder(twins):
+    traces = [os.path.join(d, f) for run in (twins["a"], twins["b"])
+              for d, _, files in os.walk(os.path.join(run, "tensorboard")) for f in files if f.endswith(".xplane.pb")]
+    if twins["name"] == "float16":  # only A sets profile_steps
+        assert len(traces) == 1 and traces[0].startswith(os.path.join(twins["a"], "tensorboard", "plugins", "profile"))
+        assert os.path.getsize(traces[0]) > 0
+        assert "profiler trace of steps 2..3 written" in open(os.path.join(twins["a"], "train.log")).read()
+    else:
+        assert traces == []
