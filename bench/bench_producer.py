@@ -176,7 +176,8 @@ def measure_tfdata(folder):
     for path, d in zip(paths, draws_for(len(paths))):
         with Image.open(path) as img:
             x0, y0, x1, y1 = augment.source_box(img.width, img.height, CROP, d)
-        windows.append([int(y0), int(x0), math.ceil(y1) - int(y0), math.ceil(x1) - int(x0)])
+            y1, x1 = min(math.ceil(y1), img.height), min(math.ceil(x1), img.width)  # a box edge can be 500.00000000000006
+        windows.append([int(y0), int(x0), y1 - int(y0), x1 - int(x0)])
         flips.append(d.flip)
 
     def load(path, window, flip):
