@@ -4,8 +4,8 @@ ImageNet's training JPEGs average about 110 KB; most are 500x375, 500x333, 375x5
 500x500 at quality 90-96, many without chroma subsampling, with a tail of photos of
 several megapixels (../shared/reference/performance_anchors.md section 7). Decode cost
 follows the entropy-coded bytes, so the generated images are photo-like (1/f spectrum,
-object edges, sensor grain) rather than smooth: smooth 500x375 images of 65 KB made
-one producer core look about 1.5x faster than it is on real photographs.
+object edges, sensor grain) rather than smooth: on smooth 500x375 images of 65 KB one
+producer core built 1,400 img/s, on real photographs of ImageNet's sizes about 900 (issue 15).
 """
 import dataclasses
 import io
@@ -53,8 +53,8 @@ def photo_like(rng, w, h, grain=1.5, texture=4.0, beta=1.4, detail=640):
     An image larger than `detail` px is a scene drawn at `detail` px and enlarged (detail
     per pixel falls as a camera's resolution rises), plus full-resolution grain. beta 1.4,
     texture 4 and grain 1.5 give 500x375 files of 64-132 KB (q90 4:2:0 .. q96 4:4:4); the
-    large ones, drawn at 300 px, 1.3-1.7 bits per pixel at q90 4:2:0 (with the detail of
-    the small ones they would be 2.5: a mean file size of ~170 KB instead of ~115).
+    large ones, drawn at 300 px, 0.7-1.2 bits per pixel at q90 4:2:0 (drawn at 640 px,
+    1.5-1.7, and 400 images would average about 130 KB instead of 114).
     """
     reduce = max(1.0, max(w, h) / detail)
     sw, sh = int(round(w / reduce)), int(round(h / reduce))
