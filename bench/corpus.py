@@ -54,7 +54,7 @@ def photo_like(rng, w, h, grain=1.5, texture=4.0, beta=1.4, detail=640):
     per pixel falls as a camera's resolution rises), plus full-resolution grain. beta 1.4,
     texture 4 and grain 1.5 give 500x375 files of 64-132 KB (q90 4:2:0 .. q96 4:4:4); the
     large ones, drawn at 300 px, 0.7-1.2 bits per pixel at q90 4:2:0 (drawn at 640 px,
-    1.5-1.7, and 400 images would average about 130 KB instead of 114).
+    1.5-1.7, and 400 images would average an estimated 130 KB instead of 114).
     """
     reduce = max(1.0, max(w, h) / detail)
     sw, sh = int(round(w / reduce)), int(round(h / reduce))
