@@ -1,9 +1,14 @@
 """Producer throughput against a naive pipeline, a bare decode and a tf.data decode-and-crop pipeline.
 
     python bench/bench_producer.py [--images 400] [--rounds 6] [--batch_size 64]
+    python bench/bench_producer.py --images_dir /data/ImageNet [--images 2000]   # your own JPEGs
 
-Generates 500x375 JPEGs (quality 90) in a temporary folder and gives every
-pipeline the same geometry (data/transforms/scale_crop.py's draws: shorter side 256..480,
+Times an ImageNet-like generated corpus (bench/corpus.py: photo-like JPEGs of 500x375
+and similar at quality 90-96, a third 4:4:4, one in ten of 1-6 megapixels; ~115 KB and
+0.4 MP on average), or with --images_dir a random sample of --images training files
+of your dataset (any layout data/sources/index.py accepts), and prints the corpus's mean file
+size and megapixels beside every figure, then how many producer workers feed a GPU at
+the published rates (--feed adds yours). Every pipeline gets the same geometry (data/transforms/scale_crop.py's draws: shorter side 256..480,
 224 crop, flip). Each one-core figure runs in a fresh process pinned to one CPU
 (sched_setaffinity before any import, so TensorFlow's threads are pinned too):
   naive      decode (PIL) -> full resize to S -> crop -> flip -> float (x/255-mu)/sigma
@@ -29,6 +34,7 @@ machine is shared); every run's figure is kept in the JSON output.
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,14 +52,24 @@ SCALES = list(range(256, 481, 7))
 MU, SIGMA = (0.48180, 0.44969, 0.39839), (0.27336, 0.26435, 0.27563)  # the original's config values
 ONE_CORE = ("naive", "decode", "tfdata", "augment", "producer1")
 TWO_CORES = ("producer1u", "producer2", "pair")  # the scaling ratio compares the producers; pair is the ceiling
+ALL = ONE_CORE + TWO_CORES
 WARMUP = 16
 BUFFER_BATCHES = 8  # producer runs: a small buffer, so the producer deletes and refills all the time
+# Published single-GPU ResNet-50 training rates (../shared/reference/performance_anchors.md section 3:
+# V100 AMP 1,270-1,300, A100 AMP 2,375-2,470, H100 higher; the RTX 2080 with AMP about 400, issue 15).
+GPU_RATES = (("RTX 2080, AMP", 400), ("V100, AMP", 1300), ("A100, AMP", 2400), ("H100", 3000))
 PASSES = 5  # tf.data, augment and the producers all process PASSES x --images images: equal exposure to noise
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=400, help="generated 500x375 JPEGs")
+    p.add_argument("--images", type=int, default=400, help="images to time: generated, or sampled from --images_dir")
+    p.add_argument("--images_dir", help="a dataset root (any layout the index accepts): time a sample of its "
+                                        "training JPEGs instead of the generated corpus")
+    p.add_argument("--feed", type=int, nargs="*", default=[], help="GPU rates (img/s) to size the producer for, "
+                                                                   "besides the published ones")
+    p.add_argument("--pipelines", nargs="+", choices=ALL, help="measure only these (default: all; the ratios need "
+                                                                "all, the sizing line producer1)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved repetitions; the best is reported")
     p.add_argument("--batch_size", type=int, default=64, help="producer batch size (config.txt trains with 64)")
     p.add_argument("--cpu", type=int, default=None, help="CPU for the one-core runs (default: the last one)")
@@ -70,23 +86,19 @@ def parse_args(argv):
 # Data
 # ----------------------------------------------------------------------------
 
-def make_images(root, count, seed=0):
-    """`count` 500x375 JPEGs (colour waves, discs, grain; ~80 KB, ImageNet's are ~110 KB) in train/<class>/."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-    for i in range(count):
-        folder = os.path.join(root, "train", f"n{i % 4 + 1:08d}")
-        os.makedirs(folder, exist_ok=True)
-        f = rng.uniform(0.005, 0.05, (3, 2)).astype(np.float32)
-        arr = np.stack([110 + 70 * np.sin(xx * f[c, 0] + c) + 50 * np.cos(yy * f[c, 1]) for c in range(3)], -1)
-        img = Image.fromarray(np.clip(arr + rng.normal(0, 14, arr.shape), 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(6):
-            x, y, r = (int(v) for v in rng.integers([0, 0, 10], [500, 375, 90]))
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        img.save(os.path.join(folder, f"img_{i:05d}.JPEG"), "JPEG", quality=90)
+def make_corpus(folder, args):
+    """The images to time, in folder/train/<class>/: bench/corpus.py's generated ones or a sample of --images_dir."""
+    from bench import corpus
+    if args.images_dir:
+        return corpus.sample_dataset(args.images_dir, args.images, folder)
+    return corpus.generated(folder, args.images)
+
+
+def sizing_line(per_worker, rates):
+    """How many workers feed each GPU rate, at `per_worker` img/s per worker (scaling measured at >= 1.8 for 2)."""
+    feeds = "; ".join(f"to feed {rate:,} img/s{f' ({name})' if name else ''} use {math.ceil(rate / per_worker)} "
+                      f"worker{'s' if math.ceil(rate / per_worker) > 1 else ''}" for name, rate in rates)
+    return f"one producer worker builds {per_worker:,.0f} img/s of these images at {CROP}; {feeds}"
 
 
 def image_list(folder):
@@ -165,7 +177,8 @@ def measure_tfdata(folder):
     for path, d in zip(paths, draws_for(len(paths))):
         with Image.open(path) as img:
             x0, y0, x1, y1 = scale_crop.source_box(img.width, img.height, CROP, d)
-        windows.append([int(y0), int(x0), math.ceil(y1) - int(y0), math.ceil(x1) - int(x0)])
+            y1, x1 = min(math.ceil(y1), img.height), min(math.ceil(x1), img.width)  # a box edge can be 500.00000000000006
+        windows.append([int(y0), int(x0), y1 - int(y0), x1 - int(x0)])
         flips.append(d.flip)
 
     def load(path, window, flip):
@@ -298,6 +311,7 @@ def spawn_pair(folder, batch_size, cpus, buffer_dir):
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
+    import utils
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
         print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir, args.consumer_cpu))
@@ -308,13 +322,17 @@ def main(argv=None):
     cpu = args.cpu if args.cpu is not None else max(os.sched_getaffinity(0))
     others = sorted(os.sched_getaffinity(0) - {cpu})
     consumer_cpu = others[-1] if others else None  # producer1's trainer side runs beside it, as a trainer would
-    kinds = list(ONE_CORE) + list(TWO_CORES)
+    kinds = [k for k in ALL if k in (args.pipelines or ALL)]
     runs = {k: [] for k in kinds}
+    if args.images <= WARMUP:
+        raise utils.UserError(f"--images must be more than {WARMUP} (the warm-up images), received {args.images}.")
     with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
-        make_images(folder, args.images)
-        size = sum(os.path.getsize(p) for p in image_list(folder)) / args.images / 1000
-        print(f"{args.images} JPEGs 500x375 q90 ({size:.0f} KB each), crop {CROP}, scales 256..480; "
-              f"one-core runs pinned to CPU {cpu}; best of {args.rounds} rounds; load average "
+        sample = make_corpus(folder, args)
+        what = (f"JPEGs sampled from {os.path.abspath(args.images_dir)}"
+                + (f" ({sample.skipped} non-JPEG or CMYK files passed over)" if sample.skipped else "")
+                if args.images_dir else "generated ImageNet-like JPEGs")
+        print(f"{args.images} {what}: mean {sample.mean_kb:.0f} KB, {sample.mean_mp:.2f} megapixels; crop {CROP}, "
+              f"scales 256..480; one-core runs pinned to CPU {cpu}; best of {args.rounds} rounds; load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         for r in range(args.rounds):
             for kind in kinds:
@@ -332,12 +350,34 @@ def main(argv=None):
               "producer2": "ours: producer, 2 workers (2 cores)", "pair": "2 independent augment runs at once"}
     print(f"{'':42s} {'best':>7s} {'median':>7s}  img/s")
     for kind in kinds:
-        print(f"{labels[kind]:42s} {best[kind]:7.0f} {median[kind]:7.0f}{'' if kind in TWO_CORES else '  (1 core)'}")
+        print(f"{labels[kind]:42s} {best[kind]:7.0f} {median[kind]:7.0f}  ({'2 cores' if kind in TWO_CORES else '1 core'}"
+              f"; {sample.describe()})")
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.1f} (other processes share the CPUs; ratios are of best runs)")
+    ratios = print_ratios(best, median) if len(kinds) == len(ALL) else {}
+    sizing = None
+    if "producer1" in kinds:
+        sizing = sizing_line(best["producer1"], list(GPU_RATES) + [("", rate) for rate in args.feed])
+        print(sizing)
+        print("(num_of_threads = workers, a core each; the per-worker figure includes the producer's main process on "
+              "the same core; the trainer wants one more core)")
+    from data.transforms import jpeg_window
+    result = {"images": args.images, "images_dir": args.images_dir, "mean_kb": sample.mean_kb,
+              "mean_megapixels": sample.mean_mp, "skipped_files": sample.skipped, "sizing": sizing, "crop": CROP,
+              "buffer_dir": args.buffer_dir, "rounds": args.rounds, "cpu": cpu, "runs": runs,
+              "best_img_per_s": best, "median_img_per_s": median, "load_average_end": load, **ratios,
+              "decoder": jpeg_window.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
+                                                                      "two_vs_one_workers": TARGET_SCALING}}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def print_ratios(best, median):
+    """Print the targets' ratios and the machine's ceiling (all pipelines measured); returns them."""
     vs_tf = best["producer1"] / best["tfdata"]
     scaling = best["producer2"] / best["producer1u"]
     ceiling = best["pair"] / best["augment"]
-    load = os.getloadavg()[0]
-    print(f"load average at the end: {load:.1f} (other processes share the CPUs; ratios are of best runs)")
     print(f"producer / tf.data (1 core): {vs_tf:.2f}  (target >= {TARGET_TFDATA}; medians "
           f"{median['producer1'] / median['tfdata']:.2f}; per-image work without batch files: "
           f"{best['augment'] / best['tfdata']:.2f})")
@@ -347,15 +387,7 @@ def main(argv=None):
           f"at once / one alone; medians {median['pair'] / median['augment']:.2f})")
     print(f"producer / naive: {best['producer1'] / best['naive']:.2f}   producer / bare decode: "
           f"{best['producer1'] / best['decode']:.2f}")
-    import utils
-    from data.transforms import jpeg_window
-    result = {"images": args.images, "crop": CROP, "buffer_dir": args.buffer_dir, "rounds": args.rounds, "cpu": cpu, "runs": runs,
-              "best_img_per_s": best, "median_img_per_s": median, "load_average_end": load, "producer_vs_tfdata": vs_tf, "two_vs_one_workers": scaling, "machine_two_core_ceiling": ceiling,
-              "decoder": jpeg_window.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
-                                                                      "two_vs_one_workers": TARGET_SCALING}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    return 0
+    return {"producer_vs_tfdata": vs_tf, "two_vs_one_workers": scaling, "machine_two_core_ceiling": ceiling}
 
 
 if __name__ == "__main__":
