@@ -85,7 +85,7 @@ def build(name, folder, batches):
     os.makedirs(os.path.join(sub, "run"))
     cfg = utils.load_config(_config(sub, VARIANTS[name]))
     return Trainer(cfg, _Reader(batches), os.path.join(sub, "run"), batch_size=len(batches[0].labels),
-                   num_classes=CLASSES)
+                   num_classes=CLASSES, learning_rate=0.01)
 
 
 def run_steps(trainer, batches, first, count):
