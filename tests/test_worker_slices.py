@@ -133,3 +133,16 @@ def test_a_trainer_whose_tf_config_position_disagrees_with_its_buffer_stops_with
     monkeypatch.delenv("TF_CONFIG")
     with pytest.raises(utils.UserError, match="needs whole global batches \\(one machine\\)"):
         buffer_reader.BufferReader(cfg, SOLID_BATCH).check_manifest()
+
+
+def test_the_producer_takes_its_slice_from_its_flags_or_else_from_tf_config(monkeypatch):
+    import runtime_preprocessing
+    args = ["--epoch_start", "0", "--epoch_end", "1", "--batch_size", "8"]
+    monkeypatch.setenv("TF_CONFIG", tf_config(2, 4))
+    assert runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args)) == (2, 4)
+    given = runtime_preprocessing.parse_args(args + ["--worker_index", "1", "--worker_count", "2"])
+    assert runtime_preprocessing.worker_slice(given) == (1, 2)
+    monkeypatch.delenv("TF_CONFIG")
+    assert runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args)) == (0, 1)
+    with pytest.raises(utils.UserError, match=r"^--worker_index and --worker_count go together; [^.]*\.$"):
+        runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args + ["--worker_index", "1"]))
