@@ -21,7 +21,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import PY, ROOT, make_data, read_checkpoint, start_train_producer, train_cmd, write_train_config
+from tests.helpers import (PY, ROOT, csv_rows, make_data, read_checkpoint, start_train_producer, train_cmd,
+                           write_train_config)
 
 
 STEPS = 8
@@ -150,6 +151,10 @@ def test_multi_worker_on_two_local_processes_matches_one_device(trained):
     assert sorted(os.listdir(os.path.join(str(base), "runs", "multi", "0"))) == ["checkpoint", "config.txt",
                                                                                    "saved_model"]
     assert_same_training(init, model_weights(base, "single"), model_weights(base, "multi"))
+    # Each worker reads only its 8 rows, but loss and top-1 are over the global batch, as on one device.
+    single, multi = (csv_rows(os.path.join(str(base), "runs", run))[0] for run in ("single", "multi"))
+    for key in ("train_loss", "train_top1"):
+        assert abs(float(multi[key]) - float(single[key])) <= 1e-3 * abs(float(single[key])), key
 
 
 def test_batch_not_divisible_by_replicas_is_a_clear_error():
