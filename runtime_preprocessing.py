@@ -28,14 +28,30 @@ def parse_args(argv=None):
     utils.add_epoch_args(p, "first epoch to produce, or 'auto' to follow training_progress.txt from wherever it "
                             "is (a file already past --epoch_end is taken as left over until the trainer writes it)",
                          "produce epochs up to epoch_end - 1")
-    p.add_argument("--batch_size", type=int, required=True, help="images per batch; must match train.py's")
+    p.add_argument("--batch_size", type=int, required=True,
+                   help="images per global batch (all machines together); must match train.py's")
     p.add_argument("--clear_buffer", action="store_true",
                    help="delete batches of another run (different batch size, crop, seed, dataset, decoder or "
                         "cached scales) instead of refusing")
     p.add_argument("--once", action="store_true", help="fill the buffer once and exit (pre-filling, benchmarks)")
     p.add_argument("--num_workers", type=int, default=0, help="override [runtime_preprocessing] num_of_threads")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--worker_index", type=int, default=None,
+                   help="this machine's position in a multi-worker run (default: from TF_CONFIG, as train.py "
+                        "reads it); it builds only rows [i*B/W, (i+1)*B/W) of each global batch")
+    p.add_argument("--worker_count", type=int, default=None,
+                   help="machines in a multi-worker run, W (default: from TF_CONFIG; 1 without it)")
     return p.parse_args(argv)
+
+
+def worker_slice(args):
+    """(w, W): --worker_index/--worker_count when given (both), else the position TF_CONFIG gives train.py."""
+    if (args.worker_index is None) != (args.worker_count is None):
+        raise utils.UserError("--worker_index and --worker_count go together; pass both, or neither to take "
+                              "them from TF_CONFIG.")
+    if args.worker_index is None:
+        return utils.worker_info()
+    return args.worker_index, args.worker_count
 
 
 def main(argv=None):
@@ -45,7 +61,8 @@ def main(argv=None):
     # SIGTERM unwinds like Ctrl-C, so the workers stop and the heartbeat says 'stopped'.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     producer = Producer(cfg, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
-                        num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once)
+                        num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once,
+                        worker=worker_slice(args))
     produced = producer.run()
     print(f"produced {produced} batches into {cfg.train.buffer_folder}", file=sys.stderr)
     return 0

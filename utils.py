@@ -731,6 +731,27 @@ def check_epoch_range(epoch_start, epoch_end):
                         f"epochs epoch_start..epoch_end-1 are processed.")
 
 
+def worker_info():
+    """(task_index, num_workers) from TF_CONFIG, without importing TensorFlow; (0, 1) when unset.
+
+    Here (not in engine/distribute.py) because the producer needs it too and data/ does not import engine/.
+    """
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return 0, 1
+    try:
+        config = json.loads(raw)
+        workers = config["cluster"].get("worker", [])
+        chiefs = config["cluster"].get("chief", [])
+        task_type, index = config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError("TF_CONFIG is not valid JSON of the form {\"cluster\": {\"worker\": [...]}, "
+                        "\"task\": {\"type\": \"worker\", \"index\": i}}; fix or unset it.") from None
+    # With an explicit chief task the chief is task 0 of the combined list.
+    position = index if task_type == "chief" else index + len(chiefs)
+    return position, len(chiefs) + len(workers)
+
+
 def add_config_arg(parser):
     parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.txt"),
                         help="INI config file (default: config.txt next to the scripts)")

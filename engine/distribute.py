@@ -1,11 +1,10 @@
 """One device, several GPUs (MirroredStrategy) or several machines (MultiWorkerMirroredStrategy).
 
-The buffer holds global batches (--batch_size is the global batch). Every replica
-takes its contiguous slice of rows: replica r of R gets rows [r*B/R, (r+1)*B/R).
-The loss is averaged over the global batch (tf.nn.compute_average_loss) and the
-L2 term divided by R, so the all-reduced (summed) gradient equals the gradient
-of the single-device loss on the whole batch: synchronous SGD, as the TF official ResNet recipe ran
-on 4 GPUs.
+--batch_size is the global batch B on both scripts. On one machine the buffer holds
+whole global batches and replica r of R gets rows [r*B/R, (r+1)*B/R). The loss is
+averaged over the global batch (tf.nn.compute_average_loss) and the L2 term divided
+by R, so the all-reduced (summed) gradient equals the gradient of the single-device
+loss on the whole batch: synchronous SGD, as the TF official ResNet recipe ran on 4 GPUs.
 
 Multi-worker: every worker runs its own producer (runtime_preprocessing.py with
 the same config, seed and batch size, on its own buffer_folder) and its own
@@ -13,38 +12,21 @@ train.py with TF_CONFIG naming it, for example on two machines
 
     TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}'
 
-(index 1 on the second). Producers are deterministic, so each worker's buffer
-holds the same global batches; each worker trains on its replicas' rows of them.
-This spends producer CPU on rows a worker does not use (the simplest honest
-version: nothing needs to agree on a sharding scheme besides the seed). Worker 0
-is the chief: it writes the run folder; the others save into a scratch folder
-that is deleted. All workers resume from <run>/<epoch-1>/checkpoint, so the run
-folder must be on a filesystem every worker can read (or copied to each).
+(index 1 on the second). Worker w of W (its TF_CONFIG position, or the producer's
+--worker_index/--worker_count) builds only rows [w*B/W, (w+1)*B/W) of each global batch,
+with draws keyed by the global position, so the W slices concatenated are the
+single-machine global batch byte for byte and no producer builds a row nobody trains on.
+Its manifest records the slice; the trainer reads the B/W rows as its local batch and
+splits them over its local replicas (split_batch), and refuses a buffer whose slice is
+not its TF_CONFIG position. So buffer_size, disk space and producer cores are per
+machine: each producer feeds only its own machine's GPUs. Worker 0 is the chief: it
+writes the run folder; the others save into a scratch folder that is deleted. All
+workers resume from <run>/<epoch-1>/checkpoint, so the run folder must be on a
+filesystem every worker can read (or copied to each).
 """
-import json
-import os
-
-from utils import UserError
+from utils import UserError, worker_info
 
 KINDS = ("auto", "one_device", "mirrored", "multi_worker")
-
-
-def worker_info():
-    """(task_index, num_workers) from TF_CONFIG, without importing TensorFlow; (0, 1) when unset."""
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return 0, 1
-    try:
-        config = json.loads(raw)
-        workers = config["cluster"].get("worker", [])
-        chiefs = config["cluster"].get("chief", [])
-        task_type, index = config["task"]["type"], int(config["task"]["index"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError("TF_CONFIG is not valid JSON of the form {\"cluster\": {\"worker\": [...]}, "
-                        "\"task\": {\"type\": \"worker\", \"index\": i}}; fix or unset it.") from None
-    # With an explicit chief task the chief is task 0 of the combined list.
-    position = index if task_type == "chief" else index + len(chiefs)
-    return position, len(chiefs) + len(workers)
 
 
 def is_chief():
@@ -85,10 +67,16 @@ def check_divisible(global_batch, num_replicas):
 
 
 def split_batch(strategy, tensors, per_replica):
-    """Distribute each global-batch tensor as per-replica row slices (works inside tf.function)."""
+    """Distribute each local-batch tensor (this worker's rows) as per-replica row slices (works in tf.function).
+
+    replica_id_in_sync_group is global under MultiWorkerMirroredStrategy (worker w's local
+    replica l is w * local + l), while the tensors hold only this worker's rows: index locally.
+    """
+    local = len(strategy.extended.worker_devices)
+
     def slice_rows(tensor):
         def value_fn(ctx):
-            start = ctx.replica_id_in_sync_group * per_replica
+            start = (ctx.replica_id_in_sync_group % local) * per_replica
             return tensor[start:start + per_replica]
         return strategy.experimental_distribute_values_from_function(value_fn)
     return tuple(slice_rows(t) for t in tensors)

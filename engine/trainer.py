@@ -265,7 +265,7 @@ class Trainer:
                 step += 1
                 self.batch_log.write(epoch, b)
                 reader.report_progress(epoch, b + 1)
-                window.add(outputs, len(batch.labels), waited)
+                window.add(outputs, self.batch_size, waited)  # global: outputs are reduced over all workers
                 bar.update(1)
                 if window.steps >= log_every or b == num_batches - 1:
                     self._flush_window(window, totals, bar, step, lr)

@@ -1,7 +1,8 @@
 """MirroredStrategy (2 logical CPUs) and MultiWorkerMirroredStrategy (2 local processes) match one device.
 
 All runs train one epoch on the same global batches (one prefilled buffer, copied per
-run) from the same seeded initialisation, with batch statistics synchronised across
+run; each of the 2 workers reads its own slice producer's buffer, rows [8w, 8w+8) of each
+global batch of 16) from the same seeded initialisation, with batch statistics synchronised across
 replicas ([batch_renorm] sync_replicas), so the only differences are float rounding
 (reduction order of the all-reduce and of the split batch moments). Tolerance: the
 weight change during the epoch agrees to 1% overall, and each variable's change to
@@ -28,7 +29,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import PY, ROOT, make_data, read_checkpoint, start_train_producer, train_cmd, write_train_config
+from tests.helpers import (PY, ROOT, csv_rows, make_data, read_checkpoint, start_train_producer, train_cmd,
+                           write_train_config)
 
 
 STEPS = 8
@@ -59,17 +61,20 @@ def free_ports(n):
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     data = make_data(str(base / "imagenet"))
-    prefill = write_train_config(str(base / "prefill"), data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
-                           train={"buffer_size": str(STEPS)})
-    producer = start_train_producer(prefill, 0, 1, "--once")
-    _, err = producer.communicate(timeout=120)
-    assert producer.returncode == 0, err[-2000:]
-    buffer = os.path.join(os.path.dirname(prefill), "buffer")
+    buffers = {}
+    for name, extra in (("whole", ()), ("slice0", ("--worker_index=0", "--worker_count=2")),
+                        ("slice1", ("--worker_index=1", "--worker_count=2"))):
+        prefill = write_train_config(str(base / name), data, batch_renorm={"sync_replicas": "true"},
+                                     schedule=SCHEDULE, train={"buffer_size": str(STEPS)})
+        producer = start_train_producer(prefill, 0, 1, "--once", *extra)
+        _, err = producer.communicate(timeout=120)
+        assert producer.returncode == 0, err[-2000:]
+        buffers[name] = os.path.join(os.path.dirname(prefill), "buffer")
 
-    def config_for(name, **train):
+    def config_for(name, buffer="whole", **train):
         folder = str(base / name)
         os.makedirs(folder)
-        shutil.copytree(buffer, os.path.join(folder, "buffer"))
+        shutil.copytree(buffers[buffer], os.path.join(folder, "buffer"))
         return write_train_config(folder, data, batch_renorm={"sync_replicas": "true"}, schedule=SCHEDULE,
                             train={"path_for_saving": str(base / "runs"), **train})
     return base, data, config_for
@@ -115,7 +120,7 @@ def trained(setup):
             "mirrored": ([PY, "-c", TWO_CPUS] + train_cmd(config_for("mirrored", distribute="mirrored"),
                                                           "mirrored", 0, 1)[1:], {})}
     for index in range(2):
-        config = config_for(f"worker{index}", distribute="multi_worker")
+        config = config_for(f"worker{index}", f"slice{index}", distribute="multi_worker")
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         jobs[f"worker{index}"] = (train_cmd(config, "multi", 0, 1), {"TF_CONFIG": tf_config})
     logs = {name: os.path.join(str(base), f"{name}.stderr") for name in jobs}
@@ -154,6 +159,10 @@ def test_multi_worker_on_two_local_processes_matches_one_device(trained):
     assert sorted(os.listdir(os.path.join(str(base), "runs", "multi", "0"))) == ["checkpoint", "config.txt",
                                                                                    "saved_model"]
     assert_same_training(init, model_weights(base, "single"), model_weights(base, "multi"))
+    # Each worker reads only its 8 rows, but loss and top-1 are over the global batch, as on one device.
+    single, multi = (csv_rows(os.path.join(str(base), "runs", run))[0] for run in ("single", "multi"))
+    for key in ("train_loss", "train_top1"):
+        assert abs(float(multi[key]) - float(single[key])) <= 1e-3 * abs(float(single[key])), key
 
 
 def test_batch_not_divisible_by_replicas_is_a_clear_error():

@@ -36,7 +36,9 @@ helpers: a temp file renamed into place, so nothing half-written ever carries a 
 
 Epochs are absolute; batch b of epoch e holds positions b*B .. b*B+B-1 of that epoch's permutation
 (data/sources/index.py: epoch_permutation); num_batches = N // B (the remainder is dropped, as the
-original). At most buffer_size batches are on disk; every temp file is swept on start and exit.
+original). At most buffer_size batches are on disk; every temp file is swept on start and exit. With W machines
+(multi-worker training) worker w's buffer holds only rows [w*B/W, (w+1)*B/W) of each batch (B/W rows per file,
+the same positions) and its manifest adds worker_slice [w, W]; B stays the global batch.
 
 Restart: the producer removes its temp files and half-written batches, checks the manifest (same
 settings: keeps the valid batches and continues, with the run's decoder and cached scales; different

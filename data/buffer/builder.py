@@ -3,7 +3,9 @@ BatchBuilder (batch (epoch, b) of a dataset as uint8 images, int32 labels, float
 
 Batch b of epoch e holds positions b*B .. b*B+B-1 of the epoch's permutation (data/sources/index.py); the image
 at each position is cropped by the recipe's crop family (data/transforms/families.py) with draws keyed by
-(seed, e, position), so a batch's bytes do not depend on which process or worker builds it.
+(seed, e, position), so a batch's bytes do not depend on which process or worker builds it. Machine w of W
+(multi-worker training) builds only rows [w*B/W, (w+1)*B/W) of each batch, the same global positions, so the
+W slices concatenated are the single-machine batch byte for byte.
 """
 import dataclasses
 import os
@@ -37,9 +39,11 @@ class Recipe:
     crop_sizes: list = None             # progressive resizing [[first_epoch, crop], ...]; None = crop throughout
     augmentation: str = "scale"         # a key of data.transforms.families.CROP_FAMILIES ('tiny': crop = full size)
     tiny: object = None                 # tiny_augment.TinyAugmentConfig when augmentation == 'tiny'
+    worker_index: int = 0               # this machine's slice of each global batch: rows
+    worker_count: int = 1               # [worker_index * B/worker_count, (worker_index + 1) * B/worker_count)
 
     @classmethod
-    def from_config(cls, cfg, batch_size, cache_scales=()):
+    def from_config(cls, cfg, batch_size, cache_scales=(), worker=(0, 1)):
         mu, sigma = utils.mu_sigma(cfg)
         rp = cfg.runtime_preprocessing
         tiny = cfg.images.augmentation == "tiny"
@@ -49,10 +53,16 @@ class Recipe:
                    cache_root=cfg.preprocess.path_to_save if cache_scales and not tiny else None,
                    cached_scales=frozenset(cache_scales) if not tiny else frozenset(),
                    crop_sizes=progressive.crop_schedule(cfg), augmentation=cfg.images.augmentation,
-                   tiny=tiny_augment.TinyAugmentConfig.from_config_section(cfg.tiny_augment) if tiny else None)
+                   tiny=tiny_augment.TinyAugmentConfig.from_config_section(cfg.tiny_augment) if tiny else None,
+                   worker_index=worker[0], worker_count=worker[1])
 
     def crop_for(self, epoch):
         return crop_for(self.crop_sizes or [[0, self.crop]], epoch)
+
+    @property
+    def rows(self):
+        """Rows of each batch this machine builds: B/W."""
+        return self.batch_size // self.worker_count
 
 
 class BatchBuilder:
@@ -80,11 +90,11 @@ class BatchBuilder:
         r = self.recipe
         perm = self.permutation(epoch)
         crop = r.crop_for(epoch)
-        out = np.empty((r.batch_size, crop, crop, 3), np.uint8)
-        labels = np.empty(r.batch_size, np.int32)
-        alphas = np.empty((r.batch_size, 3), np.float32)
-        for slot in range(r.batch_size):
-            position = batch * r.batch_size + slot
+        out = np.empty((r.rows, crop, crop, 3), np.uint8)
+        labels = np.empty(r.rows, np.int32)
+        alphas = np.empty((r.rows, 3), np.float32)
+        for slot in range(r.rows):
+            position = batch * r.batch_size + r.worker_index * r.rows + slot
             draws = image_draws(r.seed, epoch, position, r.scales, r.pca_std)
             index = self._readable_crop(out, slot, perm, (epoch, position), draws)
             labels[slot] = self.labels[index]

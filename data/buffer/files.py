@@ -31,6 +31,18 @@ def bytes_per_batch(batch_size, crop):
     return batch_size * (crop * crop * 3 + 4 + 12) + 3 * 128  # images, labels, lighting, npy headers
 
 
+def worker_rows(batch_size, worker):
+    """B/W, the rows of each global batch that worker (w, W) builds and trains on; UserError if it cannot."""
+    index, count = worker
+    if count < 1 or not 0 <= index < count:
+        raise utils.UserError(f"Worker {index} of {count} is not a position in the cluster; pass --worker_index "
+                              f"from 0 to --worker_count - 1 (or fix TF_CONFIG).")
+    if batch_size % count:
+        raise utils.UserError(f"--batch_size {batch_size} (the global batch) is not divisible by the {count} "
+                              f"workers; use a multiple of {count} on every machine.")
+    return batch_size // count
+
+
 def write_batch(folder, epoch, batch, images, labels, lighting, reuse=None):
     """The batch's three files, X last; `reuse`: a spare (retire_batch) to overwrite with X."""
     utils.atomic_save_npy(batch_file(folder, "Y", epoch, batch), np.asarray(labels, np.int32))

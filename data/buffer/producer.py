@@ -21,7 +21,7 @@ from tqdm import tqdm
 import utils
 from data.buffer.builder import Recipe
 from data.buffer.files import (batch_header_ok, bytes_per_batch, delete_batch, parse_batch_name, plan_refill,
-                               retire_batch, scan_batches, spare_file, SPARE)
+                               retire_batch, scan_batches, spare_file, worker_rows, SPARE)
 from data.buffer.protocol import (HEARTBEAT, MANIFEST, PROGRESS, Heartbeat, file_identity, load_manifest,
                                   make_manifest, manifest_differences, producer_status, read_progress)
 from data.buffer.workers import WorkerSet
@@ -38,7 +38,7 @@ class Producer:
     """runtime_preprocessing.py's engine: keeps up to buffer_size batches ready ahead of the trainer."""
 
     def __init__(self, cfg, batch_size, epoch_start, epoch_end, clear_buffer=False, num_workers=None,
-                 progress=True, once=False):
+                 progress=True, once=False, worker=(0, 1)):
         self.cfg = cfg
         self.folder = cfg.train.buffer_folder
         self.batch_size = int(batch_size)
@@ -55,12 +55,14 @@ class Producer:
         self.spares = []     # consumed X files under temp names, to be overwritten by the next batches
         self._spare_count = 0
         self.produced = 0
-        self.busy_seconds = 0.0  # time spent refilling: produced * batch_size / busy_seconds is the fill rate
+        self.busy_seconds = 0.0  # time spent refilling: produced * rows / busy_seconds is the fill rate
         self._ignored_progress = None  # identity of a progress file set aside at start-up
         self.first_lin = None
         self._fill_started = None
         if self.batch_size < 1:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
+        self.rows = worker_rows(self.batch_size, worker)
+        self.worker = tuple(worker)  # (w, W): this machine builds rows [w*B/W, (w+1)*B/W) of each global batch
         utils.check_epoch_range(self.epoch_start, self.epoch_end)
 
     # -- positions -------------------------------------------------------------
@@ -134,7 +136,7 @@ class Producer:
         cache = []
         if cfg.runtime_preprocessing.use_scale_cache and cfg.images.augmentation in USES_SCALE_CACHE:
             cache = sorted(set(scale_cache.complete_scales(cfg.preprocess.path_to_save, index)) & set(utils.scales(cfg)))
-        self.recipe = Recipe.from_config(cfg, self.batch_size, cache)
+        self.recipe = Recipe.from_config(cfg, self.batch_size, cache, self.worker)
         self.index = index
         self.manifest = make_manifest(self.recipe, index.fingerprint(), len(index), len(index.classes),
                                       self.epoch_start, self.epoch_end)
@@ -147,6 +149,10 @@ class Producer:
                  "scale cache %s, %d valid batches kept", len(index), self.num_batches, self.batch_size,
                  "auto" if self.auto_start else self.epoch_start, self.epoch_end - 1, self.num_workers,
                  self.recipe.decoder, f"{len(cached)} scales" if cached else "off", len(self.ready))
+        if self.worker[1] > 1:
+            w, count = self.worker
+            log.info("producer: cluster worker %d of %d, building rows %d..%d of each global batch", w, count,
+                     w * self.rows, (w + 1) * self.rows - 1)
 
     def _make_folder(self):
         try:
@@ -157,7 +163,7 @@ class Producer:
             os.remove(probe)
         except OSError as e:
             raise UserError(f"Cannot write to the buffer folder {self.folder} ({e.strerror or e}); it needs about "
-                            f"{utils.human_bytes(self.buffer_size * bytes_per_batch(self.batch_size, self.cfg.images.crop_size))}"
+                            f"{utils.human_bytes(self.buffer_size * bytes_per_batch(self.rows, self.cfg.images.crop_size))}"
                             f" for {self.buffer_size} batches; fix its permissions or set [train] buffer_folder.") from None
 
     def _check_existing(self):
@@ -189,7 +195,7 @@ class Producer:
             delete_batch(self.folder, *key)
         for key in complete:
             crop = self.recipe.crop_for(key[0])
-            if key[1] < self.num_batches and batch_header_ok(self.folder, *key, self.batch_size, crop):
+            if key[1] < self.num_batches and batch_header_ok(self.folder, *key, self.rows, crop):
                 self.ready.add(self.lin(*key))
             else:
                 delete_batch(self.folder, *key)
@@ -263,7 +269,7 @@ class Producer:
             pass
 
     def _check_free_space(self):
-        need = (self.buffer_size - len(self.ready)) * bytes_per_batch(self.batch_size, self.recipe.crop)
+        need = (self.buffer_size - len(self.ready)) * bytes_per_batch(self.rows, self.recipe.crop)
         free = shutil.disk_usage(self.folder).free
         if need > free:
             raise UserError(f"The buffer folder {self.folder} has {utils.human_bytes(free)} free but {self.buffer_size} "
@@ -401,7 +407,7 @@ class Producer:
     def _show(self):
         """Bar: batches produced of the range; postfix: batches on disk / buffer_size, fill rate while filling."""
         busy = self.busy_seconds + (time.monotonic() - self._fill_started if self._fill_started else 0.0)
-        rate = self.produced * self.batch_size / busy if busy > 0 else 0.0
+        rate = self.produced * self.rows / busy if busy > 0 else 0.0
         self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, {rate:.0f} img/s", refresh=False)
         self.bar.refresh()
 

@@ -58,7 +58,7 @@ def write_progress(folder, epoch, batch):
 
 # Keys that determine batch contents: any difference means "another run".
 IDENTITY_KEYS = ("format_version", "seed", "batch_size", "crop_sizes", "augmentation", "dtype", "num_batches",
-                 "num_classes", "dataset_fingerprint", "scales", "pca_std", "mu", "sigma")
+                 "num_classes", "dataset_fingerprint", "scales", "pca_std", "mu", "sigma", "worker_slice")
 
 
 def make_manifest(recipe, fingerprint, num_images, num_classes, epoch_start, epoch_end):
@@ -67,6 +67,8 @@ def make_manifest(recipe, fingerprint, num_images, num_classes, epoch_start, epo
              "dtype": DTYPE, "num_batches": num_images // recipe.batch_size,
              "num_classes": num_classes, "dataset_fingerprint": fingerprint, "scales": list(recipe.scales),
              "pca_std": recipe.pca_std, "mu": list(recipe.mu), "sigma": list(recipe.sigma)}
+    if recipe.worker_count > 1:  # only then: single-machine buffers keep their run id
+        ident["worker_slice"] = [recipe.worker_index, recipe.worker_count]
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     # decoder and cached_scales decide the bytes too: a restarted producer keeps them or refuses
     # (producer.py: _keep_run_choices); outside run_id, so buffers written before they were recorded keep it.

@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 
-from data.buffer.files import batch_file, expected_shapes, scan_batches
+from data.buffer.files import batch_file, expected_shapes, scan_batches, worker_rows
 from data.buffer.protocol import (FORMAT_VERSION, MANIFEST, crop_size_for, load_manifest, producer_status,
                                   write_progress)
 from data.transforms.progressive import crop_schedule
-from utils import UserError
+from utils import UserError, worker_info
 
 log = logging.getLogger(__name__)
 STATUS_POLL = 0.25  # seconds between a waiting reader's looks at the producer's heartbeat
@@ -39,9 +39,11 @@ class BufferReader:
             reader.report_progress(epoch, b + 1)    # lets the producer delete and refill
     """
 
-    def __init__(self, cfg, batch_size):
+    def __init__(self, cfg, batch_size, worker=None):
         self.folder = cfg.train.buffer_folder
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size)  # global; this machine reads rows [w*B/W, (w+1)*B/W) of each batch
+        self.worker = tuple(worker or worker_info())  # (w, W), as TF_CONFIG places this trainer
+        self.rows = worker_rows(self.batch_size, self.worker)
         self.sleep_time = max(float(cfg.train.sleep_time), 0.01)
         self.wait_timeout = float(cfg.train.wait_timeout)
         self.seed, self.crop = cfg.train.seed, cfg.images.crop_size
@@ -112,6 +114,11 @@ class BufferReader:
         if m["batch_size"] != self.batch_size:
             raise UserError(f"{where} holds batches of {m['batch_size']} images but this run asks for "
                             f"--batch_size={self.batch_size}; pass the same --batch_size to both scripts.")
+        if list(m.get("worker_slice", [0, 1])) != list(self.worker):
+            raise UserError(f"{where} holds {_slice_text(m.get('worker_slice', [0, 1]))} but this trainer "
+                            f"needs {_slice_text(self.worker)} (its TF_CONFIG position); run "
+                            f"runtime_preprocessing.py on this machine with the trainer's TF_CONFIG (or "
+                            f"--worker_index={self.worker[0]} --worker_count={self.worker[1]}) and --clear_buffer.")
         if m["seed"] != self.seed:
             raise UserError(f"{where} was made with [train] seed = {m['seed']} but this config has seed = "
                             f"{self.seed}; use one config for both scripts or {fix}.")
@@ -188,7 +195,7 @@ class BufferReader:
             return None
         crop = crop_size_for(self.manifest, epoch)
         arrays = {}
-        for kind, (shape, dtype) in expected_shapes(self.batch_size, crop).items():
+        for kind, (shape, dtype) in expected_shapes(self.rows, crop).items():
             path = batch_file(self.folder, kind, epoch, batch)
             try:
                 arr = np.load(path, allow_pickle=False)
@@ -273,3 +280,8 @@ class BufferReader:
             epoch, next_batch = epoch + 1, 0
         write_progress(self.folder, epoch, next_batch)
         self._reported = (epoch, next_batch)
+
+
+def _slice_text(worker):
+    index, count = worker
+    return "whole global batches (one machine)" if count == 1 else f"the rows of worker {index} of {count}"
