@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -103,10 +102,11 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     quiet_tensorflow()
     rng = np.random.default_rng(0)
-    batches = [types.SimpleNamespace(images=rng.integers(0, 256, (args.batch, 64, 64, 3), dtype=np.uint8),
-                                     labels=rng.integers(0, CLASSES, args.batch).astype(np.int32),
-                                     lighting=rng.normal(0, 0.1, (args.batch, 3)).astype(np.float32))
-               for _ in range(4)]
+    from data.buffer.reader import Batch
+    batches = [Batch(images=rng.integers(0, 256, (args.batch, 64, 64, 3), dtype=np.uint8),
+                     labels=rng.integers(0, CLASSES, args.batch).astype(np.int32),
+                     lighting=rng.normal(0, 0.1, (args.batch, 3)).astype(np.float32), epoch=0, batch=b)
+               for b in range(4)]
     times = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as folder:
         trainers = {name: build(name, folder, batches) for name in VARIANTS}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data.buffer.reader import Batch
 from engine import ema, mixing
 from tests.helpers import merge_sections, stop_process, write_config_file
 
@@ -167,15 +168,14 @@ class FakeReader:
 
     def __init__(self, steps=2, batch=8, crop=32, classes=4):
         rng = np.random.default_rng(11)
-        self.batches = [types.SimpleNamespace(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
-                                              labels=rng.integers(0, classes, batch).astype(np.int32),
-                                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32))
-                        for _ in range(steps)]
+        self.batches = [Batch(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
+                              labels=rng.integers(0, classes, batch).astype(np.int32),
+                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32), epoch=0, batch=b)
+                        for b in range(steps)]
 
     @property
     def batches_per_epoch(self):
         return len(self.batches)
-
 
     def read(self, epoch, b):
         return self.batches[(epoch + b) % len(self.batches)]

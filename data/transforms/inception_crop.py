@@ -27,7 +27,7 @@ written out in configs/seed003_recipe.txt).
 
 Random draws: image `position` of epoch `epoch` draws from
 np.random.default_rng([seed, epoch, position, INCEPTION_STREAM]) in a fixed order: the
-flip, then the box sampler's draws; a stream of its own, apart from data/augment.py's
+flip, then the box sampler's draws; a stream of its own, apart from data/transforms/scale_crop.py's
 draws for the same position (whose PCA lighting coefficients the producer still uses
 when [images] pca_std > 0; the Inception recipe has none). A batch is therefore the same whatever
 the number of workers.
@@ -45,7 +45,7 @@ ASPECT_RATIO_RANGE = (0.75, 1.33)
 AREA_RANGE = (0.05, 1.0)
 MAX_ATTEMPTS = 100
 MEAN_RGB = (123.68, 116.78, 103.94)
-INCEPTION_STREAM = 3  # data/augment.py draws from [seed, epoch, position], data/tiny_augment.py adds 2
+INCEPTION_STREAM = 3  # data/transforms/scale_crop.py draws from [seed, epoch, position], data/transforms/tiny_augment.py adds 2
 
 
 def mean_only_mu_sigma(mean_rgb=MEAN_RGB):

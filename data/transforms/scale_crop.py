@@ -8,17 +8,17 @@ Where each step runs (the one place this is stated):
   3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
   5. horizontal flip, p = 0.5                producer CPU                   on the uint8 crop
   6. PCA lighting coefficients alpha         producer CPU                   drawn per image, float32 [3] (`lighting`)
-  4. x/255, (x - mu)/sigma                   trainer device (data/device.py) affine, on the GPU
-  6. the crop's PCA and the lighting shift   trainer device (data/device.py) [B,3,3] covariance, batched eigh
+  4. x/255, (x - mu)/sigma                   trainer device (model/preprocessing.py) affine, on the GPU
+  6. the crop's PCA and the lighting shift   trainer device (model/preprocessing.py) [B,3,3] covariance, batched eigh
 
 With [images] augmentation = tiny, data/transforms/tiny_augment.py (the Tiny ImageNet pipeline) replaces steps
 1-5 and 6 is off (pca_std = 0); with [images] crop_schedule the crop size changes per epoch
-(data/progressive.py).
+(data/transforms/progressive.py).
 
 Images travel uint8 through the buffer (150,528 B per 224 crop); normalisation
 and the colour shift are affine per image, so applying them on the device gives
 the same numbers as the original's float16 files at a quarter of the bytes. The
-shift depends on the crop's own pixels (the PCA of its colours, data/device.py),
+shift depends on the crop's own pixels (the PCA of its colours, model/preprocessing.py),
 which the device has at hand: computed there, it costs the producer nothing.
 
 Random draws. Epoch e's order is `epoch_permutation(seed, e, N)`; the image at

@@ -26,7 +26,7 @@ the image clockwise on screen (+x towards +y).
 
 Random draws: every choice for the image at `position` of epoch `epoch` comes from
 np.random.default_rng([seed, epoch, position, TINY_STREAM]) in a fixed order, so batches are
-byte-identical whatever the number of workers (the same contract as data/augment.py).
+byte-identical whatever the number of workers (the same contract as data/transforms/scale_crop.py).
 """
 import dataclasses
 import math
@@ -36,7 +36,7 @@ from PIL import Image
 
 from data.transforms import images
 
-TINY_STREAM = 2  # keeps these draws apart from data/augment.py's stream for the same (seed, epoch, position)
+TINY_STREAM = 2  # keeps these draws apart from data/transforms/scale_crop.py's stream for the same (seed, epoch, position)
 PAD_MODES = ("constant", "edge", "linear_ramp", "maximum", "mean", "median", "minimum", "reflect", "symmetric",
              "wrap")
 AFFINE_MODES = ("constant", "edge", "symmetric", "reflect", "wrap")
