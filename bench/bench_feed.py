@@ -152,13 +152,13 @@ class Bench:
         return steps * self.batch_size / (time.perf_counter() - start)
 
     def feed(self, prep, lighting=True):
-        from engine.trainer import Prefetcher
+        from engine.trainer import batch_prefetcher
         reader = make_reader(self.cfg, self.batch_size)
         start = time.perf_counter()
-        prefetch = Prefetcher(reader, 0, self.batches, place=self.trainer.to_device)
+        prefetch = batch_prefetcher(reader, 0, self.batches, place=self.trainer.to_device)
         try:
             for _ in range(self.batches):
-                _, batch, _ = prefetch.get()
+                (_, batch), _ = prefetch.get()
                 out = prep(batch.images, batch.lighting) if lighting else prep(batch.images)
             float(out)
         finally:

@@ -22,8 +22,6 @@ import csv
 import functools
 import io
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from data.sources.val_store import open_val_store
 from engine import run_folder
 from engine.plot import plot_accuracy
+from engine.prefetch import prefetch
 from engine.waiting import REMIND_SECONDS  # a wait is announced at once, then every 30 s with the time left
 from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, exclusive_lock, is_temp_name
 
@@ -193,51 +192,6 @@ class EpochResult:
 # The overlapped loop
 # ----------------------------------------------------------------------------
 
-_DONE = object()
-
-
-def prefetch(iterable, depth=3, convert=None):
-    """Iterate `iterable` in a background thread, `depth` items ahead; `convert` runs there too.
-
-    An exception in the thread is re-raised in the consumer. Leaving the loop
-    early stops the thread at its next item.
-    """
-    items = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in iterable:
-                if not put(convert(item) if convert else item):
-                    return
-            put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - handed over to the consumer
-            put(e)
-
-    thread = threading.Thread(target=work, name="eval-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
 def _flattener(prepare=None):
     def flatten(batch):
         views, labels = batch
@@ -255,7 +209,7 @@ def score(predict, batches, num_classes=None, progress=None):
     `prepare(array)` runs on the loading thread. Returns (hits1, hits5, images).
     """
     hits1 = hits5 = images = 0
-    for flat, views, labels in prefetch(batches, convert=_flattener(getattr(predict, "prepare", None))):
+    for flat, views, labels in prefetch(batches, convert=_flattener(getattr(predict, "prepare", None)), name="eval-prefetch"):
         probabilities = np.asarray(predict(flat))
         if num_classes is not None and probabilities.shape[-1] != num_classes:
             raise UserError(f"The model predicts {probabilities.shape[-1]} classes but the validation set has "

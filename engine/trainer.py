@@ -21,14 +21,13 @@ Batches are deterministic regardless (the producer's draws derive from the seed)
 """
 import dataclasses
 import logging
-import queue
-import threading
 import time
 
 import numpy as np
 
 from engine import logs, run_folder, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
+from engine.prefetch import Prefetcher
 from model.precision import resolve_mixed_precision
 from utils import UserError, disk_full_error, git_hash, human_bytes, mu_sigma
 
@@ -39,45 +38,12 @@ GRAPH_BYTES = 1_000_000  # a ResNet-50 SavedModel's graph and metadata (~0.8 MB)
 DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
-class Prefetcher:
-    """Reads an epoch's batches in order on a background thread, `depth` batches ahead; `place(batch)`,
-    when given, also runs on that thread (the trainer's copy of the batch to its device)."""
-
-    def __init__(self, reader, epoch, num_batches, depth=PREFETCH_DEPTH, place=None):
-        self.queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.place = place or (lambda batch: batch)
-        self.thread = threading.Thread(target=self._run, args=(reader, epoch, num_batches), daemon=True,
-                                       name=f"prefetch-epoch-{epoch}")
-        self.thread.start()
-
-    def _run(self, reader, epoch, num_batches):
-        try:
-            for b in range(num_batches):
-                item = (b, self.place(reader.read(epoch, b)))
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-        except BaseException as e:  # re-raised in the training thread
-            self.queue.put((None, e))
-
-    def get(self):
-        """(batch_index, batch, seconds the caller waited)."""
-        start = time.perf_counter()
-        b, item = self.queue.get()
-        waited = time.perf_counter() - start
-        if b is None:
-            raise item
-        return b, item, waited
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
+def batch_prefetcher(reader, epoch, num_batches, place=None):
+    """A Prefetcher of (batch index, batch) over one epoch of the buffer, `PREFETCH_DEPTH` batches ahead;
+    `place(batch)` (the copy to the training device) runs on its thread too."""
+    items = ((b, reader.read(epoch, b)) for b in range(num_batches))
+    convert = (lambda item: (item[0], place(item[1]))) if place else None
+    return Prefetcher(items, PREFETCH_DEPTH, convert, name=f"prefetch-epoch-{epoch}")
 
 
 class Trainer:
@@ -252,12 +218,12 @@ class Trainer:
         window = _Window()
         totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
         bar = logs.progress_bar(epoch, num_batches, enabled=self.chief)
-        prefetch = Prefetcher(reader, epoch, num_batches, place=self.to_device)
+        prefetch = batch_prefetcher(reader, epoch, num_batches, place=self.to_device)
         started = time.perf_counter()
         lr = self.schedule(step)
         try:
             for _ in range(num_batches):
-                b, batch, waited = prefetch.get()
+                (b, batch), waited = prefetch.get()
                 lr = self.schedule(step)
                 self.profiler.at_step(step)
                 outputs = self._train_step(batch.images, batch.labels, batch.lighting, tf.constant(lr, tf.float32),

@@ -16,6 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from engine import evaluate
+from engine.prefetch import prefetch
 from engine.evaluate import EpochResult
 from utils import UserError
 
@@ -164,7 +165,7 @@ def test_prefetch_reraises_errors_from_the_loader():
 
     got = []
     with pytest.raises(OSError, match="disk gone"):
-        for item in evaluate.prefetch(broken()):
+        for item in prefetch(broken()):
             got.append(item)
     assert got == [1]
 

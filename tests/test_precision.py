@@ -81,7 +81,7 @@ def test_prefetch_thread_hands_over_tensors_already_on_the_training_device():
     import tensorflow as tf
 
     from data.buffer.reader import Batch
-    from engine.trainer import Prefetcher, Trainer
+    from engine.trainer import Trainer, batch_prefetcher
 
     class Reader:
         def read(self, epoch, b):
@@ -95,10 +95,10 @@ def test_prefetch_thread_hands_over_tensors_already_on_the_training_device():
         return Trainer.to_device(trainer, batch)
 
     trainer = type("T", (), {"tf": tf, "input_device": "/job:localhost/replica:0/task:0/device:CPU:0"})()
-    prefetch = Prefetcher(Reader(), 0, 3, place=place)
+    prefetch = batch_prefetcher(Reader(), 0, 3, place=place)
     try:
         for expected in range(3):
-            b, batch, _ = prefetch.get()
+            (b, batch), _ = prefetch.get()
             assert b == expected
             assert isinstance(batch.images, tf.Tensor) and batch.images.device.endswith("device:CPU:0")
             assert int(batch.labels[0]) == expected and batch.images.dtype == tf.uint8
