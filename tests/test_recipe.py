@@ -10,26 +10,11 @@ import tensorflow as tf
 
 from data.buffer.reader import Batch
 from engine import ema, mixing
-from tests.helpers import merge_sections, stop_process, write_config_file
+from tests.helpers import stop_process, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 K = 5
-
-
-def write_config(folder, data_root, **sections):
-    """configs/demo.txt scaled down (crop 32, width 0.0625), paths in `folder`, plus overrides."""
-    values = {
-        "preprocess": {"ImageNet_folder": data_root, "path_to_save": os.path.join(folder, "scales")},
-        "train": {"buffer_folder": os.path.join(folder, "buffer"), "path_for_saving": os.path.join(folder, "runs"),
-                  "buffer_size": "40", "deterministic": "true", "log_every": "4", "wait_timeout": "60"},
-        "images": {"crop_size": "32", "scale_min": "36", "scale_max": "44", "scale_step": "4",
-                   "eval_resize": "36", "eval_scales_50": "36, 40"},
-        "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
-        "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
-        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
-    }
-    return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +174,7 @@ def make_trainer(tmp_path, run, **train):
     from engine.trainer import Trainer
     folder = tmp_path / run
     folder.mkdir()
-    config = write_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
+    config = write_train_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
     run_path = str(folder / "run")
     os.makedirs(run_path)
     return Trainer(utils.load_config(config), FakeReader(), run_path, batch_size=8, num_classes=4)
@@ -276,7 +261,7 @@ def colour_dataset(root, train_per_class=64, val_per_class=10):
 def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
     from engine import evaluate, run_folder
     data = colour_dataset(str(tmp_path / "imagenet"))
-    config = write_config(
+    config = write_train_config(
         str(tmp_path), data,
         preprocess_val={"ImageNet_folder": data, "path_to_save": str(tmp_path / "val")},
         train={"label_smoothing": "0.1", "ema_decay": "0.9", "ema_warmup": "true", "mixup_alpha": "0.2",
