@@ -310,6 +310,26 @@ def spawn_pair(folder, batch_size, cpus, buffer_dir):
 # Report
 # ----------------------------------------------------------------------------
 
+def check_args(args, kinds):
+    """The flags' own mistakes, before any image is sampled: one sentence naming the flag (utils.UserError)."""
+    import utils
+    if args.images_dir and not os.path.isdir(args.images_dir):
+        raise utils.UserError(f"--images_dir {os.path.abspath(args.images_dir)} does not exist; pass the dataset "
+                              f"root (the folder holding train/ or train.txt), or leave it out to time generated "
+                              f"JPEGs.")
+    if args.rounds < 1:
+        raise utils.UserError(f"--rounds must be at least 1, received {args.rounds}.")
+    if args.batch_size < 1:
+        raise utils.UserError(f"--batch_size must be at least 1, received {args.batch_size}.")
+    if args.images <= WARMUP:
+        raise utils.UserError(f"--images {args.images} is not more than the {WARMUP} warm-up images each pipeline "
+                              f"decodes before its clock starts; pass --images {WARMUP + 1} or more.")
+    if args.images < args.batch_size and any(k.startswith("producer") for k in kinds):
+        raise utils.UserError(f"--images {args.images} is fewer than --batch_size {args.batch_size}, so the producer "
+                              f"would have no whole batch to build; pass --images {args.batch_size} or more, or a "
+                              f"smaller --batch_size.")
+
+
 def main(argv=None):
     import utils
     args = parse_args(argv if argv is not None else sys.argv[1:])
@@ -324,8 +344,7 @@ def main(argv=None):
     consumer_cpu = others[-1] if others else None  # producer1's trainer side runs beside it, as a trainer would
     kinds = [k for k in ALL if k in (args.pipelines or ALL)]
     runs = {k: [] for k in kinds}
-    if args.images <= WARMUP:
-        raise utils.UserError(f"--images must be more than {WARMUP} (the warm-up images), received {args.images}.")
+    check_args(args, kinds)
     with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
         sample = make_corpus(folder, args)
         what = (f"JPEGs sampled from {os.path.abspath(args.images_dir)}"
@@ -391,4 +410,5 @@ def print_ratios(best, median):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import utils
+    utils.run_main(main)  # an argument mistake is one sentence (exit 2), not a traceback
