@@ -105,8 +105,8 @@ SCHEMA = {
         "mix_prob": Key("float", 1.0, lo=0.0, hi=1.0, help="probability that a batch is mixed at all (timm prob)"),
         "switch_prob": Key("float", 0.5, lo=0.0, hi=1.0,
                            help="with both alphas > 0: probability of cutmix instead of mixup (timm switch_prob)"),
-        "profile_steps": Key("ints", (), lo=0, help="first, last global step of a TensorBoard profiler trace "
-                                                    "written to <run>/tensorboard/; empty = none"),
+        "profile_steps": Key("ints", (), lo=0, help="first, last global step (inclusive, from 0) of a TensorBoard "
+                                                    "profiler trace written to <run>/tensorboard/; empty = none"),
     },
     "schedule": {
         "type": Key("choice", "constant", choices=("constant", "step", "cosine", "onecycle", "linear"),
@@ -377,9 +377,9 @@ def _check_cross_keys(cfg):
     if im.crop_size > im.eval_resize:
         raise ConfigError(f"{cfg.path}: [images] crop_size ({im.crop_size}) must not exceed eval_resize ({im.eval_resize}).")
     steps = cfg.train.profile_steps
-    if steps and (len(steps) != 2 or steps[0] >= steps[1]):
-        raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' with first < "
-                          f"last (e.g. 100, 110) or empty, received '{', '.join(map(str, steps))}'.")
+    if steps and (len(steps) != 2 or steps[0] > steps[1]):
+        raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' (inclusive) "
+                          f"with first <= last (e.g. 100, 110) or empty, received '{', '.join(map(str, steps))}'.")
     br = cfg.batch_renorm
     for what in ("rmax", "dmax"):
         start, reach = getattr(br, f"start_relaxing_{what}"), getattr(br, f"reach_{what}_max")

@@ -9,7 +9,7 @@
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
 - <run>/tensorboard/: scalars every [train] log_every steps and per epoch; with [train]
-  profile_steps = first, last a profiler trace of global steps first..last-1 under
+  profile_steps = first, last a profiler trace of global steps first..last (inclusive) under
   plugins/profile/<time>/ (ProfilerWindow).
 """
 import csv
@@ -127,39 +127,56 @@ class TensorBoard:
 
 
 class ProfilerWindow:
-    """A tf.profiler.experimental trace of the global steps first..last-1 into <run>/tensorboard/.
+    """A tf.profiler.experimental trace of the global steps first..last (inclusive) into <run>/tensorboard/.
 
     TensorBoard's Profile tab (pip install tensorboard-plugin-profile) then shows per step
     whether it waited on input (the trace view's gaps between steps, the input-pipeline
-    analysis) or on compute. The trace starts before step `first` is launched and stops before
-    step `last` is; on a GPU the last traced step's kernels may still be running then.
+    analysis) or on compute. Steps are counted from 0 over the whole run, resumes included.
+    The trace starts before step `first` is launched and stops before step last + 1 is, or
+    when the run ends; on a GPU the last traced step's kernels may still be running then.
+    A run that ends before `first` (or before `last`) says so once, at close().
     """
 
     def __init__(self, run_path, steps, enabled=True):
         self.window = tuple(steps) if steps and enabled else None
         self.logdir = os.path.join(run_path, TENSORBOARD_DIR)
         self.active = False
+        self.traced_from = None  # the first traced step, once the trace has started
+        self.launched = None     # the last step at_step was called for
+        self.reported = False
 
     def at_step(self, step):
         """Call before launching global step `step` (the number of steps done so far)."""
         if self.window is None:
             return
+        self.launched = step
         first, last = self.window
-        if not self.active and first <= step < last:
+        if not self.active and self.traced_from is None and first <= step <= last:
             import tensorflow as tf
             tf.profiler.experimental.start(self.logdir)
-            self.active = True
-        elif self.active and step >= last:
+            self.active, self.traced_from = True, step
+        elif self.active and step > last:
             self.close()
 
     def close(self):
+        import logging
+        log = logging.getLogger("train")
         if self.active:
-            import logging
             import tensorflow as tf
             tf.profiler.experimental.stop()
             self.active = False
-            logging.getLogger("train").info("profiler trace of steps %d..%d written under %s", self.window[0],
-                                            self.window[1] - 1, os.path.join(self.logdir, "plugins", "profile"))
+            first, last = self.window
+            traced_to = min(last, self.launched)
+            ended = (f"; the run ended after step {traced_to}, before profile_steps' last step {last}"
+                     if traced_to < last else "")
+            log.info("profiler trace of steps %d..%d written under %s%s", self.traced_from, traced_to,
+                     os.path.join(self.logdir, "plugins", "profile"), ended)
+        elif (self.window and self.traced_from is None and self.launched is not None
+              and self.launched < self.window[0] and not self.reported):
+            self.reported = True
+            log.warning("no profiler trace written: [train] profile_steps = %d, %d but the run's last global step "
+                        "was %d (steps count from 0 over the whole run); choose steps the run reaches.",
+                        self.window[0], self.window[1], self.launched)
 
 
 def _ends_with_newline(path):
