@@ -6,17 +6,15 @@ buffer_size). The real producer is run with more cores than this machine has (it
 the subprocess), forced to add and retire by a consumer that stops and starts, and its batches compared
 byte for byte with a fixed-count producer's.
 """
-import os
 import subprocess
-import sys
 
-import numpy as np
 import pytest
 
 import utils
-from data.buffer import files, protocol, reader as buffer_reader
+from data.buffer import files, reader as buffer_reader
 from data.buffer.sizing import WorkerSizer, settled_count, worker_cap
-from tests.helpers import SOLID_BATCH, producer_cmd, run_producer, solid_config_for, stop_process, wait_until
+from tests.helpers import (SOLID_BATCH, producer_cmd, read_in_sizing_cycles, run_producer, solid_config_for,
+                           stop_process, with_cores)
 
 ROWS, BUFFER, THRESHOLD, WINDOW = 64, 40, 0.8, 10.0
 
@@ -118,17 +116,9 @@ def test_the_change_line_gives_the_measured_rates():
 # The real producer: add and retire never change a batch, never build one twice
 # ----------------------------------------------------------------------------
 
-def cores_cmd(cores, argv):
-    """argv[1:] run as runtime_preprocessing.py with os.sched_getaffinity patched to `cores` CPUs."""
-    code = (f"import os, sys; os.sched_getaffinity = lambda pid: set(range({cores})); "
-            f"sys.argv = {argv[1:]!r}; sys.path.insert(0, {os.path.dirname(argv[1])!r}); "
-            "import runtime_preprocessing, utils; utils.run_main(runtime_preprocessing.main)")
-    return [sys.executable, "-c", code]
-
-
 def auto_config(folder, dataset, buffer_size="6"):
     return solid_config_for(folder, dataset, train={"buffer_size": buffer_size},
-                            runtime_preprocessing={"num_of_threads": "auto", "sizing_window": "0.3"})
+                            runtime_preprocessing={"num_of_threads": "auto", "sizing_window": "0.1"})
 
 
 def batch_bytes(folder, epoch, batch):
@@ -136,42 +126,27 @@ def batch_bytes(folder, epoch, batch):
 
 
 def test_adding_and_retiring_workers_changes_no_batch_and_builds_none_twice(solid_dataset, tmp_path):  # noqa: F811
-    # The fixed-count reference: one worker, every batch of epochs 0-2 at once.
-    fixed = solid_config_for(str(tmp_path / "fixed"), solid_dataset, train={"buffer_size": "30"})
-    assert run_producer(fixed, "--once", "--num_workers", "1").returncode == 0
+    # The fixed-count reference: one worker, every batch of epochs 0-9 in one fill.
+    fixed = solid_config_for(str(tmp_path / "fixed"), solid_dataset, train={"buffer_size": "100"})
+    assert run_producer(fixed, "--once", "--num_workers", "1", epoch_end="10").returncode == 0
     fixed_folder = utils.load_config(fixed).train.buffer_folder
     reference = {key: batch_bytes(fixed_folder, *key) for key in files.scan_batches(fixed_folder)[0]}
-    assert len(reference) == 30
+    assert len(reference) == 100
 
     config = auto_config(str(tmp_path / "auto"), solid_dataset)
     cfg = utils.load_config(config)
     folder = cfg.train.buffer_folder
-    proc = subprocess.Popen(cores_cmd(4, producer_cmd(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
-        seen = []
+    proc = subprocess.Popen(with_cores(4, producer_cmd(config, epoch_end="10")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
-        def workers():
-            return (protocol.producer_status(folder)[1] or {}).get("workers", 0)
-        for lin in range(30):
-            epoch, b = divmod(lin, 10)
-            batch = reader.read(epoch, b)
-            assert batch.images.tobytes() == np.load(_npy(reference[(epoch, b)][2])).tobytes()
-            assert batch_bytes(folder, epoch, b) == reference[(epoch, b)]
-            reader.report_progress(epoch, b + 1)
-            seen.append(workers())
-            if lin in (9, 19):  # the trainer stops: the buffer stays full and workers retire
-                assert wait_until(lambda: workers() == 1, timeout=30)
+    def check(epoch, b, batch):  # the file as the reader found it, against the fixed-count producer's
+        assert batch_bytes(folder, epoch, b) == reference[(epoch, b)]
+    try:
+        adds = read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), 100, check, folder, cycles=2)
         assert proc.wait(30) == 0
         log = proc.stderr.read()
     finally:
         stop_process(proc)
-    assert max(seen) > 1, (seen, log)
-    assert "workers: 1 -> 2" in log and "-> 1" in log, log
-    assert "produced 30 batches" in log, log  # none built twice
-
-
-def _npy(data):
-    import io
-    return io.BytesIO(data)
+    assert adds == 2, log
+    assert "workers: 1 -> 2: trainer takes" in log and "workers: 2 -> 1: trainer takes" in log, log
+    assert "produced 100 batches" in log, log  # none built twice
