@@ -12,7 +12,7 @@ import pytest
 
 import utils
 from data.buffer import files, reader as buffer_reader
-from data.buffer.sizing import WorkerSizer, settled_count, worker_cap
+from data.buffer.sizing import WorkerSizer, choose_workers, settled_count, worker_cap
 from tests.helpers import (SOLID_BATCH, producer_cmd, read_in_sizing_cycles, run_producer, solid_config_for,
                            stop_process, with_cores)
 
@@ -91,6 +91,10 @@ def test_auto_never_passes_the_core_cap_and_says_why():
     assert worker_cap(2, once=True) == (2, "2 cores it may use")
     assert worker_cap(16, max_workers=4) == (4, "16 cores it may use, one left for the trainer, max_workers = 4")
     assert worker_cap(1) == (1, "1 core it may use, one left for the trainer")
+    assert choose_workers("auto", 2) == (1, 1, "num_of_threads = auto: 2 cores it may use, one left for the "
+                                               "trainer: at most 1")
+    assert choose_workers("auto", 8, once=True)[:2] == (8, 8)  # filling ahead of training: every core
+    assert choose_workers(3, 8) == (3, 3, "num_of_threads = 3")
 
 
 def test_a_trainer_that_stands_still_lets_workers_retire_down_to_one():

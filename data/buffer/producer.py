@@ -25,7 +25,7 @@ from data.buffer.files import (batch_header_ok, bytes_per_batch, delete_batch, p
                                retire_batch, scan_batches, spare_file, worker_rows, SPARE)
 from data.buffer.protocol import (HEARTBEAT, MANIFEST, PROGRESS, Heartbeat, file_identity, load_manifest,
                                   make_manifest, manifest_differences, producer_status, read_progress)
-from data.buffer.sizing import WorkerSizer, worker_cap
+from data.buffer.sizing import WorkerSizer, choose_workers, ready_ahead
 from data.buffer.workers import WorkerSet
 from data.sources import scale_cache
 from data.sources.index import load_source_index
@@ -49,16 +49,10 @@ class Producer:
         self.epoch_end = int(epoch_end)
         self.clear_buffer, self.once, self.progress = clear_buffer, once, progress
         rp = cfg.runtime_preprocessing
-        threads = num_workers or rp.num_of_threads
-        self.auto = threads == "auto"
+        self.auto = (threads := num_workers or rp.num_of_threads) == "auto"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.max_workers, why = worker_cap(cores, rp.max_workers, once) if self.auto else (int(threads), "")
-        # auto: one worker to start while training (the sizer adds more), every core it may use with --once
-        self.num_workers = (self.max_workers if once else 1) if self.auto else int(threads)
-        self.sizing = (f"num_of_threads = auto{' with --once' if once else ''}: {why}: at most "
-                       f"{self.max_workers}" if self.auto else f"num_of_threads = {threads}")
-        self.sizer = None
-        self.timings = collections.deque(maxlen=64)  # recent seconds per batch in a worker: the heartbeat's rate
+        self.num_workers, self.max_workers, self.sizing = choose_workers(threads, cores, rp.max_workers, once)
+        self.sizer, self.timings = None, collections.deque(maxlen=64)  # timings: the heartbeat's build rate
         self.buffer_size = cfg.train.buffer_size
         self.refill_below = rp.refill_threshold * self.buffer_size
         self.sleep_time = rp.sleep_time
@@ -417,26 +411,19 @@ class Producer:
         """Feed the sizer (num_of_threads = auto) what was built and where the trainer stands; apply its
         decision, one log line per change; keep the heartbeat's worker count and build rate current."""
         now = time.monotonic()
-        for seconds in workers.timings:
-            self.timings.append(seconds)
-            if self.sizer is not None:
-                self.sizer.built(now, seconds)
+        self.timings.extend(workers.timings)
+        for seconds in workers.timings if self.sizer is not None else ():
+            self.sizer.built(now, seconds)
         workers.timings.clear()
         if self.sizer is not None and pos is not None:
             self.sizer.progress(now, pos)
-            ahead = 0
-            while pos + ahead in self.ready and ahead < self.buffer_size:
-                ahead += 1
-            self.sizer.ready(now, ahead, consumer_waiting=pos < self.end_lin)
+            self.sizer.ready(now, ready_ahead(self.ready, pos, self.buffer_size), consumer_waiting=pos < self.end_lin)
             decision = self.sizer.decide(now)
             if decision is not None and decision.change:
                 log.info("workers: %d -> %d: %s", decision.workers - decision.change, decision.workers,
                          decision.describe())
-                if decision.change > 0:
-                    with self.heartbeat.lock:  # no thread of ours holds a lock in the forked child
-                        workers.add()
-                else:
-                    workers.retire()
+                with self.heartbeat.lock:  # an add forks: then no thread of ours holds a lock the child could need
+                    (workers.add if decision.change > 0 else workers.retire)()
         rate = self.rows * len(self.timings) / sum(self.timings) if self.timings else 0.0
         self.heartbeat.update(workers=workers.count, build_rate=round(rate * workers.count, 1))
 

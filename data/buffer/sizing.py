@@ -33,6 +33,23 @@ def worker_cap(cores, max_workers=0, once=False):
     return cap, why
 
 
+def choose_workers(threads, cores, max_workers=0, once=False):
+    """(workers to start with, the most it may run, how they were chosen in words) for num_of_threads =
+    `threads` ('auto' or a count): auto starts with one while training, with every core it may use with --once."""
+    if threads != "auto":
+        return int(threads), int(threads), f"num_of_threads = {threads}"
+    cap, why = worker_cap(cores, max_workers, once)
+    return (cap if once else 1), cap, f"num_of_threads = auto{' with --once' if once else ''}: {why}: at most {cap}"
+
+
+def ready_ahead(ready, pos, limit):
+    """How many consecutive positions from `pos` are in the set `ready` (at most `limit`)."""
+    ahead = 0
+    while ahead < limit and pos + ahead in ready:
+        ahead += 1
+    return ahead
+
+
 def settled_count(consumer_rate, worker_rate, cap=math.inf):
     """The worker count the rule settles at for a trainer taking `consumer_rate` img/s from workers
     that build `worker_rate` img/s each (at least 1, at most cap)."""
