@@ -164,7 +164,7 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
     epochs = 10 + 2 * kills
     argv = with_cores(4, producer_cmd(config, epoch_start="auto", epoch_end=str(epochs)))
     builder = reference_builder(config)
-    done, errors, starts = [], [], [0]
+    done, errors, starts, lines = [], [], [0], []
     stopping = threading.Event()
     proc = [None]
 
@@ -174,6 +174,7 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
                 starts[0] += 1
                 proc[0] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 for line in proc[0].stderr:
+                    lines.append(line)
                     want = "add" if len(done) % 2 == 0 else "retire"
                     if len(done) < kills and " workers: " in line:
                         before, after = (int(n) for n in line.split(" workers: ")[1].split(":")[0].split(" -> "))
@@ -193,8 +194,11 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
         assert np.array_equal(batch.images, images) and np.array_equal(batch.labels, labels)
         assert np.array_equal(batch.lighting, lighting)
     try:
-        read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10 * epochs, check, folder,
-                              cycles=2 * kills + 2)
+        try:
+            read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10 * epochs, check, folder,
+                                  cycles=2 * kills + 2)
+        except (AssertionError, utils.UserError) as e:
+            raise AssertionError(f"{e}; kills {done}; the producers' last lines:\n{''.join(lines[-20:])}") from e
         keeper.join(60)
     finally:
         stopping.set()
