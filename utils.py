@@ -42,7 +42,7 @@ class ConfigError(UserError):
 # ----------------------------------------------------------------------------
 
 class Key:
-    """One config key: kind is str, path, int, float, bool, choice, ints, floats or stats."""
+    """One config key: kind is str, path, int, float, bool, choice, ints, floats, stats or count ('auto' or an int)."""
 
     def __init__(self, kind, default=REQUIRED, lo=None, hi=None, choices=None, help=""):
         self.kind, self.default, self.lo, self.hi = kind, default, lo, hi
@@ -136,7 +136,13 @@ SCHEMA = {
     },
     "runtime_preprocessing": {
         "sleep_time": Key("float", lo=0.0, help="seconds the producer sleeps when the buffer needs no refill"),
-        "num_of_threads": Key("int", lo=1, help="worker processes building batches in parallel"),
+        "num_of_threads": Key("count", "auto", lo=1,
+                              help="worker processes building batches in parallel; auto = start with one and add or "
+                                   "retire workers to match what the trainer takes (data/buffer/sizing.py)"),
+        "max_workers": Key("int", 0, lo=0, help="with num_of_threads = auto, at most this many workers; 0 = no cap "
+                                                 "(the cores it may use, one left for the trainer)"),
+        "sizing_window": Key("float", 10.0, lo=0.05,
+                             help="seconds over which num_of_threads = auto measures rates before each decision"),
         "refill_threshold": Key("float", 0.8, lo=0.0, hi=1.0,
                                 help="refill when fewer than this fraction of buffer_size batches are ready ahead"),
         "heartbeat_interval": Key("float", 2.0, lo=0.05,
@@ -232,6 +238,8 @@ def _kind_text(key, raw=None):
         return "one of " + ", ".join(key.choices)
     if key.kind == "stats":
         return "a number or 'auto'"
+    if key.kind == "count":
+        return f"'auto' or an integer >= {key.lo}"
     text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
             "path": "a path", "ints": "a comma-separated list of integers",
             "floats": "a comma-separated list of numbers"}[key.kind]
@@ -266,6 +274,12 @@ def _parse(key, raw, base_dir):
         raise ValueError
     if kind == "stats":
         return "auto" if raw.lower() == "auto" else _finite(float(raw))
+    if kind == "count":
+        if raw.lower() == "auto":
+            return "auto"
+        value = int(raw)
+        _check_range(key, value)
+        return value
     if kind in ("ints", "floats"):
         cast = int if kind == "ints" else float
         values = tuple(_finite(cast(v)) for v in raw.replace(" ", "").split(",") if v)

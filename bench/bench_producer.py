@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from data.buffer.sizing import settled_count  # noqa: E402
+
 TARGET_TFDATA = 1.0
 TARGET_SCALING = 1.8
 CROP = 224
@@ -96,8 +98,10 @@ def make_corpus(folder, args):
 
 def sizing_line(per_worker, rates):
     """How many workers feed each GPU rate, at `per_worker` img/s per worker (scaling measured at >= 1.8 for 2)."""
+    # Beside each: the count num_of_threads = auto settles at for the same rates (data/buffer/sizing.py).
     feeds = "; ".join(f"to feed {rate:,} img/s{f' ({name})' if name else ''} use {math.ceil(rate / per_worker)} "
-                      f"worker{'s' if math.ceil(rate / per_worker) > 1 else ''}" for name, rate in rates)
+                      f"worker{'s' if math.ceil(rate / per_worker) > 1 else ''} (auto settles at "
+                      f"{settled_count(rate, per_worker)})" for name, rate in rates)
     return f"one producer worker builds {per_worker:,.0f} img/s of these images at {CROP}; {feeds}"
 
 

@@ -5,7 +5,8 @@
   (a rerun with --overwrite, or epochs trained after the checkpoint we resumed from).
   `steps` is the global step count at the end of the epoch; `lr` the rate of the
   epoch's last step; `wait_seconds` the time the training loop stood still waiting
-  for the next batch, `wait_fraction` that over `wall_seconds`.
+  for the next batch, `wait_fraction` that over `wall_seconds`, `bottleneck` what held the
+  epoch back (bottleneck(): compute-bound, or input-bound at or below the producer's core limit).
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
 - <run>/tensorboard/: scalars every [train] log_every steps and per epoch; with [train]
@@ -26,7 +27,7 @@ CSV_NAME = "log.csv"
 BATCH_LOG_NAME = "batches.log"
 TENSORBOARD_DIR = "tensorboard"
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
-              "wait_fraction", "wall_seconds")
+              "wait_fraction", "wall_seconds", "bottleneck")
 WAIT_WARN_FRACTION = 0.05
 
 
@@ -54,14 +55,34 @@ def _fmt(value):
     return str(value)
 
 
-def wait_advice(wait_fraction, num_of_threads):
-    """A sentence when the trainer waited too long for the producer, else None."""
+def bottleneck(wait_fraction, producer):
+    """(the word for what held the epoch back, a sentence of advice or None).
+
+    `producer`: the producer's heartbeat record (data/buffer/protocol.py), None if there is none. The trainer
+    is compute-bound when it waited at most WAIT_WARN_FRACTION of the epoch; otherwise input-bound, either at
+    the producer's core limit (it runs every worker it may) or below it (it is still adding workers, or the
+    workers are not what is slow: a buffer folder on a disk, not a RAM disk).
+    """
     if wait_fraction <= WAIT_WARN_FRACTION:
-        return None
-    return (f"the trainer waited for the buffer {100 * wait_fraction:.1f}% of the epoch "
-            f"(more than {100 * WAIT_WARN_FRACTION:.0f}%): the producer is the bottleneck; raise "
-            f"[runtime_preprocessing] num_of_threads (now {num_of_threads}) if CPU cores are free, "
-            f"or use the preprocess.py scale cache.")
+        return "compute-bound", None
+    waited = (f"the trainer waited for the buffer {100 * wait_fraction:.1f}% of the epoch "
+              f"(more than {100 * WAIT_WARN_FRACTION:.0f}%)")
+    if not producer or "workers" not in producer:
+        return "input-bound", f"{waited}: the producer is the bottleneck; raise [runtime_preprocessing] " \
+                              f"num_of_threads if CPU cores are free, or use the preprocess.py scale cache."
+    workers, most = producer["workers"], producer.get("max_workers", producer["workers"])
+    rate = producer.get("build_rate", 0.0)
+    if workers >= most:
+        fix = ("raise num_of_threads if cores are free (or set it to auto)" if not
+               str(producer.get("sizing", "")).startswith("num_of_threads = auto") else
+               "give it more cores (a machine with more, or a higher max_workers)")
+        return "input-bound at core limit", (
+            f"{waited} and the producer runs all the workers it may ({workers}, {rate:,.0f} img/s; "
+            f"{producer.get('sizing', '')}): {fix}, or build preprocess.py's scale cache so workers skip "
+            f"decoding full-size JPEGs.")
+    return "input-bound below core limit", (
+        f"{waited} while the producer ran {workers} of at most {most} workers ({rate:,.0f} img/s): it is "
+        f"still adding workers, or the workers wait on the buffer folder: put it on a RAM disk, not a disk.")
 
 
 class BatchLog:

@@ -285,14 +285,19 @@ class Trainer:
     def finish_epoch(self, epoch, summary):
         if not self.chief:
             return
+        producer = self.reader.producer_record() if hasattr(self.reader, "producer_record") else None
+        summary["bottleneck"], advice = logs.bottleneck(summary["wait_fraction"], producer)
         logs.write_epoch_row(self.run_path, summary)
         self.tensorboard.scalars(summary["steps"], {k: summary[k] for k in (
             "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction")}, "epoch/")
+        if producer and "workers" in producer:
+            self.tensorboard.scalars(summary["steps"], {"producer_workers": producer["workers"],
+                                                        "producer_build_rate": producer.get("build_rate")}, "epoch/")
         self.tensorboard.flush()
-        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s",
+        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, %s",
                  epoch, summary["train_loss"], summary["train_top1"], summary["lr"], summary["images_per_sec"],
-                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"])
-        advice = logs.wait_advice(summary["wait_fraction"], self.cfg.runtime_preprocessing.num_of_threads)
+                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"],
+                 summary["bottleneck"])
         if advice:
             log.warning(advice)
 

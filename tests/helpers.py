@@ -196,6 +196,35 @@ def read_all(reader, start, stop, builder, num_batches=10, pause=0.0, report=Tru
             time.sleep(pause)
 
 
+def with_cores(cores, argv):
+    """A producer command (producer_cmd) run with os.sched_getaffinity patched to `cores` CPUs, so that
+    num_of_threads = auto may run more workers than this machine has cores."""
+    code = (f"import os, sys; os.sched_getaffinity = lambda pid: set(range({cores})); "
+            f"sys.argv = {argv[1:]!r}; sys.path.insert(0, {ROOT!r}); "
+            "import runtime_preprocessing, utils; utils.run_main(runtime_preprocessing.main)")
+    return [sys.executable, "-c", code]
+
+
+def producer_workers(folder):
+    """The worker count in the producer's heartbeat (0 before its first)."""
+    return (protocol.producer_status(folder)[1] or {}).get("workers", 0)
+
+
+def read_in_sizing_cycles(reader, stop, check, folder, cycles, num_batches=10):
+    """Read positions [0, stop) in order (check(epoch, batch, Batch) each, then report): greedily until
+    the producer runs more than one worker (an add), then not at all until it is back at one (a retire),
+    `cycles` times, then to the end. Returns the number of adds seen while reading."""
+    adds = 0
+    for lin in range(stop):
+        epoch, b = divmod(lin, num_batches)
+        check(epoch, b, reader.read(epoch, b))
+        reader.report_progress(epoch, b + 1)
+        if adds < cycles and producer_workers(folder) > 1:
+            adds += 1
+            assert wait_until(lambda: producer_workers(folder) == 1, timeout=60), "no worker was retired"
+    return adds
+
+
 # ----------------------------------------------------------------------------
 # The generated demo-style dataset and train.py runs
 # ----------------------------------------------------------------------------
