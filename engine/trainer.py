@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from engine import logs, run_folder, run_identity, schedules
+from engine import logs, recipe_line, run_folder, run_identity, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
 from engine.prefetch import Prefetcher
 from model.precision import resolve_mixed_precision
@@ -55,6 +55,7 @@ class Trainer:
         self.tf = tf
         self.cfg, self.reader, self.run_path = cfg, reader, run_path
         self.batch_size, self.overwrite, self.command = batch_size, overwrite, command
+        self.learning_rate = learning_rate  # train.py --learning_rate: overrides [schedule]
         self.chief = is_chief()
         # The strategy first: MultiWorkerMirroredStrategy must exist before other TF state.
         self.strategy = make_strategy(cfg.train.distribute)
@@ -199,9 +200,13 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def train(self, epoch_start, epoch_end):
-        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, "
-                 "mixed_precision %s (%s)", epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size,
-                 self.replicas, self.schedule.describe(), self.cfg.train.mixed_precision, self.precision_reason)
+        train_cfg = vars(self.cfg.train)
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, %s",
+                 epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
+                 self.schedule.describe(), recipe_line.features(train_cfg, self.precision_reason))
+        for line in recipe_line.warnings(train_cfg, vars(self.cfg.schedule), self.learning_rate,
+                                         gpu=bool(self.tf.config.list_physical_devices("GPU"))):
+            log.warning(line)
         try:
             for epoch in range(epoch_start, epoch_end):
                 self.check_space(epoch)
