@@ -122,6 +122,7 @@ class Child:
             self._error = next((line for line in reversed(complete) if line.startswith(b"error: ")), self._error)
         if partial.strip():
             self._tail.append(partial)
+            self._error = partial if partial.startswith(b"error: ") else self._error
 
     def poll(self):
         return self.proc.poll()
