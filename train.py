@@ -20,7 +20,7 @@ import sys
 import utils
 from data.buffer.protocol import MANIFEST
 from data.buffer.reader import BufferReader
-from engine import run_folder
+from engine import run_folder, run_identity
 from engine.distribute import is_chief
 from engine.waiting import Reminder
 
@@ -61,12 +61,29 @@ def main(argv=None):
     if chief:
         run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
     utils.setup_logging()
+    check_identity(cfg, args, run_path, epoch_start, chief)  # before waiting for a producer
     reader = open_buffer(cfg, args)
+    changes = check_identity(cfg, args, run_path, epoch_start, chief, reader.num_classes)
     if not chief:  # only the chief writes the run folder
         return train(cfg, args, run_path, epoch_start, reader)
     with run_folder.removed_if_left_empty(run_path), run_folder.locked(run_path):
         utils.setup_logging(os.path.join(run_path, "train.log"))
+        if changes:
+            logging.getLogger("train").info(changes)
         return train(cfg, args, run_path, epoch_start, reader)
+
+
+def check_identity(cfg, args, run_path, epoch_start, chief, num_classes=None):
+    """A resume whose settings would not fit the checkpoint is refused before TensorFlow reads it
+    (engine/run_identity.py); returns the line naming accepted recipe changes, or None.
+    `num_classes`: the dataset's, once the producer's manifest gives it."""
+    if not (chief and epoch_start):
+        return None
+    utils.quiet_tensorflow()  # resolving mixed_precision = auto imports TensorFlow to list the GPUs
+    from model.precision import resolve_mixed_precision
+    return run_identity.check_resume(run_path, epoch_start, cfg.resolved_text(),
+                                     resolve_mixed_precision(cfg.train.mixed_precision),
+                                     cfg.model.num_classes or num_classes, args.learning_rate)
 
 
 def open_buffer(cfg, args):
