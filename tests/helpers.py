@@ -1,7 +1,8 @@
 """Helpers shared by the test modules (test modules never import each other).
 
 Sections: config files; child processes; the solid-colour dataset and buffer (producer and reader tests);
-the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests)."""
+the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests); in-process
+Trainers on fixed batches (recipe and precision tests)."""
 import configparser
 import contextlib
 import json
@@ -352,3 +353,48 @@ def killed_twin_runs(config_a, config_b, epochs, kill_epoch=1, timeout=240):
         for p in producers:
             stop_process(p)
 
+
+
+# ----------------------------------------------------------------------------
+# In-process Trainers on fixed batches: the step and resume, without a producer or train.py
+# ----------------------------------------------------------------------------
+
+class FakeReader:
+    """A fixed set of random batches in place of the buffer."""
+
+    def __init__(self, steps=2, batch=8, crop=32, classes=4):
+        from data.buffer.reader import Batch
+        rng = np.random.default_rng(11)
+        self.batches = [Batch(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
+                              labels=rng.integers(0, classes, batch).astype(np.int32),
+                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32), epoch=0, batch=b)
+                        for b in range(steps)]
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.batches)
+
+    def read(self, epoch, b):
+        return self.batches[(epoch + b) % len(self.batches)]
+
+    def report_progress(self, epoch, done):
+        pass
+
+
+def make_trainer(tmp_path, run, steps=2, **train):
+    """A Trainer of write_train_config's network (with `train` overrides) on FakeReader(steps) batches of 8,
+    its run folder <tmp_path>/<run>/run."""
+    from engine.trainer import Trainer
+    folder = os.path.join(str(tmp_path), run)
+    os.makedirs(folder)
+    config = write_train_config(folder, os.path.join(str(tmp_path), "unused"),
+                                train={k: str(v) for k, v in train.items()})
+    run_path = os.path.join(folder, "run")
+    os.makedirs(run_path)
+    return Trainer(utils.load_config(config), FakeReader(steps), run_path, batch_size=8, num_classes=4)
+
+
+def checkpoint_state(trainer, path):
+    """Every variable of the trainer's checkpoint (weights, statistics, optimizer slots, loss scale, epoch),
+    as written to `path` and read back with TensorFlow alone."""
+    return read_checkpoint(trainer.checkpoint.write(path))
