@@ -11,7 +11,7 @@ import pytest
 
 import utils
 from data.buffer import files, protocol, reader as buffer_reader
-from tests.helpers import fake_batch, fake_manifest, write_heartbeat, write_solid_config
+from tests.helpers import fake_batch, fake_manifest, wait_until, write_heartbeat, write_solid_config
 
 # ----------------------------------------------------------------------------
 # Helpers shared with tests/test_producer.py
@@ -112,8 +112,8 @@ def test_reader_waits_reads_in_order_and_reports(buffer_setup):
     reader = buffer_reader.BufferReader(cfg, 4)
     assert reader.batches_per_epoch == 5 and reader.crop_size(0) == 16 and reader.num_classes == 5
 
-    def late_writer():
-        time.sleep(0.3)
+    def late_writer():  # the batch appears once the reader has announced its position and waits for it
+        wait_until(lambda: protocol.read_progress(folder) == (0, 0), timeout=30)
         files.write_batch(folder, 0, 0, *fake_batch(value=7))
     t = threading.Thread(target=late_writer)
     t.start()
@@ -121,7 +121,7 @@ def test_reader_waits_reads_in_order_and_reports(buffer_setup):
     t.join()
     assert batch.images.dtype == np.uint8 and batch.images.shape == (4, 16, 16, 3) and int(batch.images[0, 0, 0, 0]) == 7
     assert batch.labels.dtype == np.int32 and batch.lighting.dtype == np.float32
-    assert reader.wait_seconds >= 0.2
+    assert reader.wait_seconds > 0
     assert protocol.read_progress(folder) == (0, 0)  # the first read announces where the trainer starts
     reader.report_progress(0, 1)
     assert protocol.read_progress(folder) == (0, 1)
@@ -170,7 +170,7 @@ def test_reader_times_out_without_producer(buffer_setup):
     assert folder in str(err.value) and "runtime_preprocessing.py" in str(err.value)
 
 
-def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_creating_it(tmp_path):
+def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_creating_it(tmp_path, monkeypatch):
     cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.3"}))
     folder = cfg.train.buffer_folder
     with pytest.raises(utils.UserError, match=r"Waited 0 s for the buffer manifest in .*buffer but the folder does "
@@ -180,8 +180,18 @@ def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_crea
     cfg.train.wait_timeout = 30
     reader, found = buffer_reader.BufferReader(cfg, 4), []
     waiting = threading.Thread(target=lambda: found.append(reader.check_manifest()))
+    polls = []
+
+    class CountingTime:  # the reader module's `time`, counting its sleeps between looks
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            polls.append(seconds)
+            time.sleep(seconds)
+    monkeypatch.setattr(buffer_reader, "time", CountingTime())
     waiting.start()
-    time.sleep(0.5)
+    assert wait_until(lambda: len(polls) >= 3, timeout=30)  # it has looked for the manifest three times
     assert waiting.is_alive() and not os.path.exists(folder)  # waits, and leaves the folder to the producer
     os.makedirs(folder)  # the producer starts: folder, manifest, a first batch
     files.write_batch(folder, 0, 0, *fake_batch())

@@ -18,6 +18,7 @@ from PIL import Image
 from engine import evaluate
 from engine.prefetch import prefetch
 from engine.evaluate import EpochResult
+from tests.helpers import wait_until
 from utils import UserError
 
 C = 3  # classes of the table model
@@ -180,11 +181,12 @@ def test_waits_for_a_model_folder_renamed_into_place_later(tmp_path, table_model
     shutil.copytree(table_model_dir, staging / "saved_model")
     run.mkdir()
 
-    def publish():
-        time.sleep(0.4)
-        os.rename(staging, run / "3")  # as train.py does: the epoch folder appears complete
-
     messages = []
+
+    def publish():  # once the evaluator says it waits, the epoch folder appears complete, as train.py renames it
+        assert wait_until(lambda: messages, timeout=30)
+        os.rename(staging, run / "3")
+
     thread = threading.Thread(target=publish)
     thread.start()
     try:

@@ -162,16 +162,16 @@ def test_a_trainer_without_producer_says_at_once_what_it_waits_for_and_creates_n
 
 def test_a_reminder_repeats_with_the_time_waited_until_the_wait_ends():
     import threading
-    import time
     from engine.waiting import Reminder
+    from tests.helpers import wait_until
     said, done = [], threading.Event()
-    with Reminder(said.append, lambda: not done.is_set(), "waiting for X", lambda t: t, every=0.1):
+    with Reminder(said.append, lambda: not done.is_set(), "waiting for X", lambda t: t, every=0.1) as reminder:
         assert said == ["waiting for X"]  # at once
-        time.sleep(0.45)
+        assert wait_until(lambda: len(said) >= 3, timeout=30)
         done.set()
-        time.sleep(0.3)
+        # The reminder's thread ends by itself at its next check once the wait is over, inside the block.
+        assert wait_until(lambda: not reminder._thread.is_alive(), timeout=30)
         after = len(said)
-        time.sleep(0.3)
     times = said[1:]
     assert len(times) >= 2 and times == sorted(times) and times[0] >= 0.1
     assert len(said) == after  # no reminder once the wait is over
