@@ -4,7 +4,6 @@ Sections: config files; child processes; the solid-colour dataset and buffer (pr
 the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests); in-process
 Trainers on fixed batches (recipe and precision tests)."""
 import configparser
-import contextlib
 import json
 import os
 import signal
@@ -259,9 +258,9 @@ def write_train_config(folder, data_root, **sections):
     return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 
 
-def start_train_producer(config, epoch_start, epoch_end, *extra):
+def start_train_producer(config, epoch_start, epoch_end, *extra, batch_size=TRAIN_BATCH):
     return subprocess.Popen([PY, "runtime_preprocessing.py", "--config", config, f"--epoch_start={epoch_start}",
-                             f"--epoch_end={epoch_end}", f"--batch_size={TRAIN_BATCH}", "--no_progress", *extra],
+                             f"--epoch_end={epoch_end}", f"--batch_size={batch_size}", "--no_progress", *extra],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -332,27 +331,11 @@ def kill_while_saving(trainer, run, epoch, timeout=240):
     return False
 
 
-@contextlib.contextmanager
-def killed_twin_runs(config_a, config_b, epochs, kill_epoch=1, timeout=240):
-    """Run A (config_a, run "A") trains epochs 0..epochs-1 uninterrupted. Run B (config_b, run "B"),
-    alongside, is SIGKILLed while it saves `kill_epoch`; its producer keeps running until the block
-    ends, for the resume. Each run has its own buffer and producer. Yields
-    {"b_killed": whether the kill happened mid-save, "b_producer": B's producer}."""
-    producers = [start_train_producer(config_a, 0, epochs), start_train_producer(config_b, 0, epochs)]
-    try:
-        trainer_a = subprocess.Popen(train_cmd(config_a, "A", 0, epochs), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        trainer_b = subprocess.Popen(train_cmd(config_b, "B", 0, epochs), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        killed = kill_while_saving(trainer_b, run_path(config_b, "B"), kill_epoch, timeout=timeout)
-        _, err = trainer_a.communicate(timeout=timeout)
-        assert trainer_a.returncode == 0, err[-3000:]
-        producers[0].wait(timeout=30)  # it exits once the trainer consumed the last batch
-        yield {"b_killed": killed, "b_producer": producers[1]}
-    finally:
-        for p in producers:
-            stop_process(p)
-
+# The session's reference run (tests/conftest.py reference_run): one uninterrupted train.py run of
+# make_data's set that killed and resumed runs of the same settings must equal bit for bit.
+REFERENCE_EPOCHS = 3
+REFERENCE_BATCH = 8
+REFERENCE_STEPS = 16  # 4 classes x 32 images / REFERENCE_BATCH
 
 
 # ----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import pytest
 
 import utils
 from data.buffer import files, protocol, reader as buffer_reader
-from tests.helpers import (SOLID_BATCH, complete_count, heartbeat_pid, make_data, producer_cmd, read_all,
+from tests.helpers import (REFERENCE_BATCH, REFERENCE_EPOCHS, SOLID_BATCH, complete_count, heartbeat_pid,
+                           producer_cmd, read_all,
                            read_checkpoint, read_in_sizing_cycles, reference_builder, run_producer, solid_config_for,
                            start_solid_producer, stop_process, surviving_batches, wait_until, with_cores,
                            write_train_config)
@@ -457,9 +458,12 @@ class Chaos:
 
 
 @pytest.fixture(scope="module")
-def chaos_runs(tmp_path_factory):
+def chaos_runs(tmp_path_factory, tiny_data, request):
+    """The chaos run, and its uninterrupted twin: the session's reference run (tests/conftest.py) in `make test`,
+    whose settings these equal but for the buffer size, the waits and the heartbeat (none changes a weight);
+    `make chaos` trains its own twin of EPOCHS epochs alongside."""
     base = tmp_path_factory.mktemp("chaos")
-    data = make_data(str(base / "imagenet"))
+    data = tiny_data
     val = str(base / "val")
     configs = {}
     for name in ("twin", "chaos"):
@@ -473,14 +477,21 @@ def chaos_runs(tmp_path_factory):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    twin = Pipeline(configs["twin"], "twin", str(base), evaluate=False)
+    if LONG:
+        twin = Pipeline(configs["twin"], "twin", str(base), evaluate=False)
+    else:
+        reference = request.getfixturevalue("reference_run")
+        assert (EPOCHS, BATCH) == (REFERENCE_EPOCHS, REFERENCE_BATCH)
+        twin = Pipeline(reference["config"], "reference", str(base), evaluate=False)
+        twin.trained = True  # finished before the chaos run starts: nothing to start or stop
     pipeline = Pipeline(configs["chaos"], "chaos", str(base))
     chaos = Chaos(pipeline, str(base / "chaos.log"))
     chaos.log(f"seed {SEED}, {EPOCHS} epochs of {STEPS} batches, plan: "
               + ", ".join(f"{v}@{m}" for v, m, _ in chaos.plan))
     started = time.monotonic()
     try:
-        twin.start()
+        if not twin.trained:
+            twin.start()
         pipeline.start()
         while True:
             twin.step()

@@ -25,7 +25,7 @@ import utils
 from data.buffer import files, reader as buffer_reader
 from data.buffer.builder import BatchBuilder, Recipe
 from data.sources.index import load_index
-from tests.helpers import make_data, read_all, start_train_producer, stop_process, surviving_batches, train_cmd, write_train_config
+from tests.helpers import read_all, start_train_producer, stop_process, surviving_batches, train_cmd, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -34,8 +34,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
+def data(tiny_data):
+    return tiny_data
 
 
 @pytest.fixture

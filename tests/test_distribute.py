@@ -29,7 +29,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import (PY, ROOT, csv_rows, make_data, read_checkpoint, start_train_producer, train_cmd,
+from tests.helpers import (PY, ROOT, csv_rows, read_checkpoint, start_train_producer, train_cmd,
                            write_train_config)
 
 
@@ -58,9 +58,9 @@ def free_ports(n):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_data):
     base = tmp_path_factory.mktemp("dist")
-    data = make_data(str(base / "imagenet"))
+    data = tiny_data
     buffers = {}
     for name, extra in (("whole", ()), ("slice0", ("--worker_index=0", "--worker_count=2")),
                         ("slice1", ("--worker_index=1", "--worker_count=2"))):

@@ -57,6 +57,7 @@ def test_a_train_py_refused_for_its_batch_size_leaves_no_run_folder(one_class):
                  "--batch_size=8")
     assert result.returncode == 2, result.stderr
     assert "holds batches of 4 images but this run asks for --batch_size=8" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(os.path.dirname(one_class), "runs", "mismatch"))
 
 

@@ -1,18 +1,18 @@
-"""train.py end to end with the real producer as a separate process, on a tiny generated dataset.
+"""train.py end to end with the real producer as a separate process, on the session's tiny generated dataset.
 
-One uninterrupted run (A) is the reference. Run B, trained alongside, is SIGKILLed while it
-saves epoch 1 and then resumed with --epoch_start=auto against its still running producer:
-its final weights and optimizer state must equal A's bit for bit ([train] deterministic = true).
+The session's reference run (tests/conftest.py) is the uninterrupted one. Run B, with the same settings, is
+SIGKILLed while it saves epoch 1 and then resumed with --epoch_start=auto against its still running producer:
+its final weights and optimizer state must equal the reference's bit for bit ([train] deterministic = true).
 """
 import os
+import subprocess
 
 import numpy as np
 import pytest
 
-from tests.helpers import csv_rows, fake_parts, killed_twin_runs, make_data, read_checkpoint, run_path, run_train, write_train_config
-
-EPOCHS = 3
-STEPS = 8  # 4 classes x 32 images / TRAIN_BATCH
+from tests.helpers import (REFERENCE_BATCH as BATCH, REFERENCE_EPOCHS as EPOCHS, REFERENCE_STEPS as STEPS, ROOT,
+                           csv_rows, fake_parts, kill_while_saving, read_checkpoint, run_path, run_train,
+                           start_train_producer, stop_process, train_cmd, write_train_config)
 
 
 # ----------------------------------------------------------------------------
@@ -20,32 +20,26 @@ STEPS = 8  # 4 classes x 32 images / TRAIN_BATCH
 # ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(str(tmp_path_factory.mktemp("data") / "imagenet"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):
-    """Run A: uninterrupted, 3 epochs. Run B, alongside: SIGKILLed while saving epoch 1 (its
-    producer keeps running for the resume). Each has its own buffer and producer."""
-    config_a = write_train_config(str(tmp_path_factory.mktemp("a")), data)
-    config_b = write_train_config(str(tmp_path_factory.mktemp("b")), data)
-    with killed_twin_runs(config_a, config_b, EPOCHS) as twins:
-        yield {"a": config_a, "b": config_b, **twins}
-
-
-@pytest.fixture(scope="module")
-def run_a(runs):
-    return runs["a"]
+def killed(tmp_path_factory, tiny_data):
+    """Run B: the reference run's settings, SIGKILLed while it saves epoch 1; its producer keeps running for
+    the resume until the module ends."""
+    config = write_train_config(str(tmp_path_factory.mktemp("b")), tiny_data)
+    producer = start_train_producer(config, 0, EPOCHS, batch_size=BATCH)
+    try:
+        trainer = subprocess.Popen(train_cmd(config, "B", 0, EPOCHS, batch_size=BATCH), cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        killed = kill_while_saving(trainer, run_path(config, "B"), 1, timeout=600)
+        yield {"config": config, "killed": killed, "producer": producer}
+    finally:
+        stop_process(producer)
 
 
 # ----------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------
 
-def test_real_run_saves_complete_epochs_and_logs(run_a):
-    config = run_a
-    run = run_path(config, "A")
+def test_real_run_saves_complete_epochs_and_logs(reference_run):
+    run = reference_run["run"]
     for epoch in range(EPOCHS):
         folder = os.path.join(run, str(epoch))
         assert sorted(os.listdir(folder)) == ["checkpoint", "config.txt", "saved_model"]
@@ -82,10 +76,10 @@ def test_real_run_saves_complete_epochs_and_logs(run_a):
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupted(runs):
-    config = runs["b"]
+def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupted(killed, reference_run):
+    config = killed["config"]
     run = run_path(config, "B")
-    assert runs["b_killed"], "the trainer ended before it saved epoch 1"
+    assert killed["killed"], "the trainer ended before it saved epoch 1"
     assert not os.path.exists(os.path.join(run, "1"))
     from engine import run_folder
     assert run_folder.complete_epochs(run) == [0]
@@ -95,14 +89,14 @@ def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupt
     tf.saved_model.load(os.path.join(run, "0", "saved_model"))
 
     # The producer is still running: the resumed trainer re-reads epoch 1 from batch 0.
-    assert runs["b_producer"].poll() is None
-    result = run_train(config, "B", "auto", EPOCHS)
+    assert killed["producer"].poll() is None
+    result = run_train(config, "B", "auto", EPOCHS, batch_size=BATCH, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "epoch 0 done" in result.stderr
     assert run_folder.complete_epochs(run) == list(range(EPOCHS))
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
 
-    reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run_path(runs["a"], "A"), str(EPOCHS - 1))))
+    reference = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(reference_run["run"], str(EPOCHS - 1))))
     resumed = read_checkpoint(run_folder.checkpoint_prefix(os.path.join(run, str(EPOCHS - 1))))
     assert sorted(reference) == sorted(resumed)
     # Momentum slots (conv-kernel shaped) are part of the comparison, not only the weights.
@@ -110,30 +104,18 @@ def test_sigkill_mid_save_keeps_the_previous_epoch_and_resume_equals_uninterrupt
                for k in reference)
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
-    assert [r["train_loss"] for r in csv_rows(run)] == [r["train_loss"] for r in csv_rows(run_path(runs["a"], "A"))]
+    assert [r["train_loss"] for r in csv_rows(run)] == [r["train_loss"] for r in csv_rows(reference_run["run"])]
     # The batch log shows epoch 1 twice: trained, killed while saving, trained again.
     lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]
     assert lines == [f"{e} {b}" for e in (0, 1, 1, 2) for b in range(STEPS)]
 
 
-def test_batch_size_mismatch_is_one_clear_sentence(run_a, tmp_path):
-    # Run A's buffer says batch size 16 and its producer has finished: the trainer warns, waits
-    # [train] wait_timeout for a producer with its settings (data/buffer/reader.py), then refuses.
-    config = str(tmp_path / "config.txt")
-    with open(config, "w") as f:
-        f.write(open(run_a).read().replace("wait_timeout = 60", "wait_timeout = 1"))
-    result = run_train(config, "C", 0, 1, batch_size=8, timeout=60)
-    assert result.returncode == 2
-    assert "holds batches of 16 images but this run asks for --batch_size=8" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_existing_epoch_folders_are_refused_unless_overwrite(run_a):
-    config = run_a
-    result = run_train(config, "A", 0, 2, timeout=60)
+def test_existing_epoch_folders_are_refused_unless_overwrite(reference_run):
+    config = reference_run["config"]
+    result = run_train(config, "reference", 0, 2, batch_size=BATCH, timeout=120)
     assert result.returncode == 2
     assert "already holds epoch folder(s) 0, 1" in result.stderr and "--overwrite" in result.stderr
-    result = run_train(config, "A", 5, 6, timeout=60)
+    result = run_train(config, "reference", 5, 6, batch_size=BATCH, timeout=120)
     assert result.returncode == 2 and "cannot resume at epoch 5" in result.stderr
     assert "the last complete epoch is 2" in result.stderr
 
