@@ -234,3 +234,41 @@ def test_reader_refuses_manifest_of_another_run_mid_training(buffer_setup):
     files.write_batch(folder, 0, 1, *fake_batch())
     with pytest.raises(utils.UserError, match="switched to another run"):
         reader.read(0, 1)
+
+
+def test_a_batch_is_not_visible_under_its_name_until_its_images_are_all_written(tmp_path, monkeypatch):
+    """Every write into a batch file happens while the batch's X name does not exist yet (a temp name, then
+    a rename), for a new file and for a recycled spare; a killed writer can therefore leave nothing partial."""
+    import builtins
+    folder = str(tmp_path)
+    target, seen = [None], []
+    real_open = builtins.open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            seen.append(os.path.exists(target[0]))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: Spy(real_open(*a, **k)))
+    target[0] = files.batch_file(folder, "X", 0, 0)
+    files.write_batch(folder, 0, 0, *fake_batch(value=1))
+    spare = files.spare_file(folder, 1)
+    assert files.retire_batch(folder, 0, 0, spare)
+    target[0] = files.batch_file(folder, "X", 0, 1)
+    files.write_batch(folder, 0, 1, *fake_batch(value=2), reuse=spare)
+    monkeypatch.undo()
+    assert len(seen) >= 6 and not any(seen), seen
+    assert files.scan_batches(folder)[0] == {(0, 1)}
+    assert int(np.load(files.batch_file(folder, "X", 0, 1))[0, 0, 0, 0]) == 2
