@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 TARGET_RATIO = 0.9
 
@@ -89,7 +90,7 @@ def time_eval(predictor, store, views, batch_images):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     import tensorflow as tf
     from engine.evaluate import SavedModelPredictor, images_per_call
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as folder:
@@ -121,9 +122,9 @@ def main(argv=None):
     verdict = "meets" if figures["ratio"] >= TARGET_RATIO else "BELOW"
     print(f"ratio eval/bare: {figures['ratio']:.3f} ({verdict} the {TARGET_RATIO} target)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    utils.atomic_write_text(args.out, json.dumps(figures, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(figures, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

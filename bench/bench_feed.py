@@ -35,7 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import quiet_tensorflow  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 TARGET_LOOP = 0.97
 TARGET_FEED = 3.0
@@ -61,7 +63,7 @@ def bench_config(args, work):
     """The user's config with this bench's dataset, buffer, run folder, crop and width."""
     from tests.helpers import write_config_file
     from tools.make_demo_dataset import make_dataset
-    base = utils.load_config(args.config)
+    base = load_config(args.config)
     crop = args.crop or base.images.crop_size
     width = args.width_multiplier if args.width_multiplier is not None else base.model.width_multiplier
     scale = math.ceil(crop * 8 / 7)  # 256 for 224, as the original's smallest scale
@@ -93,7 +95,7 @@ def fill_buffer(config, batch_size):
                              "--epoch_start=0", "--epoch_end=1", f"--batch_size={batch_size}", "--once",
                              "--no_progress"], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise utils.UserError(f"runtime_preprocessing.py could not fill the bench's buffer: "
+        raise UserError(f"runtime_preprocessing.py could not fill the bench's buffer: "
                               f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
 
 
@@ -180,7 +182,7 @@ class Bench:
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     import logging
     for name in ("train", "data.buffer"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -188,7 +190,7 @@ def main(argv=None):
     try:
         config, crop, width = bench_config(args, work)
         fill_buffer(config, args.batch_size)
-        cfg = utils.load_config(config)
+        cfg = load_config(config)
         bench = Bench(cfg, args.batch_size)
         rates = {k: [] for k in ("model", "feed", "loop", "feed_no_pca")}
         pca, eigh = [], []

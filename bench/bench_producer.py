@@ -162,8 +162,8 @@ def measure_augment(folder):
 def measure_tfdata(folder):
     import math
     import numpy as np
-    import utils
-    utils.quiet_tensorflow()
+    from utils.cli import quiet_tensorflow
+    quiet_tensorflow()
     import tensorflow as tf
     from data.transforms import scale_crop
     from PIL import Image
@@ -207,7 +207,7 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
     lets the producer delete consumed files and refill, the producer's regular regime; its
     rate is measured in steady state (consume).
     """
-    import utils
+    from settings import load_settings
     from data.buffer.producer import Producer
     from tests.helpers import write_solid_config
     with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
@@ -223,7 +223,7 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
                                      "--batch_size", str(batch_size)], stdout=subprocess.PIPE, text=True,
                                     preexec_fn=pin)
         try:
-            Producer(utils.load_config(config), batch_size, 0, 2 + PASSES, progress=False).run()
+            Producer(load_settings(config), batch_size, 0, 2 + PASSES, progress=False).run()
             out, _ = consumer.communicate(timeout=600)
         finally:
             consumer.kill()
@@ -243,9 +243,9 @@ def consume(config, batch_size):
     so the work in flight is the same at both ends and nothing built before the clock started
     is counted.
     """
-    import utils
+    from settings import load_settings
     from data.buffer import files, reader as buffer_reader
-    reader = buffer_reader.BufferReader(utils.load_config(config), batch_size)
+    reader = buffer_reader.BufferReader(load_settings(config), batch_size)
     reader.check_manifest()
     first = last = None
     count = counted = 0
@@ -311,7 +311,8 @@ def spawn_pair(folder, batch_size, cpus, buffer_dir):
 # ----------------------------------------------------------------------------
 
 def main(argv=None):
-    import utils
+    from utils.errors import UserError
+    from utils.files import atomic_write_text
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
         print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir, args.consumer_cpu))
@@ -325,7 +326,7 @@ def main(argv=None):
     kinds = [k for k in ALL if k in (args.pipelines or ALL)]
     runs = {k: [] for k in kinds}
     if args.images <= WARMUP:
-        raise utils.UserError(f"--images must be more than {WARMUP} (the warm-up images), received {args.images}.")
+        raise UserError(f"--images must be more than {WARMUP} (the warm-up images), received {args.images}.")
     with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
         sample = make_corpus(folder, args)
         what = (f"JPEGs sampled from {os.path.abspath(args.images_dir)}"
@@ -369,7 +370,7 @@ def main(argv=None):
               "decoder": jpeg_window.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
                                                                       "two_vs_one_workers": TARGET_SCALING}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -138,7 +138,7 @@ def sample_dataset(images_dir, count, root, seed=0):
     bare decode would stop on them.
     """
     from data.sources.index import load_index
-    from utils import UserError
+    from utils.errors import UserError
     index = load_index(images_dir, "train")
     order = np.random.default_rng(seed).permutation(len(index))
     paths, skipped = [], 0

@@ -33,7 +33,9 @@ from engine import run_folder
 from engine.plot import plot_accuracy
 from engine.prefetch import prefetch
 from engine.waiting import REMIND_SECONDS  # a wait is announced at once, then every 30 s with the time left
-from utils import TMP_PREFIX, UserError, atomic_write_text, check_epoch_range, exclusive_lock, is_temp_name
+from utils.cli import check_epoch_range
+from utils.errors import UserError
+from utils.files import TMP_PREFIX, atomic_write_text, exclusive_lock, is_temp_name
 
 
 PROTOCOLS = (10, 1, 50)
@@ -360,10 +362,10 @@ def result_line(result):
             f"{result.images_per_second:.0f} images/s)")
 
 
-def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
+def check_accuracy(settings, run, epoch_start, epoch_end, views=10, timeout=None, batch_images=None,
                    poll=2.0, say=say_flushed, weights="raw"):
     """Evaluate epochs [epoch_start, epoch_end) of a run as they appear; returns the EpochResults."""
-    path = run_folder.run_dir(cfg.train.path_for_saving, run)
+    path = run_folder.run_dir(settings.train.path_for_saving, run)
     if epoch_start == "auto":
         epoch_start = first_missing_epoch(path, views, epoch_end, weights)
         if epoch_start == epoch_end:
@@ -372,9 +374,9 @@ def check_accuracy(cfg, run, epoch_start, epoch_end, views=10, timeout=None, bat
                 f"{os.path.join(path, CSV_NAME)}.")
             return []
     check_epoch_range(epoch_start, epoch_end)
-    store = open_val_store(cfg.preprocess_val.path_to_save)
+    store = open_val_store(settings.preprocess_val.path_to_save)
     check_protocol(store, views)
-    expected = cfg.preprocess_val.N
+    expected = settings.preprocess_val.N
     say(f"Evaluating {path} epochs {epoch_start}..{epoch_end - 1} with the {views}-view protocol on "
         f"{len(store)} validation images.")
     if len(store.classes) <= 5:

@@ -20,7 +20,7 @@ import os
 
 from tqdm import tqdm
 
-from utils import atomic_write_text, disk_full_error
+from utils.files import atomic_write_text, disk_full_error
 
 CSV_NAME = "log.csv"
 BATCH_LOG_NAME = "batches.log"

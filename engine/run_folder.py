@@ -20,7 +20,9 @@ import os
 import shutil
 import tempfile
 
-from utils import UserError, atomic_dir, check_epoch_range, exclusive_lock, is_temp_name, remove_stale_temps, _tmp_name
+from utils.cli import check_epoch_range
+from utils.errors import UserError
+from utils.files import _tmp_name, atomic_dir, exclusive_lock, is_temp_name, remove_stale_temps
 
 CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
 LOCK_NAME = "train.lock"

@@ -14,7 +14,8 @@ import time
 import numpy as np
 from PIL import Image
 
-import utils
+from settings import load_settings
+from utils.files import atomic_write_text
 from data.buffer import files as buffer_files, protocol
 from data.buffer.builder import BatchBuilder, Recipe
 from data.sources.index import load_index
@@ -152,7 +153,7 @@ def write_heartbeat(folder, pid=None, state="running", epoch_end=3, stamp=None):
     record = {"run_id": "x", "epoch_start_floor": 0, "epoch_end": epoch_end, "pid": pid or os.getpid(),
               "host": __import__("socket").gethostname(), "time": stamp or time.time(), "interval": 0.1,
               "state": state}
-    utils.atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
+    atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
 
 
 def producer_cmd(config, *args, batch_size=SOLID_BATCH, epoch_start="0", epoch_end="3"):
@@ -169,9 +170,9 @@ def start_solid_producer(config, *args, **kw):
 
 
 def reference_builder(config):
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    return BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH))
+    return BatchBuilder(index.paths, index.labels, Recipe.from_settings(cfg, SOLID_BATCH))
 
 
 def heartbeat_pid(folder):

@@ -34,7 +34,9 @@ import time
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import TMP_PREFIX, is_temp_name
 from data.buffer import files, protocol, reader as buffer_reader
 from tests.helpers import SOLID_BATCH, complete_count, heartbeat_pid, make_data, read_all, read_checkpoint, reference_builder, run_producer, solid_config_for, start_solid_producer, stop_process, surviving_batches, wait_until, write_train_config
 
@@ -60,7 +62,7 @@ DEADLINE = 900 if LONG else 170
 
 def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset, tmp_path, caplog):  # noqa: F811
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4", "wait_timeout": "30"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
     assert run_producer(config, "--once", batch_size=2).returncode == 0
@@ -88,7 +90,7 @@ def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset,
 
 def test_producer_started_first_sets_aside_a_previous_runs_progress(solid_dataset, tmp_path):  # noqa: F811
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
@@ -105,7 +107,7 @@ def test_producer_started_first_sets_aside_a_previous_runs_progress(solid_datase
 
 def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(solid_dataset, tmp_path):  # noqa: F811
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     producer = start_solid_producer(config, epoch_start="0", epoch_end="3")
@@ -129,7 +131,7 @@ def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_tra
 
 def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(solid_dataset, tmp_path):  # noqa: F811
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
@@ -187,7 +189,7 @@ class Pipeline:
 
     def __init__(self, config, run, folder, evaluate=True):
         self.config, self.run, self.evaluate = config, run, evaluate
-        cfg = utils.load_config(config)
+        cfg = load_settings(config)
         self.run_path = os.path.join(cfg.train.path_for_saving, run)
         self.buffer, self.buffer_size = cfg.train.buffer_folder, cfg.train.buffer_size
         self.out = open(os.path.join(folder, f"{run}.out"), "ab")
@@ -266,19 +268,19 @@ class Pipeline:
             return []
 
     def saving(self):
-        return _listdir_any(self.run_path, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:].split("-")[0].isdigit())
+        return _listdir_any(self.run_path, lambda n: n.startswith(TMP_PREFIX) and n[5:].split("-")[0].isdigit())
 
     def refilling(self):
         return complete_count(self.buffer) < self.buffer_size if os.path.isdir(self.buffer) else False
 
     def writing_batch(self):
-        return _listdir_any(self.buffer, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
+        return _listdir_any(self.buffer, lambda n: n.startswith(TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
 
     def accuracy_rows(self):
         from engine.evaluate import read_rows
         try:
             return read_rows(os.path.join(self.run_path, "accuracy.csv"))
-        except utils.UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
+        except UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
             return []
 
     def unevaluated(self):
@@ -470,7 +472,7 @@ def test_chaos_leaves_no_temp_or_partial_file(chaos_runs):
     pipeline = chaos_runs["chaos"]
     for folder in (pipeline.run_path, pipeline.buffer):
         temps = [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in dirs + names
-                 if utils.is_temp_name(n)]
+                 if is_temp_name(n)]
         assert temps == []
     assert files.scan_batches(pipeline.buffer)[1] == set()
 

@@ -166,12 +166,13 @@ def test_children_and_their_workers_die_with_a_killed_launcher(fake):
     assert _all_gone(fake)
 
 
-# Stand-ins that go through utils.run_main, as the real scripts do: a UserError exits 2 with
+# Stand-ins that go through run_main, as the real scripts do: a UserError exits 2 with
 # one line, Ctrl-C exits 130 with (outside the launcher) the 'interrupted' line.
 FAKE_MAIN = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, os.environ["FAKE_ROOT"])
-    import utils
+    from utils.cli import run_main
+    from utils.errors import UserError
     role, d = sys.argv[1], os.environ["FAKE_DIR"]
     mode = os.environ.get("FAKE_" + role.upper(), "forever")
 
@@ -181,7 +182,7 @@ FAKE_MAIN = textwrap.dedent('''
         with open(os.path.join(d, "pids"), "a") as f:
             f.write(f"{os.getpid()}\\n")
         if mode == "user_error":
-            raise utils.UserError("[train] N = 10000 but the training set has 400 images; set N = 0.")
+            raise UserError("[train] N = 10000 but the training set has 400 images; set N = 0.")
         if mode == "save_epoch":  # epoch 0 complete, as train.py leaves it, then training epoch 1
             epoch = os.path.join(os.environ["FAKE_RUNS"], "r", "0")
             os.makedirs(os.path.join(epoch, "saved_model"))
@@ -191,7 +192,7 @@ FAKE_MAIN = textwrap.dedent('''
         while True:
             time.sleep(0.05)
 
-    utils.run_main(main)
+    run_main(main)
 ''')
 
 

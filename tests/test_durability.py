@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-import utils
+from utils.errors import UserError
+from utils.files import atomic_save_npy, atomic_write_text
 
 
 @pytest.fixture
@@ -80,8 +81,8 @@ def test_log_csv_accuracy_csv_and_the_plot_are_fsynced_around_their_rename(tmp_p
 
 
 def test_buffer_writes_stay_unsynced(tmp_path, events):
-    utils.atomic_save_npy(str(tmp_path / "X_0_0.npy"), np.zeros((2, 4, 4, 3), np.uint8))
-    utils.atomic_write_text(str(tmp_path / "progress.txt"), "0\n1\n")
+    atomic_save_npy(str(tmp_path / "X_0_0.npy"), np.zeros((2, 4, 4, 3), np.uint8))
+    atomic_write_text(str(tmp_path / "progress.txt"), "0\n1\n")
     assert [e[0] for e in events] == ["rename", "rename"]
 
 
@@ -91,6 +92,6 @@ def test_a_full_disk_at_fsync_is_the_disk_full_sentence_and_leaves_no_temp_file(
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(utils.UserError, match="Disk full writing log.csv"):
-        utils.atomic_write_text(str(tmp_path / "log.csv"), "epoch\n", durable=True)
+    with pytest.raises(UserError, match="Disk full writing log.csv"):
+        atomic_write_text(str(tmp_path / "log.csv"), "epoch\n", durable=True)
     assert os.listdir(tmp_path) == []

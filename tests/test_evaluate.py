@@ -18,7 +18,7 @@ from PIL import Image
 from engine import evaluate
 from engine.prefetch import prefetch
 from engine.evaluate import EpochResult
-from utils import UserError
+from utils.errors import UserError
 
 C = 3  # classes of the table model
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import is_temp_name
 from model import BatchRenorm, RenormConfig, build_model, export_saved_model, model_kwargs
 from model.batch_renorm import MIN_EPSILON
 
@@ -442,7 +444,7 @@ def test_batch_statistics_per_replica_or_synchronised_under_mirrored_strategy(tm
 LOAD_WITHOUT_REPO = r"""
 import json, sys
 import numpy as np, tensorflow as tf
-assert not any(__import__("os").path.isdir(p + "/model") and __import__("os").path.isfile(p + "/utils.py")
+assert not any(__import__("os").path.isdir(p + "/model") and __import__("os").path.isfile(p + "/train.py")
                for p in sys.path if p), "the repository is on sys.path"
 loaded = tf.saved_model.load("saved")
 images = np.load("images.npy", allow_pickle=False)
@@ -481,9 +483,9 @@ def test_saved_model_round_trip_without_project_code(tmp_path):
                                tf.nn.softmax(np.load(tmp_path / "logits.npy")).numpy(), atol=1e-6)
     np.testing.assert_allclose(stored["mu"], mu, rtol=1e-6)
     np.testing.assert_allclose(stored["sigma"], sigma, rtol=1e-6)
-    with pytest.raises(utils.UserError):
+    with pytest.raises(UserError):
         export_saved_model(net, str(tmp_path / "saved"), mu, sigma)
-    assert not [n for n in os.listdir(tmp_path) if utils.is_temp_name(n)]
+    assert not [n for n in os.listdir(tmp_path) if is_temp_name(n)]
 
 
 # ----------------------------------------------------------------------------
@@ -491,8 +493,8 @@ def test_saved_model_round_trip_without_project_code(tmp_path):
 # ----------------------------------------------------------------------------
 
 def test_model_kwargs_from_the_shipped_configs():
-    demo = utils.load_config(os.path.join(ROOT, "configs", "demo.txt"))
-    kwargs = model_kwargs(demo, num_classes=10)
+    demo = load_settings(os.path.join(ROOT, "configs", "demo.txt"))
+    kwargs = model_kwargs(demo.with_classes(10, "test"))
     assert kwargs["num_classes"] == 10 and kwargs["width_multiplier"] == 0.25
     assert kwargs["renorm"]["momentum"] == demo.batch_renorm.moving_avgs_momentum
     assert kwargs["l2_penalty"] == demo.l2.l2_penalty
@@ -500,11 +502,11 @@ def test_model_kwargs_from_the_shipped_configs():
     net = build_model(**kwargs)
     assert net(random_images([1, 64, 64, 3]), training=False).shape == (1, 10)
 
-    full = utils.load_config(os.path.join(ROOT, "config.txt"))
-    kwargs = model_kwargs(full, num_classes=1000)
+    full = load_settings(os.path.join(ROOT, "config.txt"))
+    kwargs = model_kwargs(full.with_classes(1000, "test"))
     assert kwargs["num_classes"] == 1000 and kwargs["renorm"]["reach_rmax_max"] == 140000
-    assert model_kwargs(full, num_classes=None)["num_classes"] == 1000
-    with pytest.raises(utils.UserError, match="num_classes is 1000 but the dataset has 10"):
-        model_kwargs(full, num_classes=10)
-    with pytest.raises(utils.UserError):
-        model_kwargs(demo, num_classes=None)
+    assert model_kwargs(full)["num_classes"] == 1000
+    with pytest.raises(UserError, match="num_classes is 1000 but the dataset has 10"):
+        model_kwargs(full.with_classes(10, "test"))
+    with pytest.raises(UserError):
+        model_kwargs(demo)

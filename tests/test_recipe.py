@@ -170,14 +170,14 @@ class FakeReader:
 
 
 def make_trainer(tmp_path, run, **train):
-    import utils
+    from settings import load_settings
     from engine.trainer import Trainer
     folder = tmp_path / run
     folder.mkdir()
     config = write_train_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
     run_path = str(folder / "run")
     os.makedirs(run_path)
-    return Trainer(utils.load_config(config), FakeReader(), run_path, batch_size=8, num_classes=4)
+    return Trainer(load_settings(config).with_classes(4, "test"), FakeReader(), run_path, batch_size=8)
 
 
 def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_path):
@@ -189,7 +189,7 @@ def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_pat
     assert trainer.ema is None and not trainer.recipe.active
     assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
     keras.utils.set_random_seed(trainer.cfg.train.seed)
-    net = build_model(**model_kwargs(trainer.cfg, 4))
+    net = build_model(**model_kwargs(trainer.settings))
     opt = keras.optimizers.SGD(learning_rate=0.005, momentum=0.9)
     opt.build(net.trainable_variables)
 
@@ -316,7 +316,7 @@ def test_accuracy_csv_keeps_raw_and_ema_rows_apart_and_reads_old_files_as_raw(tm
 
 def test_ema_weights_of_an_epoch_trained_without_ema_are_one_clear_sentence(tmp_path):
     from engine import evaluate, run_folder
-    from utils import UserError
+    from utils.errors import UserError
     epoch = tmp_path / "run" / "0"
     os.makedirs(epoch / "saved_model")
     os.makedirs(os.path.dirname(run_folder.checkpoint_prefix(str(epoch))))

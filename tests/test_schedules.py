@@ -5,7 +5,8 @@ import pytest
 
 from engine import schedules
 from engine.schedules import Schedule
-from utils import SCHEMA, UserError
+from utils.errors import UserError
+from utils.schema import SCHEMA
 
 
 def section(**overrides):

@@ -30,7 +30,7 @@ import numpy as np
 
 from data.pool import imap_progress
 from data.sources import shards, tfrecord
-from utils import UserError
+from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # any case; files are decoded later by content
 SPLITS = ("train", "val")
@@ -436,8 +436,8 @@ def load_tfrecord_index(folder, split, expected_count=0, num_workers=1, progress
     return index
 
 
-def load_source_index(cfg, root, split, expected_count=0, num_workers=1, progress=True):
-    """One split of `root` read as [data] source says: 'folder' (load_index) or 'tfrecord' (shards)."""
-    if cfg.data.source == "tfrecord":
+def load_source_index(source, root, split, expected_count=0, num_workers=1, progress=True):
+    """One split of `root` read as [data] source says (`source`): 'folder' (load_index) or 'tfrecord' (shards)."""
+    if source == "tfrecord":
         return load_tfrecord_index(root, split, expected_count, num_workers, progress)
     return load_index(root, split, expected_count)

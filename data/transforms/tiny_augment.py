@@ -76,8 +76,8 @@ class TinyAugmentConfig:
                              f"received {self.crop_pad_min}")
 
     @classmethod
-    def from_config_section(cls, section):
-        return cls(**dict(vars(section)))
+    def from_settings_section(cls, section):
+        return cls(**dataclasses.asdict(section))
 
 
 # ----------------------------------------------------------------------------
