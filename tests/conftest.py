@@ -1,3 +1,4 @@
+"""Shared fixtures of the test suite: the repository on sys.path, quiet TensorFlow, and small generated datasets."""
 import os
 import sys
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -124,8 +125,8 @@ def write_solid_config(folder, **overrides):
     """A config in `folder` (paths relative to it); overrides as section={key: value}."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
-    for section, values in SOLID_CONFIG.items():
-        parser[section] = {**values, **overrides.get(section, {})}
+    for section in {**SOLID_CONFIG, **overrides}:
+        parser[section] = {**SOLID_CONFIG.get(section, {}), **overrides.get(section, {})}
     path = os.path.join(folder, "config.txt")
     with open(path, "w") as f:
         parser.write(f)
@@ -324,3 +325,19 @@ def killed_twin_runs(config_a, config_b, epochs, kill_epoch=1, timeout=240):
         for p in producers:
             stop_process(p)
 
+
+def random_images(shape, seed=0, mean=0.0, std=1.0):
+    import tensorflow as tf  # only the tests that need it load it
+    return tf.constant(np.random.RandomState(seed).normal(mean, std, size=shape).astype(np.float32))
+
+
+def run_python(code, cwd, with_repo):
+    """Run `code` in a fresh interpreter; with_repo=False proves it needs nothing from this repository."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if with_repo:
+        env["PYTHONPATH"] = ROOT
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

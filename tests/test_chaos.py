@@ -17,10 +17,7 @@ launcher, which is started again with --epoch_start=auto; a killed evaluator is 
 `make test` runs the short version (4 kills, one of each kind at least); `make chaos`
 (CHAOS_LONG=1) the long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill
 is printed and logged to <tmp>/chaos.log with what the victim was doing.
-
-The start-order tests at the top check the buffer protocol itself without TensorFlow: the two
-scripts start in any order next to a previous run's files, and a producer restarted with its
-original command catches up with a running trainer.
+The start-order tests (the buffer protocol alone) are in test_start_order.py.
 """
 import collections
 import os
@@ -28,7 +25,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -37,8 +33,8 @@ import pytest
 from settings import load_settings
 from utils.errors import UserError
 from utils.files import TMP_PREFIX, is_temp_name
-from data.buffer import files, protocol, reader as buffer_reader
-from tests.helpers import SOLID_BATCH, complete_count, heartbeat_pid, make_data, read_all, read_checkpoint, reference_builder, run_producer, solid_config_for, start_solid_producer, stop_process, surviving_batches, wait_until, write_train_config
+from data.buffer import files, protocol
+from tests.helpers import complete_count, make_data, read_checkpoint, stop_process, surviving_batches, write_train_config
 
 pytestmark = pytest.mark.chaos
 
@@ -54,97 +50,6 @@ WEIGHTS = {"trainer": 0.5, "producer": 0.3, "evaluator": 0.2}  # a trainer kill 
 BATCH = 8
 STEPS = 16  # 4 classes x 32 images / BATCH
 DEADLINE = 900 if LONG else 170
-
-
-# ----------------------------------------------------------------------------
-# Start order and restarts: the buffer protocol alone (no TensorFlow)
-# ----------------------------------------------------------------------------
-
-def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset, tmp_path, caplog):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4", "wait_timeout": "30"})
-    cfg = load_settings(config)
-    folder = cfg.train.buffer_folder
-    # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
-    assert run_producer(config, "--once", batch_size=2).returncode == 0
-    for key in files.scan_batches(folder)[0]:
-        files.delete_batch(folder, *key)
-    protocol.write_progress(folder, 3, 0)
-    builder = reference_builder(config)
-    errors = []
-
-    def trainer():
-        try:
-            read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, builder)
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-    thread = threading.Thread(target=trainer)
-    thread.start()
-    time.sleep(1.0)
-    assert thread.is_alive() and not errors  # waiting on the old manifest, not refusing it
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
-    thread.join(60)
-    assert not errors, errors
-    assert producer.wait(30) == 0
-    assert "waiting up to 30 s" in caplog.text and "holds batches of 2 images" in caplog.text
-
-
-def test_producer_started_first_sets_aside_a_previous_runs_progress(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = load_settings(config)
-    folder = cfg.train.buffer_folder
-    os.makedirs(folder)
-    protocol.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
-    try:
-        assert wait_until(lambda: complete_count(folder) == 4)
-        assert sorted(files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
-        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, reference_builder(config))
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
-
-
-def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = load_settings(config)
-    folder = cfg.train.buffer_folder
-    builder = reference_builder(config)
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="3")
-    reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
-    try:
-        read_all(reader, 0, 14, builder)  # the trainer stands at epoch 1 batch 4
-        producer.kill()
-        producer.wait()
-        for key in files.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
-            files.delete_batch(folder, *key)
-        producer = start_solid_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
-        started = time.monotonic()
-        read_all(reader, 14, 15, builder)
-        assert time.monotonic() - started < 15  # the waiting reader re-reported its position to the newcomer
-        read_all(reader, 15, 30, builder)
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
-
-
-def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = load_settings(config)
-    folder = cfg.train.buffer_folder
-    os.makedirs(folder)
-    protocol.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
-    producer = start_solid_producer(config, epoch_start="auto", epoch_end="2")
-    try:
-        assert wait_until(lambda: heartbeat_pid(folder) == producer.pid)
-        time.sleep(0.5)
-        assert complete_count(folder) == 0  # no batches built on a guess
-        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10, 20, reference_builder(config))  # a trainer resumed at 1
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
 
 
 # ----------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+"""The learning-rate schedules: each [schedule] type, warmup, boundaries in epochs or steps, and their refusals."""
 import types
 
 import numpy as np
