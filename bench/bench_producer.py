@@ -55,7 +55,7 @@ TWO_CORES = ("producer1u", "producer2", "pair")  # the scaling ratio compares th
 ALL = ONE_CORE + TWO_CORES
 WARMUP = 16
 BUFFER_BATCHES = 8  # producer runs: a small buffer, so the producer deletes and refills all the time
-# Published single-GPU ResNet-50 training rates (../shared/reference/performance_anchors.md section 3:
+# Published single-GPU ResNet-50 training rates (docs/references.md section 1:
 # V100 AMP 1,270-1,300, A100 AMP 2,375-2,470, H100 higher; the RTX 2080 with AMP about 400, issue 15).
 GPU_RATES = (("RTX 2080, AMP", 400), ("V100, AMP", 1300), ("A100, AMP", 2400), ("H100", 3000))
 PASSES = 5  # tf.data, augment and the producers all process PASSES x --images images: equal exposure to noise

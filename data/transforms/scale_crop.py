@@ -3,7 +3,7 @@
 Where each step runs (the one place this is stated):
 
   step (the recipe's order)                      where                          how
-  1. shorter side S from utils.scales(cfg)   producer CPU (this module)     drawn per image
+  1. shorter side S from settings.scales     producer CPU (this module)     drawn per image
   2. resize so the shorter side is S         producer CPU                   only the crop window is resampled
   3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
   5. horizontal flip, p = 0.5                producer CPU                   on the uint8 crop
