@@ -40,7 +40,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     quiet_tensorflow()
-    settings = load_settings(args.config, decoder=False)
+    # Only paths and sizes are read: the SavedModel normalises itself and the evaluator takes any device.
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     from engine.evaluate import check_accuracy  # TensorFlow loads only once arguments and config are checked
     check_accuracy(settings, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
                    timeout=args.timeout, batch_images=args.batch_images, weights=args.weights)

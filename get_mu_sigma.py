@@ -31,7 +31,7 @@ def main():
     p.add_argument("--num_workers", type=int, default=None, help="override [preprocess] num_workers (0 = all cores)")
     args = p.parse_args()
     setup_logging()
-    settings = load_settings(args.config, stats=False, decoder=False)
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     max_images = settings.get_mu_sigma.max_images if args.max_images is None else args.max_images
     if max_images < 0:
         raise UserError(f"--max_images must be >= 0, received {max_images}.")

@@ -49,6 +49,7 @@ from data.sources import shards, synsets
 from data.sources.index import IMAGE_EXTENSIONS
 from data.transforms import images
 from data.transforms.images import BadImageError
+from engine import run_folder
 
 LATENCY_NOTE = "batch 1, including preprocessing"
 
@@ -61,14 +62,14 @@ def resolve_model(path):
     """(saved_model folder, the epoch folder's config.txt or None) for an epoch or SavedModel folder."""
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        epoch_config = os.path.join(os.path.dirname(path), "config.txt")
+        epoch_config = run_folder.config_path(os.path.dirname(path))
         return path, epoch_config if os.path.isfile(epoch_config) else None
-    inner = os.path.join(path, "saved_model")
+    inner = run_folder.saved_model_dir(path)
     if os.path.isfile(os.path.join(inner, "saved_model.pb")):
-        epoch_config = os.path.join(path, "config.txt")
+        epoch_config = run_folder.config_path(path)
         return inner, epoch_config if os.path.isfile(epoch_config) else None
     raise UserError(f"{path} holds no SavedModel (saved_model.pb or saved_model/saved_model.pb); pass an "
-                          f"epoch folder such as <path_for_saving>/<run>/<epoch>.")
+                    f"epoch folder such as <path_for_saving>/<run>/<epoch>.")
 
 
 def centre_view(path, eval_resize, crop):
@@ -131,7 +132,7 @@ def load_predictor(saved_model, crop):
     """(predict: uint8 [B, crop, crop, 3] -> float [B, C] probabilities, C) through check_accuracy's predictor."""
     quiet_tensorflow()
     import tensorflow as tf
-    from engine.evaluate import SavedModelPredictor
+    from engine.model_wait import SavedModelPredictor
     try:
         loaded = tf.saved_model.load(saved_model)
     except Exception as e:  # noqa: BLE001 - any load failure is one sentence for the user
@@ -293,7 +294,7 @@ def main(argv=None):
     args = parse_args(argv)
     saved_model, epoch_config = resolve_model(args.model)
     default_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.txt")
-    settings = load_settings(args.config or epoch_config or default_config, stats=False, decoder=False)
+    settings = load_settings(args.config or epoch_config or default_config, stats=False, decoder=False, devices=False)
     eval_resize, crop = settings.images.eval_resize, settings.images.crop_size
     files = list_images(args.inputs)
     predict, num_outputs = load_predictor(saved_model, crop)

@@ -49,7 +49,7 @@ def main():
                    help="build a --shorter_side that is not one of [images]'s scales")
     args = p.parse_args()
     setup_logging()
-    settings = load_settings(args.config, stats=False, decoder=False)
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     if settings.data.source != "folder":  # the cache is indexed like the folder layout's train list
         raise UserError(f"preprocess.py's scale cache is built from image folders only, and [data] source = "
                               f"{settings.data.source}; the producer resizes shard images on the fly, so skip this "

@@ -25,7 +25,7 @@ def main():
     p.add_argument("--num_workers", type=int, default=None, help="override [preprocess] num_workers (0 = all cores)")
     args = p.parse_args()
     setup_logging()
-    settings = load_settings(args.config, stats=False, decoder=False)
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     pv, im = settings.preprocess_val, settings.images
     t0 = time.time()
     workers = settings.preprocess.num_workers if args.num_workers is None else args.num_workers

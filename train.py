@@ -65,7 +65,7 @@ def main(argv=None):
     if not chief:  # only the chief writes the run folder
         return train(settings, args, run_path, epoch_start, reader)
     with run_folder.removed_if_left_empty(run_path), run_folder.locked(run_path):
-        setup_logging(os.path.join(run_path, "train.log"))
+        setup_logging(os.path.join(run_path, run_folder.TRAIN_LOG))
         return train(settings, args, run_path, epoch_start, reader)
 
 

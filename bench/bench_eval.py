@@ -83,7 +83,7 @@ def time_loading(store, views, batch_images):
 
 
 def time_eval(predictor, store, views, batch_images):
-    from engine.evaluate import evaluate_epoch
+    from engine.scoring import evaluate_epoch
     result = evaluate_epoch(predictor, store, views, epoch=0, batch_images=batch_images, show_progress=False)
     return result.seconds
 
@@ -92,7 +92,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     quiet_tensorflow()
     import tensorflow as tf
-    from engine.evaluate import SavedModelPredictor, images_per_call
+    from engine.model_wait import SavedModelPredictor
+    from engine.scoring import images_per_call
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as folder:
         t0 = time.perf_counter()
         store = build_synthetic_store(folder, args.images, args.classes, args.crop, args.eval_resize,

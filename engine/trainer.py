@@ -298,17 +298,16 @@ class Trainer:
     # ------------------------------------------------------------------- save
 
     def save(self, epoch):
-        import os
         from model import export_saved_model
         from utils.files import atomic_write_text
         self.epoch_var.assign(epoch)
 
         def write_parts(folder):
-            export_saved_model(self.net, os.path.join(folder, "saved_model"), self.mu, self.sigma)
+            export_saved_model(self.net, run_folder.saved_model_dir(folder, "raw"), self.mu, self.sigma)
             if self.ema:
-                export_saved_model(self.ema.net, os.path.join(folder, "saved_model_ema"), self.mu, self.sigma)
+                export_saved_model(self.ema.net, run_folder.saved_model_dir(folder, "ema"), self.mu, self.sigma)
             self.checkpoint.write(run_folder.checkpoint_prefix(folder))
-            atomic_write_text(os.path.join(folder, "config.txt"), self.config_text(epoch))
+            atomic_write_text(run_folder.config_path(folder), self.config_text(epoch))
 
         try:
             path = run_folder.save_epoch(self.run_path, epoch, write_parts, overwrite=self.overwrite,

@@ -182,7 +182,7 @@ class Pipeline:
         return _listdir_any(self.buffer, lambda n: n.startswith(TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
 
     def accuracy_rows(self):
-        from engine.evaluate import read_rows
+        from engine.accuracy_log import read_rows
         try:
             return read_rows(os.path.join(self.run_path, "accuracy.csv"))
         except UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
@@ -383,7 +383,7 @@ def test_chaos_leaves_no_temp_or_partial_file(chaos_runs):
 
 
 def test_chaos_accuracy_has_one_row_per_epoch(chaos_runs):
-    from engine.evaluate import read_rows
+    from engine.accuracy_log import read_rows
     rows = read_rows(os.path.join(chaos_runs["chaos"].run_path, "accuracy.csv"))
     assert sorted((r["epoch"], r["protocol"]) for r in rows) == [(e, 10) for e in range(EPOCHS)]
     assert os.path.isfile(os.path.join(chaos_runs["chaos"].run_path, "accuracy.png"))

@@ -246,7 +246,7 @@ def test_the_demo_driver_runs_end_to_end_at_reduced_size(tmp_path):
     32-pixel crops and a 1/16-wide network: the table, the plot and both epoch folders come out.
     Measured 122 s at a load average of 10 on the 2 shared cores: 90 s of it is launch.py (TensorFlow
     tracing the step and two SavedModel exports), 24 s check_accuracy.py, 7 s the data steps."""
-    from engine import evaluate, run_folder
+    from engine import accuracy_log, run_folder
     from tests.helpers import write_config_file, write_train_config
     data, runs = tmp_path / "data", tmp_path / "runs"
     small = write_train_config(str(tmp_path / "small"), str(data / "imagenet"))  # crop 32, width 0.0625
@@ -263,12 +263,12 @@ def test_the_demo_driver_runs_end_to_end_at_reduced_size(tmp_path):
     (run,) = os.listdir(runs)
     run_path = str(runs / run)
     assert run.startswith("demo-") and run_folder.complete_epochs(run_path) == [0, 1]
-    rows = evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME))
+    rows = accuracy_log.read_rows(os.path.join(run_path, accuracy_log.CSV_NAME))
     assert [(r["epoch"], r["protocol"], r["images"]) for r in rows] == [(0, 10, 16), (1, 10, 16)]
     table = result.stdout.split("==> Results", 1)[1]
     for r in rows:
         assert f"{r['top1']:8.2f}  {r['top5']:8.2f}" in table
-    assert f"plot:           {os.path.join(run_path, evaluate.PNG_NAME)}" in table
-    with open(os.path.join(run_path, evaluate.PNG_NAME), "rb") as f:
+    assert f"plot:           {os.path.join(run_path, accuracy_log.PNG_NAME)}" in table
+    with open(os.path.join(run_path, accuracy_log.PNG_NAME), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(data / "stats" / "mu_sigma.json")

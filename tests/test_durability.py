@@ -65,17 +65,17 @@ def test_an_epoch_folder_is_on_disk_before_its_name_and_its_name_after(tmp_path,
 
 
 def test_log_csv_accuracy_csv_and_the_plot_are_fsynced_around_their_rename(tmp_path, events):
-    from engine import evaluate, logs
+    from engine import accuracy_log, logs
     run = str(tmp_path / "run")
     os.makedirs(run)
     logs.write_epoch_row(run, {k: 1.0 for k in logs.CSV_FIELDS} | {"epoch": 0})
     assert_durable_rename(events, os.path.join(run, logs.CSV_NAME))
     events.clear()
-    evaluate.write_rows(os.path.join(run, evaluate.CSV_NAME), [])
-    assert_durable_rename(events, os.path.join(run, evaluate.CSV_NAME))
+    accuracy_log.write_rows(os.path.join(run, accuracy_log.CSV_NAME), [])
+    assert_durable_rename(events, os.path.join(run, accuracy_log.CSV_NAME))
     events.clear()
     from engine.plot import plot_accuracy
-    png = os.path.join(run, evaluate.PNG_NAME)
+    png = os.path.join(run, accuracy_log.PNG_NAME)
     plot_accuracy([], png, "run")
     assert_durable_rename(events, png)
 

@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
 
 
 def test_top1_and_pixels_equal_check_accuracy_centre_crop_path(setup):
-    from engine.evaluate import SavedModelPredictor
+    from engine.model_wait import SavedModelPredictor
     store, index = setup["store"], setup["index"]
     saved = str(setup["epoch"] / "saved_model")
     check_accuracy_predict = SavedModelPredictor(tf.saved_model.load(saved))

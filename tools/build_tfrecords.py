@@ -340,7 +340,7 @@ def main(argv=None):
         return 0
     if args.verify:
         return verify(os.path.abspath(args.verify), args.num_workers)
-    return build(args, load_settings(args.config, stats=False, decoder=False))
+    return build(args, load_settings(args.config, stats=False, decoder=False, devices=False))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from utils.errors import UserError  # noqa: E402
 from utils.files import is_temp_name  # noqa: E402
 from data.sources import val_store  # noqa: E402
 from data.sources.index import load_index  # noqa: E402
-from engine import evaluate, run_folder  # noqa: E402
+from engine import accuracy_log, run_folder  # noqa: E402
 from tools.launch import die_with_launcher  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.txt")
@@ -151,16 +151,16 @@ def prune_old_runs(runs_dir, keep):
 
 def summary(settings, run, steps, total_seconds, epochs):
     run_path = run_folder.run_dir(settings.train.path_for_saving, run)
-    rows = [r for r in evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME)) if r["protocol"] == 10]
-    train_rows = _train_log(os.path.join(run_path, "log.csv"))
+    rows = [r for r in accuracy_log.read_rows(os.path.join(run_path, accuracy_log.CSV_NAME)) if r["protocol"] == 10]
+    train_rows = _train_log(os.path.join(run_path, run_folder.EPOCH_CSV))
     say("\n==> Results (10 views: 4 corners + centre, each flipped; probabilities averaged)")
     say(f"    {'epoch':>5}  {'train loss':>10}  {'top-1 %':>8}  {'top-5 %':>8}")
     for r in rows:
         loss = train_rows.get(r["epoch"], {}).get("train_loss")
         loss_text = f"{float(loss):10.3f}" if loss else f"{'':>10}"
         say(f"    {r['epoch']:>5}  {loss_text}  {r['top1']:8.2f}  {r['top5']:8.2f}")
-    say(f"    accuracy table: {os.path.join(run_path, evaluate.CSV_NAME)}")
-    say(f"    plot:           {os.path.join(run_path, evaluate.PNG_NAME)}")
+    say(f"    accuracy table: {os.path.join(run_path, accuracy_log.CSV_NAME)}")
+    say(f"    plot:           {os.path.join(run_path, accuracy_log.PNG_NAME)}")
     say("\n==> Time per step")
     for title, seconds in steps.times:
         say(f"    {seconds:7.1f} s  {title}")
@@ -199,7 +199,7 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, _raise_stopped)
     quiet_tensorflow()  # inherited by every step: no C++ start-up chatter in the demo's output
     start = time.monotonic()
-    settings = load_settings(args.config, stats=False, decoder=False)
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     config = f"--config={args.config}"
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     steps = Steps(5)

@@ -283,7 +283,7 @@ def main(argv=None):
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
         raise UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
                               f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
-    settings = load_settings(args.config, stats=False, decoder=False)  # fail in the first second on a bad config, not in two child processes
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)  # fail in the first second on a bad config, not in two child processes
     run_path = run_folder.run_dir(settings.train.path_for_saving, args.run_folder)
     set_interrupt_advice(lambda: run_folder.resume_advice(run_path, args.epoch_start))
     signal.signal(signal.SIGTERM, _raise_stop)

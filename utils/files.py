@@ -2,8 +2,10 @@
 the temp-file sweep, a disk-full error that names the folder, and the one lock policy (flock).
 """
 import contextlib
+import csv
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -15,7 +17,8 @@ from utils.errors import UserError
 TMP_PREFIX = ".tmp-"
 
 
-def _tmp_name(path):
+def temp_name(path):
+    """A fresh temporary name beside `path` (same folder, so a rename onto `path` is atomic)."""
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f"{TMP_PREFIX}{name}-{os.getpid()}-{os.urandom(3).hex()}")
 
@@ -85,13 +88,21 @@ def atomic_path(path, bytes_needed=None, tmp=None, durable=False):
     `durable`: survive a power cut too (fsync before and after the rename); for the run
     folder's files. The buffer, regenerable on a RAM disk, skips it.
     """
-    tmp = tmp or _tmp_name(path)
-    try:
+    tmp = tmp or temp_name(path)
+    with _removed_on_failure(tmp, path, bytes_needed):
         yield tmp
         if durable:
             _durable_replace(tmp, path, os.replace)
         else:
             os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp, path, bytes_needed=None):
+    """atomic_path's and atomic_dir's failure rule: any error removes `tmp`; a full disk or a file-size limit
+    becomes the UserError naming the folder."""
+    try:
+        yield
     except OSError as e:
         _remove(tmp)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -129,6 +140,15 @@ def atomic_write_text(path, text, durable=False):
     atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
+def atomic_write_csv(path, fields, rows, durable=False):
+    """A CSV of `rows` (dicts) with the header `fields`, written atomically (the run folder's logs)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue(), durable=durable)
+
+
 def atomic_save_npy(path, array, reuse=None):
     """np.save's bytes, written so that a full disk is reported as one (np.save's array.tofile
     raises a bare "N requested and M written" OSError without its errno on a short write).
@@ -162,31 +182,24 @@ def atomic_dir(path, durable=False):
     `durable`: every file and folder inside is fsynced before the rename, the parent after."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_name(path)
     os.makedirs(tmp)
-    try:
+    with _removed_on_failure(tmp, path):
         yield tmp
         if durable:
             _durable_replace(tmp, path, os.rename)
         else:
             os.rename(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise disk_full_error(path, too_large=e.errno == errno.EFBIG) from None
-        raise
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
-def remove_stale_temps(folder):
-    """Delete temp files/folders left by killed writers. Only call when no writer is active."""
+def remove_stale_temps(folder, names=None):
+    """Delete temp files/folders left by killed writers (only the temps of `names` when given: files whose
+    writers hold a lock the caller holds now). Only call when no writer of them is active."""
     if not os.path.isdir(folder):
         return 0
     removed = 0
     for name in os.listdir(folder):
-        if is_temp_name(name):
+        if is_temp_name(name) and (names is None or name[len(TMP_PREFIX):].startswith(tuple(names))):
             _remove(os.path.join(folder, name))
             removed += 1
     return removed
