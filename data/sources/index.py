@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from data.pool import imap_progress
+from data.random_streams import epoch_order_rng
 from data.sources import shards, tfrecord
 from utils.errors import UserError
 
@@ -381,7 +382,7 @@ def _from_list(root, split):
 
 def epoch_permutation(seed, epoch, n):
     """The order in which epoch `epoch` visits the n training images."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+    return epoch_order_rng(seed, epoch).permutation(int(n))  # data/random_streams.py
 
 
 # ----------------------------------------------------------------------------
