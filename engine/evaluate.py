@@ -1,21 +1,9 @@
-"""Validation accuracy of saved epochs: the seed's check_accuracy, batched and overlapped.
+"""check_accuracy.py's run: evaluate a run's epochs as they appear, the seed's check_accuracy, batched and overlapped.
 
-Protocols (number of views per image, all from preprocess_val.py's store):
-  10  resize the shorter side to [images] eval_resize, 4 corner crops + centre crop, each also
-      flipped (the seed's README protocol, the default);
-   1  the single centre crop at eval_resize (the TF official ResNet recipe's single-crop figure);
-  50  5 scales ([images] eval_scales_50) x 5 crops x 2 flips (what the original code ran).
-For each image the SOFTMAX PROBABILITIES of its views are averaged (not the logits), then
-ranked: top-1 is the best class, top-5 any of the best five. Ties rank the lower class index
-first, so a result never depends on sort internals.
-
-Speed: many images' views go to the model in one call, and a background thread reads and
-stacks the next batches while the model runs (TensorFlow releases the GIL while it computes).
-
-Outputs per epoch: the seed's `Epoch# e  Top 1 accuracy: x%  Top 5 accuracy: y%` line, one row
-in <run>/accuracy.csv keyed by (epoch, protocol, weights) (re-running replaces it), and <run>/accuracy.png.
-`weights` is 'raw' (<epoch>/saved_model) or 'ema' (<epoch>/saved_model_ema, [train] ema_decay > 0);
-a CSV written before that column existed reads as all 'raw'.
+For each epoch: wait for its SavedModel (engine/model_wait.py), score the validation store's views under the
+chosen protocol (engine/scoring.py: 10, 1 or 50 views, averaged softmax, top-1/top-5), print the seed's
+`Epoch# e  Top 1 accuracy: x%  Top 5 accuracy: y%` line and record it (engine/accuracy_log.py:
+<run>/accuracy.csv, accuracy.png and the validation TensorBoard scalars).
 """
 import os
 
