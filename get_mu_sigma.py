@@ -37,7 +37,8 @@ def main():
         raise UserError(f"--max_images must be >= 0, received {max_images}.")
     workers = settings.preprocess.num_workers if args.num_workers is None else args.num_workers
     t0 = time.time()
-    index = load_source_index(settings.data.source, settings.preprocess.ImageNet_folder, "train", settings.train.N, workers)
+    index = load_source_index(settings.data.source, settings.preprocess.ImageNet_folder, "train", settings.train.N,
+                              workers)
     chosen = stats.choose_subset(len(index), max_images, args.seed)
     paths = [index.paths[i] for i in chosen]
     skipped = SkipList()

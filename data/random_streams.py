@@ -4,15 +4,15 @@ Every draw that decides a batch's bytes or a run's result is keyed by the config
 it is used, never by a process's state, so any worker or machine that builds a draw gets the same one.
 Streams that share a key are kept apart by a stream id (numpy) or a personalisation string (blake2b):
 
-  draw                                   key                               generator, stream            owner
-  epoch order of the training images     (seed, epoch)                     default_rng                  data/sources/index.py epoch_permutation
-  scale crop: side S, crop window, flip,  (seed, epoch, position)          blake2b, person SCALE_CROP   data/transforms/scale_crop.py image_draws
-    PCA lighting coefficients
-  tiny augment: order, magnitudes, crop  (seed, epoch, position)           default_rng, TINY            data/transforms/tiny_augment.py image_rng
-  inception crop: flip, box              (seed, epoch, position)           default_rng, INCEPTION       data/transforms/inception_crop.py image_rng
-  mixup/cutmix: mix or not, lambda, box  (seed, epoch, batch)              default_rng, MIXING          engine/mixing.py draw
-  get_mu_sigma.py's image subset         (--seed)                          default_rng                  data/sources/stats.py choose_subset
-  weight initialisation, TF ops          [train] seed                      keras.utils.set_random_seed  engine/trainer.py, model/ (per-layer seeds)
+  draw                                     key (stream)                     generator  owner
+  epoch order of the training images       (seed, epoch)                    numpy      data/sources/index.py
+  scale crop: side S, window, flip, PCA    (seed, epoch, position)          blake2b    data/transforms/scale_crop.py
+    lighting coefficients                    (person SCALE_CROP_PERSON)
+  tiny augment: order, magnitudes, crop    (seed, epoch, position, TINY)    numpy      data/transforms/tiny_augment.py
+  inception crop: flip, box                (seed, epoch, position, INCEP.)  numpy      data/transforms/inception_crop.py
+  mixup/cutmix: mix or not, lambda, box    (seed, epoch, batch, MIXING)     numpy      engine/mixing.py
+  get_mu_sigma.py's image subset           (--seed)                         numpy      data/sources/stats.py
+  weight initialisation, TF ops            [train] seed                     keras      engine/trainer.py, model/
 
 Not training draws: tools/make_demo_dataset.py draws the generated images from (seed, split, k, j) and the
 validation order from (seed, 99); inference.py --benchmark's sample image from 0.

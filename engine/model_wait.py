@@ -49,7 +49,8 @@ def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, loa
                                     f"delete that epoch folder and retrain it.") from None
                 say(f"Model folder {path} did not load ({type(e).__name__}); retrying.")
         elif weights != "raw" and run_folder.is_complete(run_folder.epoch_dir(run_path, epoch)):
-            raise UserError(f"Epoch {epoch} of {run_path} has no {run_folder.MODEL_FOLDERS[weights]}/ (it was trained with "
+            raise UserError(f"Epoch {epoch} of {run_path} has no {run_folder.MODEL_FOLDERS[weights]}/ (it was "
+                            f"trained with "
                             f"[train] ema_decay = 0); evaluate it with --weights raw, or train with ema_decay > 0.")
         now = time.monotonic()
         waited = now - start

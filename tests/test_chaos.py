@@ -34,7 +34,8 @@ from settings import load_settings
 from utils.errors import UserError
 from utils.files import TMP_PREFIX, is_temp_name
 from data.buffer import files, protocol
-from tests.helpers import complete_count, make_data, read_checkpoint, stop_process, surviving_batches, write_train_config
+from tests.helpers import (complete_count, make_data, read_checkpoint, stop_process, surviving_batches,
+                           write_train_config)
 
 pytestmark = pytest.mark.chaos
 

@@ -12,7 +12,8 @@ from settings import devices, load_settings
 from tests.helpers import PY, ROOT, random_images, write_solid_config
 from utils.errors import ConfigError, UserError
 
-TWO_WORKERS = json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}})
+TWO_WORKERS = json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                          "task": {"type": "worker", "index": 0}})
 SCRIPTS = {
     "train.py": ["--run_folder=r", "--epoch_start=0", "--epoch_end=1"],
     "runtime_preprocessing.py": ["--epoch_start=0", "--epoch_end=1", "--no_progress"],
@@ -67,7 +68,8 @@ def test_replica_checks_count_the_gpus_the_probe_finds(tmp_path, monkeypatch):
         load_settings(config, batch_size=9)
     with pytest.raises(UserError, match=r"jit_compile = true works on one device only; this run has 2 replicas"):
         load_settings(write_solid_config(str(tmp_path), train={"jit_compile": "true"}), batch_size=8)
-    assert load_settings(write_solid_config(str(tmp_path), train={"distribute": "one_device"}), batch_size=9).replicas == 1
+    one_device = write_solid_config(str(tmp_path), train={"distribute": "one_device"})
+    assert load_settings(one_device, batch_size=9).replicas == 1
 
 
 def test_settings_are_frozen_and_record_every_resolved_auto(tmp_path):

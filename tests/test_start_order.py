@@ -7,8 +7,8 @@ import time
 
 from settings import load_settings
 from data.buffer import files, protocol, reader as buffer_reader
-from tests.helpers import (SOLID_BATCH, complete_count, heartbeat_pid, read_all, reference_builder, run_producer, solid_config_for,
-                           start_solid_producer, wait_until)
+from tests.helpers import (SOLID_BATCH, complete_count, heartbeat_pid, read_all, reference_builder, run_producer,
+                           solid_config_for, start_solid_producer, wait_until)
 
 
 def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset, tmp_path, caplog):  # noqa: F811

@@ -27,9 +27,9 @@ written out in configs/seed003_recipe.txt).
 
 Random draws: image `position` of epoch `epoch` draws from its own stream (INCEPTION in
 data/random_streams.py, keyed by (seed, epoch, position)) in a fixed order: the flip, then the box
-sampler's draws; apart from data/transforms/scale_crop.py's blake2b draws for the same position (whose PCA lighting coefficients the producer still uses
-when [images] pca_std > 0; the Inception recipe has none). A batch is therefore the same whatever
-the number of workers.
+sampler's draws; apart from data/transforms/scale_crop.py's blake2b draws for the same position
+(whose PCA lighting coefficients the producer still uses when [images] pca_std > 0; the Inception
+recipe has none). A batch is therefore the same whatever the number of workers.
 """
 import io
 import math
