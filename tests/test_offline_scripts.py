@@ -97,7 +97,7 @@ def test_preprocess_aligned_across_scales(config, dataset):
     result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2", "--any_side")
     assert result.returncode == 0, result.stderr
     assert "skipping unreadable image" in result.stderr and "truncated" in result.stderr
-    cfg = load_settings(config)
+    cfg = load_settings(config, stats=False)  # no mu_sigma.json yet: the cache does not need it
     index = load_index(dataset, "train")
     root = cfg.preprocess.path_to_save
     assert scale_cache.cache_is_valid_for(root, index) and scale_cache.complete_scales(root, index) == [40, 48]
@@ -211,7 +211,7 @@ def test_val_store_round_trip_and_resume(tmp_path, dataset):
                                                       "preprocess_val.chunk_images": 4})
     result = run("preprocess_val.py", "--config", config)
     assert result.returncode == 0, result.stderr
-    cfg = load_settings(config)
+    cfg = load_settings(config, stats=False)  # the validation views are stored before any normalisation
     im, path = cfg.images, cfg.preprocess_val.path_to_save
     index = load_index(dataset, "val")
     store = val_store.open_val_store(path)

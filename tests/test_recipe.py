@@ -188,7 +188,7 @@ def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_pat
     trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
     assert trainer.ema is None and not trainer.recipe.active
     assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
-    keras.utils.set_random_seed(trainer.cfg.train.seed)
+    keras.utils.set_random_seed(trainer.settings.train.seed)
     net = build_model(**model_kwargs(trainer.settings))
     opt = keras.optimizers.SGD(learning_rate=0.005, momentum=0.9)
     opt.build(net.trainable_variables)

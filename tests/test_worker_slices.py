@@ -124,8 +124,8 @@ def test_two_slice_producers_together_write_the_global_batches(sliced_buffers):
 
 def test_a_trainer_whose_tf_config_position_disagrees_with_its_buffer_stops_with_one_sentence(sliced_buffers,
                                                                                                 monkeypatch):
-    cfg = load_settings(sliced_buffers[1])
     monkeypatch.setenv("TF_CONFIG", tf_config(0, 2))
+    cfg = load_settings(sliced_buffers[1])  # the settings take this machine's position from TF_CONFIG
     with pytest.raises(UserError) as err:
         buffer_reader.BufferReader(cfg, SOLID_BATCH).check_manifest()
     text = str(err.value)
@@ -133,7 +133,7 @@ def test_a_trainer_whose_tf_config_position_disagrees_with_its_buffer_stops_with
     assert "--worker_index=0 --worker_count=2" in text and "\n" not in text and text.count(". ") == 0
     monkeypatch.delenv("TF_CONFIG")
     with pytest.raises(UserError, match="needs whole global batches \\(one machine\\)"):
-        buffer_reader.BufferReader(cfg, SOLID_BATCH).check_manifest()
+        buffer_reader.BufferReader(load_settings(sliced_buffers[1]), SOLID_BATCH).check_manifest()
 
 
 def test_the_producer_takes_its_slice_from_its_flags_or_else_from_tf_config(monkeypatch):
