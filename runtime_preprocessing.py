@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--worker_index", type=int, default=None,
                    help="this machine's position in a multi-worker run (default: from TF_CONFIG, as train.py "
-                        "reads it); it builds only rows [i*B/W, (i+1)*B/W) of each global batch")
+                        "reads it; refused when it contradicts TF_CONFIG); it builds only rows [i*B/W, (i+1)*B/W) "
+                        "of each global batch")
     p.add_argument("--worker_count", type=int, default=None,
                    help="machines in a multi-worker run, W (default: from TF_CONFIG; 1 without it)")
     return p.parse_args(argv)
@@ -54,6 +55,13 @@ def worker_slice(args):
                               "them from TF_CONFIG.")
     if args.worker_index is None:
         return worker_info()
+    if os.environ.get("TF_CONFIG", "").strip():
+        position = worker_info()
+        if position != (args.worker_index, args.worker_count):
+            raise UserError(
+                f"--worker_index={args.worker_index} --worker_count={args.worker_count} contradicts TF_CONFIG, "
+                f"which makes this machine worker {position[0]} of {position[1]} (the rows its train.py trains "
+                f"on); drop the two flags, or fix TF_CONFIG.")
     return args.worker_index, args.worker_count
 
 

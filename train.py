@@ -21,7 +21,7 @@ from settings import load_settings
 from utils.cli import add_config_arg, add_epoch_args, quiet_tensorflow, run_main, set_interrupt_advice, setup_logging
 from data.buffer.protocol import MANIFEST
 from data.buffer.reader import BufferReader
-from engine import run_folder
+from engine import run_folder, run_identity
 from engine.distribute import is_chief
 from engine.waiting import Reminder
 
@@ -46,7 +46,8 @@ def main(argv=None):
     # SIGTERM unwinds like Ctrl-C: a save in progress removes its temp folder, no epoch folder is half-written.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     # Every auto resolved and every cross-key check done here, before TensorFlow loads (settings/__init__.py).
-    settings = load_settings(args.config, devices=True, batch_size=args.batch_size)
+    # decoder=False: the producer decodes (and records its decoder in the buffer manifest), not the trainer.
+    settings = load_settings(args.config, decoder=False, devices=True, batch_size=args.batch_size)
     run_path = run_folder.run_dir(settings.train.path_for_saving, args.run_folder)
     epoch_start = run_folder.resolve_epoch_start(run_path, args.epoch_start)
     # Ctrl-C after an epoch was saved: rerunning an integer --epoch_start would collide with it.
@@ -61,12 +62,27 @@ def main(argv=None):
     if chief:
         run_folder.check_plan(run_path, epoch_start, args.epoch_end, args.overwrite)
     setup_logging()
+    check_identity(settings, args, run_path, epoch_start, chief)  # before waiting for a producer
     settings, reader = open_buffer(settings, args)
+    changes = check_identity(settings, args, run_path, epoch_start, chief)  # with the class count now
     if not chief:  # only the chief writes the run folder
         return train(settings, args, run_path, epoch_start, reader)
     with run_folder.removed_if_left_empty(run_path), run_folder.locked(run_path):
         setup_logging(os.path.join(run_path, run_folder.TRAIN_LOG))
+        if changes:
+            logging.getLogger("train").info(changes)
         return train(settings, args, run_path, epoch_start, reader)
+
+
+def check_identity(settings, args, run_path, epoch_start, chief):
+    """A resume whose settings would not fit the checkpoint is refused before TensorFlow reads it
+    (engine/run_identity.py); returns the line naming accepted recipe changes, or None. The settings
+    are resolved already (mixed_precision for this machine; num_classes once the manifest gave it)."""
+    if not (chief and epoch_start):
+        return None
+    return run_identity.check_resume(run_path, epoch_start, settings.resolved_text(),
+                                     (settings.train.mixed_precision, settings.precision_reason),
+                                     settings.model.num_classes or None, args.learning_rate)
 
 
 def open_buffer(settings, args):
@@ -90,8 +106,8 @@ def train(settings, args, run_path, epoch_start, reader):
     resume = run_folder.checkpoint_prefix(run_folder.epoch_dir(run_path, epoch_start - 1)) if epoch_start else None
     quiet_tensorflow()
     from engine.trainer import Trainer  # TensorFlow loads only once arguments, config and buffer are checked
-    trainer = Trainer(settings, reader, run_path, args.batch_size, learning_rate=args.learning_rate, epoch_end=args.epoch_end, overwrite=args.overwrite,
-                      command=shlex.join([os.path.basename(sys.executable), *sys.argv]))
+    trainer = Trainer(settings, reader, run_path, args.batch_size, learning_rate=args.learning_rate,
+                      epoch_end=args.epoch_end, overwrite=args.overwrite, command=shlex.join([os.path.basename(sys.executable), *sys.argv]))
     if resume:
         trainer.restore(resume, expected_epoch=epoch_start - 1)
     trainer.train(epoch_start, args.epoch_end)

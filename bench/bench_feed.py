@@ -1,6 +1,7 @@
 """Does the buffer keep the training device busy? Model, feed and loop rates side by side.
 
     python bench/bench_feed.py [--config configs/demo.txt] [--batch_size 64] [--width_multiplier W] [--crop C]
+                               [--rounds 3] [--warmup_rounds 1]
 
 On a GPU, the full ResNet-50 at 224 px with the run's batch size:
 
@@ -9,14 +10,17 @@ On a GPU, the full ResNet-50 at 224 px with the run's batch size:
 The model, precision ([train] mixed_precision, resolved for this machine), XLA setting and device
 are the config's; the bench generates its own JPEGs and fills a buffer of real batches with
 runtime_preprocessing.py --once (in /dev/shm when there is one), then measures, interleaved over
---rounds rounds, for the same batches:
+--rounds rounds after --warmup_rounds uncounted ones (a first round runs at a fraction of the speed:
+tracing, first-touch memory), for the same batches:
   model  the Trainer's train step alone on one batch already on the device (normalisation and PCA
          lighting included, as they are part of the step), as peers' --use_synthetic_data
   feed   the buffer reader + the copy to the device (the trainer's prefetch thread) + the device-side
          normalisation and PCA lighting, with the model left out
   loop   the real Trainer.train_epoch on that buffer
 and prints loop/model (the share of the model's speed that the pipeline delivers; target >= 0.97)
-and feed/model (the headroom; target >= 3). The feed's device work is split further: the feed
+and feed/model (the headroom; target >= 1.5, below 1 the feed is the bottleneck): the README's
+thresholds. A MISSED target is followed by the next step to take; with fewer than 3 measured
+rounds nothing is judged. The feed's device work is split further: the feed
 without the PCA lighting, the PCA lighting shift alone per batch (per-image covariance, batched
 3x3 eigh, shift) and the batched eigh alone per batch. Each figure is the best round (on a shared
 machine interference only ever slows a round down); medians are printed beside.
@@ -35,12 +39,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils.cli import quiet_tensorflow  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from settings import load_settings  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
-TARGET_LOOP = 0.97
-TARGET_FEED = 3.0
+TARGET_LOOP = 0.97  # the README's thresholds ("Does the buffer keep the GPU busy?"; tests/test_bench_feed.py)
+TARGET_FEED = 1.5   # below it the feed limits as soon as the disk or producer hiccups; below 1 it is the bottleneck
+MIN_ROUNDS_TO_JUDGE = 3  # one round read 0.787 where three read 0.944 (issue 26): a single round is noise here
 MU, SIGMA = (0.48180, 0.44969, 0.39839), (0.27336, 0.26435, 0.27563)  # config.txt's values
 CLASSES = 10
 
@@ -53,7 +58,9 @@ def parse_args(argv):
     p.add_argument("--width_multiplier", type=float, default=None, help="default: the config's [model] value")
     p.add_argument("--crop", type=int, default=None, help="crop side in pixels; default: the config's crop_size")
     p.add_argument("--batches", type=int, default=16, help="batches in the buffer, one pass each per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="measured interleaved rounds; the best is reported "
+                                                         f"(default 3; fewer than {MIN_ROUNDS_TO_JUDGE} are not judged)")
+    p.add_argument("--warmup_rounds", type=int, default=1, help="rounds run first and not counted (default 1)")
     p.add_argument("--buffer_dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                    help="where the buffer of batch files is made (default /dev/shm, a RAM disk)")
     return p.parse_args(argv)
@@ -63,7 +70,7 @@ def bench_config(args, work):
     """The user's config with this bench's dataset, buffer, run folder, crop and width."""
     from tests.helpers import write_config_file
     from tools.make_demo_dataset import make_dataset
-    base = load_config(args.config)
+    base = load_settings(args.config, stats=False, decoder=False, devices=False)  # its crop and width
     crop = args.crop or base.images.crop_size
     width = args.width_multiplier if args.width_multiplier is not None else base.model.width_multiplier
     scale = math.ceil(crop * 8 / 7)  # 256 for 224, as the original's smallest scale
@@ -116,8 +123,8 @@ class Bench:
         reader = make_reader(cfg, batch_size)
         run_path = os.path.join(cfg.train.path_for_saving, "bench")
         os.makedirs(run_path, exist_ok=True)
-        self.trainer = Trainer(cfg, reader, run_path, batch_size, reader.num_classes, learning_rate=0.01,
-                               epoch_end=1)  # a constant rate: the schedule does not change the speed
+        self.trainer = Trainer(cfg.with_classes(reader.num_classes, "per the bench's manifest"), reader, run_path,
+                               batch_size, learning_rate=0.01, epoch_end=1)  # a constant rate: the schedule does not change the speed
         self.trainer.chief = False  # no progress bar
         self.batches = reader.batches_per_epoch
         self.resident = self.trainer.to_device(reader.read(0, 0))
@@ -180,8 +187,71 @@ class Bench:
         return (time.perf_counter() - start) / reps
 
 
+def measure_rounds(bench, rounds, warmup_rounds):
+    """Rates per measured round ({name: [img/s, ...]}), PCA and eigh seconds per batch; warm-up rounds run first,
+    uncounted."""
+    rates = {k: [] for k in ("model", "feed", "loop", "feed_no_pca")}
+    pca, eigh = [], []
+    for r in range(warmup_rounds + rounds):
+        figures = {"model": bench.model(), "feed": bench.feed(bench.prep), "loop": bench.loop(),
+                   "feed_no_pca": bench.feed(bench.prep_plain, lighting=False)}
+        seconds = (bench.per_batch(bench.pca, bench.normalised, bench.resident.lighting),
+                   bench.per_batch(bench.eigh, bench.cov))
+        if r < warmup_rounds:
+            continue
+        for name, rate in figures.items():
+            rates[name].append(rate)
+        pca.append(seconds[0])
+        eigh.append(seconds[1])
+    return rates, pca, eigh
+
+
+def verdict_lines(rates):
+    """loop/model and feed/model against the README's thresholds, each MISSED one with the next step to take."""
+    best = {k: max(v) for k, v in rates.items()}
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    rounds = len(rates["model"])
+    judged = rounds >= MIN_ROUNDS_TO_JUDGE
+    lines = []
+    for name, target in (("loop", TARGET_LOOP), ("feed", TARGET_FEED)):
+        ratio, ratio_median = best[name] / best["model"], median[name] / median["model"]
+        line = f"  {name}/model: {ratio:.3f} (medians {ratio_median:.3f}; target >= {target:g})"
+        if judged:
+            line += " met" if ratio >= target else f" MISSED; next: {next_step(name, best)}"
+            if (ratio >= target) != (ratio_median >= target):
+                line += (" (best and median rounds disagree: the machine's load decides this verdict; rerun "
+                         "when it is quieter, or with more --rounds)")
+        lines.append(line)
+    if not judged:
+        lines.append(f"  {rounds} measured round{' is' if rounds == 1 else 's are'} too few to judge (warm-up "
+                     f"excluded; on a shared machine one round's figure swings more than the targets' margins): "
+                     f"rerun with --rounds {MIN_ROUNDS_TO_JUDGE} or more.")
+    return lines
+
+
+def next_step(name, best):
+    """What to do about a MISSED loop/model or feed/model, from the other figures of the same run."""
+    feed, plain, model = best["feed"] / best["model"], best["feed_no_pca"] / best["model"], best["model"]
+    pca_note = ("the PCA lighting shift costs most of the feed (see its line above; [images] pca_std = 0 turns "
+                "it off, a change of recipe)" if plain >= max(1.0, 1.5 * feed) else
+                "the feed is slow even without the PCA lighting: put buffer_folder on a RAM disk and check the "
+                "reader's copy to the device")
+    if name == "loop" and feed < 1.0:
+        return f"the feed is the bottleneck (feed/model {feed:.2f}): {pca_note}."
+    if name == "loop":
+        return ("the feed keeps up on its own, so the loop loses time around the step: trace a few steps with "
+                "[train] profile_steps (gaps between steps mean input), and in a real run read log.csv's wait "
+                "fraction: a trainer that waits for its buffer needs more [runtime_preprocessing] num_of_threads "
+                "(bench/bench_producer.py sizes them).")
+    return (f"the feed keeps up ({feed:.2f}x the model's {model:.0f} img/s) but any disk or producer hiccup "
+            f"will show; {pca_note}.")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.rounds < 1 or args.warmup_rounds < 0:
+        raise UserError(f"--rounds must be at least 1 and --warmup_rounds at least 0, received "
+                        f"--rounds {args.rounds} --warmup_rounds {args.warmup_rounds}.")
     quiet_tensorflow()
     import logging
     for name in ("train", "data.buffer"):
@@ -190,17 +260,9 @@ def main(argv=None):
     try:
         config, crop, width = bench_config(args, work)
         fill_buffer(config, args.batch_size)
-        cfg = load_config(config)
+        cfg = load_settings(config, batch_size=args.batch_size)
         bench = Bench(cfg, args.batch_size)
-        rates = {k: [] for k in ("model", "feed", "loop", "feed_no_pca")}
-        pca, eigh = [], []
-        for _ in range(args.rounds):
-            rates["model"].append(bench.model())
-            rates["feed"].append(bench.feed(bench.prep))
-            rates["loop"].append(bench.loop())
-            rates["feed_no_pca"].append(bench.feed(bench.prep_plain, lighting=False))
-            pca.append(bench.per_batch(bench.pca, bench.normalised, bench.resident.lighting))
-            eigh.append(bench.per_batch(bench.eigh, bench.cov))
+        rates, pca, eigh = measure_rounds(bench, args.rounds, args.warmup_rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {k: max(v) for k, v in rates.items()}
@@ -210,7 +272,8 @@ def main(argv=None):
           f"{cfg.train.mixed_precision} ({bench.trainer.precision_reason}), jit_compile "
           f"{str(cfg.train.jit_compile).lower()}, on {device}; {bench.batches} real batches in a "
           f"{'RAM-disk ' if work.startswith('/dev/shm') else ''}buffer, best of {args.rounds} interleaved rounds "
-          f"(median), {os.cpu_count()} CPU threads visible")
+          f"(median) after {args.warmup_rounds} uncounted warm-up round{'' if args.warmup_rounds == 1 else 's'}, "
+          f"{os.cpu_count()} CPU threads visible")
     for name, what in (("model", "train step alone, batch on the device"),
                        ("feed", "reader + copy to device + normalisation + PCA lighting"),
                        ("feed_no_pca", "the same without the PCA lighting"),
@@ -221,12 +284,9 @@ def main(argv=None):
           f"({100 * eigh_ms / pca_ms:.0f}%); the step at the model's rate takes "
           f"{1000 * args.batch_size / best['model']:.1f} ms")
     ratios = {"loop/model": best["loop"] / best["model"], "feed/model": best["feed"] / best["model"]}
-    for (name, ratio), target in zip(ratios.items(), (TARGET_LOOP, TARGET_FEED)):
-        verdict = "met" if ratio >= target else "MISSED"
-        print(f"  {name}: {ratio:.3f} (medians {median[name.split('/')[0]] / median['model']:.3f}; "
-              f"target >= {target:g} {verdict})")
+    print("\n".join(verdict_lines(rates)))
     return {"rates": rates, "pca_seconds": pca, "eigh_seconds": eigh, "ratios": ratios}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(lambda: main(sys.argv[1:]) and 0)  # main returns its figures (run_all, tests); the exit code is 0

@@ -45,6 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from data.buffer.sizing import settled_count  # noqa: E402
+
 TARGET_TFDATA = 1.0
 TARGET_SCALING = 1.8
 CROP = 224
@@ -96,8 +98,10 @@ def make_corpus(folder, args):
 
 def sizing_line(per_worker, rates):
     """How many workers feed each GPU rate, at `per_worker` img/s per worker (scaling measured at >= 1.8 for 2)."""
+    # Beside each: the count num_of_threads = auto settles at for the same rates (data/buffer/sizing.py).
     feeds = "; ".join(f"to feed {rate:,} img/s{f' ({name})' if name else ''} use {math.ceil(rate / per_worker)} "
-                      f"worker{'s' if math.ceil(rate / per_worker) > 1 else ''}" for name, rate in rates)
+                      f"worker{'s' if math.ceil(rate / per_worker) > 1 else ''} (auto settles at "
+                      f"{settled_count(rate, per_worker)})" for name, rate in rates)
     return f"one producer worker builds {per_worker:,.0f} img/s of these images at {CROP}; {feeds}"
 
 
@@ -310,8 +314,27 @@ def spawn_pair(folder, batch_size, cpus, buffer_dir):
 # Report
 # ----------------------------------------------------------------------------
 
-def main(argv=None):
+def check_args(args, kinds):
+    """The flags' own mistakes, before any image is sampled: one sentence naming the flag (UserError)."""
     from utils.errors import UserError
+    if args.images_dir and not os.path.isdir(args.images_dir):
+        raise UserError(f"--images_dir {os.path.abspath(args.images_dir)} does not exist; pass the dataset "
+                              f"root (the folder holding train/ or train.txt), or leave it out to time generated "
+                              f"JPEGs.")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, received {args.rounds}.")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, received {args.batch_size}.")
+    if args.images <= WARMUP:
+        raise UserError(f"--images {args.images} is not more than the {WARMUP} warm-up images each pipeline "
+                              f"decodes before its clock starts; pass --images {WARMUP + 1} or more.")
+    if args.images < args.batch_size and any(k.startswith("producer") for k in kinds):
+        raise UserError(f"--images {args.images} is fewer than --batch_size {args.batch_size}, so the producer "
+                              f"would have no whole batch to build; pass --images {args.batch_size} or more, or a "
+                              f"smaller --batch_size.")
+
+
+def main(argv=None):
     from utils.files import atomic_write_text
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
@@ -325,8 +348,7 @@ def main(argv=None):
     consumer_cpu = others[-1] if others else None  # producer1's trainer side runs beside it, as a trainer would
     kinds = [k for k in ALL if k in (args.pipelines or ALL)]
     runs = {k: [] for k in kinds}
-    if args.images <= WARMUP:
-        raise UserError(f"--images must be more than {WARMUP} (the warm-up images), received {args.images}.")
+    check_args(args, kinds)
     with tempfile.TemporaryDirectory(prefix="bench_producer_") as folder:
         sample = make_corpus(folder, args)
         what = (f"JPEGs sampled from {os.path.abspath(args.images_dir)}"
@@ -392,4 +414,5 @@ def print_ratios(best, median):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_main
+    run_main(main)  # an argument mistake is one sentence (exit 2), not a traceback

@@ -78,13 +78,13 @@ def _config(folder, train):
 
 
 def build(name, folder, batches):
-    from utils.config import load_config
+    from settings import load_settings
     from engine.trainer import Trainer
     sub = os.path.join(folder, name)
     os.makedirs(os.path.join(sub, "run"))
-    cfg = load_config(_config(sub, VARIANTS[name]))
-    return Trainer(cfg, _Reader(batches), os.path.join(sub, "run"), batch_size=len(batches[0].labels),
-                   num_classes=CLASSES, learning_rate=0.01)
+    settings = load_settings(_config(sub, VARIANTS[name])).with_classes(CLASSES, "the bench's")
+    return Trainer(settings, _Reader(batches), os.path.join(sub, "run"), batch_size=len(batches[0].labels),
+                   learning_rate=0.01)
 
 
 def run_steps(trainer, batches, first, count):

@@ -155,8 +155,9 @@ def sample_dataset(images_dir, count, root, seed=0):
         os.symlink(os.path.abspath(source), link)
         paths.append(link)
     if len(paths) < count:
-        raise UserError(f"{images_dir} has {len(paths)} plain JPEG training images, fewer than --images={count}; "
-                        f"lower --images.")
+        passed = f" ({skipped} other files passed over)" if skipped else ""
+        raise UserError(f"--images {count} is more than the {len(paths)} plain JPEG training images in "
+                        f"{os.path.abspath(images_dir)}{passed}; pass --images {len(paths)} or fewer.")
     return Sample(root, paths, *measure(paths), skipped=skipped)
 
 

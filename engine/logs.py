@@ -5,11 +5,12 @@
   (a rerun with --overwrite, or epochs trained after the checkpoint we resumed from).
   `steps` is the global step count at the end of the epoch; `lr` the rate of the
   epoch's last step; `wait_seconds` the time the training loop stood still waiting
-  for the next batch, `wait_fraction` that over `wall_seconds`.
+  for the next batch, `wait_fraction` that over `wall_seconds`, `bottleneck` what held the
+  epoch back (bottleneck(): compute-bound, or input-bound at or below the producer's core limit).
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
 - <run>/tensorboard/: scalars every [train] log_every steps and per epoch; with [train]
-  profile_steps = first, last a profiler trace of global steps first..last-1 under
+  profile_steps = first, last a profiler trace of global steps first..last (inclusive) under
   plugins/profile/<time>/ (ProfilerWindow).
 """
 import csv
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from engine.run_folder import BATCH_LOG as BATCH_LOG_NAME, EPOCH_CSV as CSV_NAME, TENSORBOARD_DIR
 from utils.files import atomic_write_csv, disk_full_error
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
-              "wait_fraction", "wall_seconds")
+              "wait_fraction", "wall_seconds", "bottleneck")
 WAIT_WARN_FRACTION = 0.05
 
 
@@ -46,14 +47,34 @@ def _fmt(value):
     return str(value)
 
 
-def wait_advice(wait_fraction, num_of_threads):
-    """A sentence when the trainer waited too long for the producer, else None."""
+def bottleneck(wait_fraction, producer):
+    """(the word for what held the epoch back, a sentence of advice or None).
+
+    `producer`: the producer's heartbeat record (data/buffer/protocol.py), None if there is none. The trainer
+    is compute-bound when it waited at most WAIT_WARN_FRACTION of the epoch; otherwise input-bound, either at
+    the producer's core limit (it runs every worker it may) or below it (it is still adding workers, or the
+    workers are not what is slow: a buffer folder on a disk, not a RAM disk).
+    """
     if wait_fraction <= WAIT_WARN_FRACTION:
-        return None
-    return (f"the trainer waited for the buffer {100 * wait_fraction:.1f}% of the epoch "
-            f"(more than {100 * WAIT_WARN_FRACTION:.0f}%): the producer is the bottleneck; raise "
-            f"[runtime_preprocessing] num_of_threads (now {num_of_threads}) if CPU cores are free, "
-            f"or use the preprocess.py scale cache.")
+        return "compute-bound", None
+    waited = (f"the trainer waited for the buffer {100 * wait_fraction:.1f}% of the epoch "
+              f"(more than {100 * WAIT_WARN_FRACTION:.0f}%)")
+    if not producer or "workers" not in producer:
+        return "input-bound", f"{waited}: the producer is the bottleneck; raise [runtime_preprocessing] " \
+                              f"num_of_threads if CPU cores are free, or use the preprocess.py scale cache."
+    workers, most = producer["workers"], producer.get("max_workers", producer["workers"])
+    rate = producer.get("build_rate", 0.0)
+    if workers >= most:
+        fix = ("raise num_of_threads if cores are free (or set it to auto)" if not
+               str(producer.get("sizing", "")).startswith("num_of_threads = auto") else
+               "give it more cores (a machine with more, or a higher max_workers)")
+        return "input-bound at core limit", (
+            f"{waited} and the producer runs all the workers it may ({workers}, {rate:,.0f} img/s; "
+            f"{producer.get('sizing', '')}): {fix}, or build preprocess.py's scale cache so workers skip "
+            f"decoding full-size JPEGs.")
+    return "input-bound below core limit", (
+        f"{waited} while the producer ran {workers} of at most {most} workers ({rate:,.0f} img/s): it is "
+        f"still adding workers, or the workers wait on the buffer folder: put it on a RAM disk, not a disk.")
 
 
 class BatchLog:
@@ -119,39 +140,56 @@ class TensorBoard:
 
 
 class ProfilerWindow:
-    """A tf.profiler.experimental trace of the global steps first..last-1 into <run>/tensorboard/.
+    """A tf.profiler.experimental trace of the global steps first..last (inclusive) into <run>/tensorboard/.
 
     TensorBoard's Profile tab (pip install tensorboard-plugin-profile) then shows per step
     whether it waited on input (the trace view's gaps between steps, the input-pipeline
-    analysis) or on compute. The trace starts before step `first` is launched and stops before
-    step `last` is; on a GPU the last traced step's kernels may still be running then.
+    analysis) or on compute. Steps are counted from 0 over the whole run, resumes included.
+    The trace starts before step `first` is launched and stops before step last + 1 is, or
+    when the run ends; on a GPU the last traced step's kernels may still be running then.
+    A run that ends before `first` (or before `last`) says so once, at close().
     """
 
     def __init__(self, run_path, steps, enabled=True):
         self.window = tuple(steps) if steps and enabled else None
         self.logdir = os.path.join(run_path, TENSORBOARD_DIR)
         self.active = False
+        self.traced_from = None  # the first traced step, once the trace has started
+        self.launched = None     # the last step at_step was called for
+        self.reported = False
 
     def at_step(self, step):
         """Call before launching global step `step` (the number of steps done so far)."""
         if self.window is None:
             return
+        self.launched = step
         first, last = self.window
-        if not self.active and first <= step < last:
+        if not self.active and self.traced_from is None and first <= step <= last:
             import tensorflow as tf
             tf.profiler.experimental.start(self.logdir)
-            self.active = True
-        elif self.active and step >= last:
+            self.active, self.traced_from = True, step
+        elif self.active and step > last:
             self.close()
 
     def close(self):
+        import logging
+        log = logging.getLogger("train")
         if self.active:
-            import logging
             import tensorflow as tf
             tf.profiler.experimental.stop()
             self.active = False
-            logging.getLogger("train").info("profiler trace of steps %d..%d written under %s", self.window[0],
-                                            self.window[1] - 1, os.path.join(self.logdir, "plugins", "profile"))
+            first, last = self.window
+            traced_to = min(last, self.launched)
+            ended = (f"; the run ended after step {traced_to}, before profile_steps' last step {last}"
+                     if traced_to < last else "")
+            log.info("profiler trace of steps %d..%d written under %s%s", self.traced_from, traced_to,
+                     os.path.join(self.logdir, "plugins", "profile"), ended)
+        elif (self.window and self.traced_from is None and self.launched is not None
+              and self.launched < self.window[0] and not self.reported):
+            self.reported = True
+            log.warning("no profiler trace written: [train] profile_steps = %d, %d but the run's last global step "
+                        "was %d (steps count from 0 over the whole run); choose steps the run reaches.",
+                        self.window[0], self.window[1], self.launched)
 
 
 def _ends_with_newline(path):

@@ -58,13 +58,13 @@ def wait_for_model(run_path, epoch, timeout=None, poll=2.0, say=say_flushed, loa
             raise UserError(f"Timed out after {timeout:g} s waiting for {path}; start or resume train.py "
                             f"for that epoch, or raise --timeout.")
         if failures == 0 and now >= next_reminder:
-            say(waiting_message(run_path, epoch, waited, timeout, first=next_reminder == start))
+            say(waiting_message(run_path, epoch, waited, timeout, first=next_reminder == start, weights=weights))
             next_reminder = now + remind_every
         sleep = poll if timeout is None else max(0.0, min(poll, timeout - waited))
         time.sleep(sleep)
 
 
-def waiting_message(run_path, epoch, waited, timeout, first=True):
+def waiting_message(run_path, epoch, waited, timeout, first=True, weights="raw"):
     """What check_accuracy.py is waiting for, what creates it, and how long it will wait."""
     left = ("no time limit; --timeout sets one" if timeout is None
             else f"giving up in {max(0.0, timeout - waited):.0f} s")
@@ -77,7 +77,7 @@ def waiting_message(run_path, epoch, waited, timeout, first=True):
         return (f"The run folder {run_path} does not exist ({there}); waiting for train.py --run_folder={name} to "
                 f"create it and save epoch {epoch}; if the name is mistyped, stop and pass the right --run_folder "
                 f"(waited {waited:.0f} s, {left}).")
-    path = run_folder.saved_model_dir(run_folder.epoch_dir(run_path, epoch))
+    path = run_folder.saved_model_dir(run_folder.epoch_dir(run_path, epoch), weights)  # the folder the timeout names too
     if first:
         return (f"Waiting for {path}: epoch {epoch} is not saved yet; train.py --run_folder={name} saves it when "
                 f"the epoch ends ({left}).")

@@ -85,7 +85,7 @@ def resolve_epoch_start(run_path, epoch_start):
     if epoch_start == "auto":
         done = complete_epochs(run_path)
         return done[-1] + 1 if done else 0
-    return int(epoch_start)  # checked by utils.epoch_start_arg
+    return int(epoch_start)  # checked by utils/cli.py epoch_start_arg
 
 
 def resume_advice(run_path, epoch_start):

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from engine import logs, run_folder, schedules
+from engine import logs, recipe_line, run_folder, run_identity, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
 from engine.prefetch import Prefetcher
 from utils.errors import UserError
@@ -61,6 +61,7 @@ class Trainer:
         self.settings, self.reader, self.run_path = settings, reader, run_path
         train = settings.train
         self.batch_size, self.overwrite, self.command = batch_size, overwrite, command
+        self.learning_rate = learning_rate  # train.py --learning_rate: overrides [schedule]
         self.chief = is_chief()
         # The strategy first: MultiWorkerMirroredStrategy must exist before other TF state.
         self.strategy = make_strategy(train.distribute)
@@ -79,6 +80,7 @@ class Trainer:
         from model import build_model, model_kwargs
         from engine import ema, mixing
         kwargs = model_kwargs(settings)
+        self.num_classes = kwargs["num_classes"]
         with self.strategy.scope():
             self.net = build_model(**kwargs)
             self.optimizer = self._make_optimizer(train)
@@ -177,10 +179,14 @@ class Trainer:
         try:
             status = self.checkpoint.read(prefix)
             status.assert_consumed()
-        except (AssertionError, ValueError, self.tf.errors.OpError) as e:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"the checkpoint {prefix} does not match the model and optimizer built from this config "
-                            f"([model], [train] optimizer, mixed_precision or ema_decay changed?): {first}") from None
+        except (AssertionError, ValueError, self.tf.errors.OpError):
+            # train.py compared the settings with the run's config.txt before this read (engine/run_identity.py);
+            # this is left for what a config cannot show (a checkpoint replaced by another run's). TensorFlow's own
+            # text, and its ~170 "Value in checkpoint could not be found" warnings at exit, would bury this line.
+            logging.getLogger("tensorflow").setLevel(logging.ERROR)
+            raise UserError(f"the checkpoint {prefix} does not fit the network and optimizer this config builds, "
+                            f"although the settings its config.txt records do; it was replaced by another run's: "
+                            f"restore that epoch folder, or start a new --run_folder.") from None
         restored = int(self.epoch_var.numpy())
         if restored != expected_epoch:
             raise UserError(f"the checkpoint {prefix} holds epoch {restored}, expected {expected_epoch}; "
@@ -193,9 +199,13 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def train(self, epoch_start, epoch_end):
-        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, "
-                 "mixed_precision %s (%s)", epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size,
-                 self.replicas, self.schedule.describe(), self.settings.train.mixed_precision, self.precision_reason)
+        train = dataclasses.asdict(self.settings.train)
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, %s",
+                 epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
+                 self.schedule.describe(), recipe_line.features(train, self.precision_reason))
+        for line in recipe_line.warnings(train, dataclasses.asdict(self.settings.schedule), self.learning_rate,
+                                         gpu=bool(self.tf.config.list_physical_devices("GPU"))):
+            log.warning(line)
         try:
             for epoch in range(epoch_start, epoch_end):
                 self.check_space(epoch)
@@ -284,14 +294,19 @@ class Trainer:
     def finish_epoch(self, epoch, summary):
         if not self.chief:
             return
+        producer = self.reader.producer_record() if hasattr(self.reader, "producer_record") else None
+        summary["bottleneck"], advice = logs.bottleneck(summary["wait_fraction"], producer)
         logs.write_epoch_row(self.run_path, summary)
         self.tensorboard.scalars(summary["steps"], {k: summary[k] for k in (
             "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction")}, "epoch/")
+        if producer and "workers" in producer:
+            self.tensorboard.scalars(summary["steps"], {"producer_workers": producer["workers"],
+                                                        "producer_build_rate": producer.get("build_rate")}, "epoch/")
         self.tensorboard.flush()
-        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s",
+        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, %s",
                  epoch, summary["train_loss"], summary["train_top1"], summary["lr"], summary["images_per_sec"],
-                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"])
-        advice = logs.wait_advice(summary["wait_fraction"], self.settings.runtime_preprocessing.num_of_threads)
+                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"],
+                 summary["bottleneck"])
         if advice:
             log.warning(advice)
 
@@ -346,7 +361,8 @@ class Trainer:
                   f"# git {git_hash()}", f"# command: {self.command}",
                   f"# schedule: {self.schedule.describe()}",
                   f"# {self.replicas} replica(s), global batch {self.batch_size}",
-                  f"# mixed_precision {self.settings.train.mixed_precision} ({self.precision_reason})"]
+                  f"# mixed_precision {self.settings.train.mixed_precision} ({self.precision_reason})",
+                  run_identity.CLASSES_COMMENT.format(self.num_classes)]
         return "\n".join(header) + "\n" + self.settings.resolved_text()
 
 

@@ -12,6 +12,8 @@ What is resolved here, and from where:
   [model] num_classes 0                the dataset's count, once known (with_classes)
 plus the values derived from keys (scales, crop schedule, replicas). `autos` names the keys that said auto;
 `resolved_text()` is what every epoch's config.txt records: the resolved values, loadable as a config.
+Two autos are policies, not values, and stay 'auto': [runtime_preprocessing] num_of_threads (the producer
+sizes its workers as it runs, data/buffer/sizing.py) and [model] stride_on (build_model's per-variant default).
 """
 import dataclasses
 import json

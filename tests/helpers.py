@@ -2,6 +2,7 @@
 
 Sections: config files; child processes; the solid-colour dataset and buffer (producer and reader tests);
 the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests)."""
+import collections
 import configparser
 import contextlib
 import json
@@ -198,6 +199,35 @@ def read_all(reader, start, stop, builder, num_batches=10, pause=0.0, report=Tru
             time.sleep(pause)
 
 
+def with_cores(cores, argv):
+    """A producer command (producer_cmd) run with os.sched_getaffinity patched to `cores` CPUs, so that
+    num_of_threads = auto may run more workers than this machine has cores."""
+    code = (f"import os, sys; os.sched_getaffinity = lambda pid: set(range({cores})); "
+            f"sys.argv = {argv[1:]!r}; sys.path.insert(0, {ROOT!r}); "
+            "import runtime_preprocessing; from utils.cli import run_main; run_main(runtime_preprocessing.main)")
+    return [sys.executable, "-c", code]
+
+
+def producer_workers(folder):
+    """The worker count in the producer's heartbeat (0 before its first)."""
+    return (protocol.producer_status(folder)[1] or {}).get("workers", 0)
+
+
+def read_in_sizing_cycles(reader, stop, check, folder, cycles, num_batches=10):
+    """Read positions [0, stop) in order (check(epoch, batch, Batch) each, then report): greedily until
+    the producer runs more than one worker (an add), then not at all until it is back at one (a retire),
+    `cycles` times, then to the end. Returns the number of adds seen while reading."""
+    adds = 0
+    for lin in range(stop):
+        epoch, b = divmod(lin, num_batches)
+        check(epoch, b, reader.read(epoch, b))
+        reader.report_progress(epoch, b + 1)
+        if adds < cycles and producer_workers(folder) > 1:
+            adds += 1
+            assert wait_until(lambda: producer_workers(folder) == 1, timeout=60), "no worker was retired"
+    return adds
+
+
 # ----------------------------------------------------------------------------
 # The generated demo-style dataset and train.py runs
 # ----------------------------------------------------------------------------
@@ -341,3 +371,39 @@ def run_python(code, cwd, with_repo):
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+# Process trees under tools/launch.py (the chaos test's victims)
+
+def _children():
+    """{parent pid: [child pids]} of the live (not zombie) processes, from /proc."""
+    kids = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                kids[int(fields[1])].append(int(name))
+    return kids
+
+
+def _cmdline(pid):
+    """The argv of process `pid` from /proc ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []
+
+
+def script_pid(launcher_pid, script):
+    """pid of `script` as the launcher runs it (launcher -> keeper -> script; not its pool workers)."""
+    kids = _children()
+    for keeper in kids.get(launcher_pid, []):
+        for pid in kids.get(keeper, []):
+            if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
+                return pid
+    return None

@@ -68,3 +68,35 @@ def test_generated_corpus_has_imagenets_large_photos_and_unsubsampled_files(tmp_
     assert sum(1 <= mp <= 6 for mp in megapixels) == 1  # one in ten
     assert all(mp < 0.3 for mp in megapixels if mp < 1)
     assert 0 in sampling and 2 in sampling  # 4:4:4 and 4:2:0 both present
+
+
+@pytest.fixture(scope="module")
+def small_imagenet(tmp_path_factory):
+    """3 classes x 10 training images, 26 of them plain JPEGs."""
+    data = str(tmp_path_factory.mktemp("bench_args") / "imagenet")
+    make_dataset(data, num_classes=3, train_per_class=10, val_per_class=1, seed=0)
+    return data
+
+
+@pytest.mark.parametrize("args, flag, fix", [
+    (["--images", "20", "--batch_size", "24"], "--images 20 is fewer than --batch_size 24", "--images 24"),
+    (["--images", "2000"], "--images 2000 is more than the 26 plain JPEG training images", "--images 26"),
+    (["--images_dir", "{missing}", "--images", "20"], "--images_dir {missing} does not exist", "train/"),
+    (["--images", "10"], "--images 10 is not more than the 16 warm-up images", "--images 17"),
+    (["--rounds", "0"], "--rounds must be at least 1", "received 0"),
+])
+def test_bench_argument_mistakes_are_one_sentence_naming_the_flag(tmp_path, small_imagenet, args, flag, fix):
+    missing = str(tmp_path / "no_such_dataset")
+    argv = [a.replace("{missing}", missing) for a in args]
+    if "--images_dir" not in argv:
+        argv += ["--images_dir", small_imagenet]
+    if "--rounds" not in argv:
+        argv += ["--rounds", "1"]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_producer.py"), *argv, "--pipelines",
+                          "producer1", "--buffer_dir", str(tmp_path), "--out", str(tmp_path / "o.json")],
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert lines[0].startswith("error: " + flag.replace("{missing}", missing)) and fix in lines[0]
+    assert "ImageNet_folder" not in lines[0] and not (tmp_path / "o.json").exists()

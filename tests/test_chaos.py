@@ -14,6 +14,9 @@ launcher, which is started again with --epoch_start=auto; a killed evaluator is 
 - no temp file and no half-written batch is left in the buffer or the run folder;
 - accuracy.csv holds exactly one row per epoch.
 
+A producer with num_of_threads = auto is also SIGKILLed while it adds and while it retires a worker
+(2 kills in `make test`, 8 in `make chaos`), with the same checks on the batches the trainer reads.
+
 `make test` runs the short version (4 kills, one of each kind at least); `make chaos`
 (CHAOS_LONG=1) the long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill
 is printed and logged to <tmp>/chaos.log with what the victim was doing.
@@ -25,6 +28,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -33,8 +37,9 @@ import pytest
 from settings import load_settings
 from utils.errors import UserError
 from utils.files import TMP_PREFIX, is_temp_name
-from data.buffer import files, protocol
-from tests.helpers import (complete_count, make_data, read_checkpoint, stop_process, surviving_batches,
+from data.buffer import files, protocol, reader as buffer_reader
+from tests.helpers import (SOLID_BATCH, complete_count, script_pid, make_data, producer_cmd, read_checkpoint, read_in_sizing_cycles,
+                           reference_builder, solid_config_for, stop_process, surviving_batches, with_cores,
                            write_train_config)
 
 pytestmark = pytest.mark.chaos
@@ -54,40 +59,74 @@ DEADLINE = 900 if LONG else 170
 
 
 # ----------------------------------------------------------------------------
-# The chaos run
+# A producer sizing itself (num_of_threads = auto), killed while it adds or retires a worker
 # ----------------------------------------------------------------------------
 
+def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(solid_dataset, tmp_path):  # noqa: F811
+    """num_of_threads = auto on 4 (patched) cores: the producer is SIGKILLed the moment it logs a change of
+    worker count (while it forks the new worker, or while the retired one finishes its tasks), alternately
+    an add and a retire, and restarted with --epoch_start=auto. The trainer reads every batch once, in
+    order, byte-identical to the reference; nothing half-written is left."""
+    kills = 8 if LONG else 2
+    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6", "wait_timeout": "60"},
+                              runtime_preprocessing={"num_of_threads": "auto", "sizing_window": "0.1"})
+    cfg = load_settings(config)
+    folder = cfg.train.buffer_folder
+    epochs = 10 + 2 * kills
+    argv = with_cores(4, producer_cmd(config, epoch_start="auto", epoch_end=str(epochs)))
+    builder = reference_builder(config)
+    done, errors, starts, lines = [], [], [0], []
+    stopping = threading.Event()
+    proc = [None]
 
-def _children():
-    kids = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                kids[int(fields[1])].append(int(name))
-    return kids
+    def keep_producer():  # kills at the change lines, restarts after each kill
+        try:
+            while not stopping.is_set():
+                starts[0] += 1
+                proc[0] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for line in proc[0].stderr:
+                    lines.append(line)
+                    want = "add" if len(done) % 2 == 0 else "retire"
+                    if len(done) < kills and " workers: " in line:
+                        before, after = (int(n) for n in line.split(" workers: ")[1].split(":")[0].split(" -> "))
+                        if (after > before) == (want == "add"):
+                            proc[0].kill()
+                            done.append((want, line.split(" INFO ")[-1].strip()))
+                            break
+                if proc[0].wait() == 0:
+                    return
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+    keeper = threading.Thread(target=keep_producer)
+    keeper.start()
 
-
-def _cmdline(pid):
+    def check(epoch, b, batch):
+        images, labels, lighting = builder.build(epoch, b)
+        assert np.array_equal(batch.images, images) and np.array_equal(batch.labels, labels)
+        assert np.array_equal(batch.lighting, lighting)
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
-    except OSError:
-        return []
+        try:
+            read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10 * epochs, check, folder,
+                                  cycles=2 * kills + 2)
+        except (AssertionError, UserError) as e:
+            raise AssertionError(f"{e}; kills {done}; the producers' last lines:\n{''.join(lines[-20:])}") from e
+        keeper.join(60)
+    finally:
+        stopping.set()
+        if proc[0] is not None:
+            stop_process(proc[0])
+        keeper.join(30)
+    assert not errors, errors
+    assert [kind for kind, _ in done] == ["add", "retire"] * (kills // 2), done
+    assert starts[0] == kills + 1
+    assert [n for n in os.listdir(folder) if is_temp_name(n)] == []
+    assert files.scan_batches(folder) == (set(), set())  # all consumed and deleted, none half-written
+    print("killed at: " + "; ".join(line for _, line in done))
 
 
-def script_pid(launcher_pid, script):
-    """pid of `script` as the launcher runs it (launcher -> keeper -> script; not its pool workers)."""
-    kids = _children()
-    for keeper in kids.get(launcher_pid, []):
-        for pid in kids.get(keeper, []):
-            if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
-                return pid
-    return None
+# ----------------------------------------------------------------------------
+# The chaos run
+# ----------------------------------------------------------------------------
 
 
 class Pipeline:

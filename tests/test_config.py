@@ -62,6 +62,16 @@ def test_unknown_key(tmp_path):
     assert "unknown key 'sgd_momentun'" in message and "[train]" in message
 
 
+def test_a_key_under_another_section_names_the_section_it_belongs_in(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("schedule", "ema_decay", "0.999"))
+    assert message.endswith("unknown key 'ema_decay' in [schedule]; it belongs in [train]: move the line there.")
+
+
+def test_a_negative_alpha_is_refused_naming_its_lower_bound_only(tmp_path):
+    message = load_error(tmp_path, lambda p: p.set("train", "mixup_alpha", "-1"))
+    assert message.endswith("[train] mixup_alpha must be a number >= 0.0, received '-1'.")
+
+
 def test_the_seeds_preprocess_N_is_refused_with_where_it_lives(tmp_path):
     message = load_error(tmp_path, lambda p: p.set("preprocess", "N", "50000"))
     assert "[preprocess] N" in message and "lives in [preprocess_val] N" in message and message.endswith(".")

@@ -202,6 +202,17 @@ def test_timeout_names_the_missing_folder(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_a_wait_for_ema_weights_names_the_folder_its_timeout_names(tmp_path):
+    (tmp_path / "run").mkdir()
+    messages = []
+    with pytest.raises(UserError) as err:
+        evaluate.wait_for_model(str(tmp_path / "run"), 4, timeout=0.3, poll=0.05, say=messages.append,
+                                load=lambda path: None, weights="ema")
+    path = os.path.join(str(tmp_path / "run"), "4", "saved_model_ema")
+    assert f"waiting for {path};" in str(err.value)
+    assert messages and messages[0].startswith(f"Waiting for {path}: epoch 4 is not saved yet")
+
+
 def test_a_wait_says_what_it_awaits_at_once_then_reminds_with_the_time_left(tmp_path):
     (tmp_path / "run").mkdir()
     messages = []

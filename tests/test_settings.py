@@ -73,7 +73,8 @@ def test_replica_checks_count_the_gpus_the_probe_finds(tmp_path, monkeypatch):
 
 
 def test_settings_are_frozen_and_record_every_resolved_auto(tmp_path):
-    config = write_solid_config(str(tmp_path), model={"num_classes": "0"})
+    config = write_solid_config(str(tmp_path), model={"num_classes": "0"},
+                                runtime_preprocessing={"num_of_threads": "auto"})
     settings = load_settings(config, batch_size=4).with_classes(5, "in a test")
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.train.seed = 1
@@ -81,8 +82,9 @@ def test_settings_are_frozen_and_record_every_resolved_auto(tmp_path):
     assert {"train.mixed_precision", "train.distribute", "runtime_preprocessing.decoder"} <= set(settings.autos)
     text = settings.resolved_text()
     assert "mixed_precision = none" in text and "num_classes = 5" in text and "distribute = one_device" in text
-    # stride_on = auto stays: build_model's default per variant, the same on every machine
-    assert [line for line in text.splitlines() if line.endswith("= auto")] == ["stride_on = auto"]
+    # policies stay auto: the producer's worker sizing, build_model's stride per variant
+    assert [line for line in text.splitlines() if line.endswith("= auto")] == ["num_of_threads = auto",
+                                                                               "stride_on = auto"]
     # config.txt of an epoch loads back as the same settings (the resume comparison relies on it)
     (tmp_path / "epoch").mkdir()
     (tmp_path / "epoch" / "config.txt").write_text(text)

@@ -186,7 +186,18 @@ def test_epoch_csv_row_replaces_its_epoch_and_drops_later_ones(tmp_path):
     assert [(r["epoch"], r["train_loss"]) for r in rows] == [("0", "1"), ("1", "1"), ("2", "0.5")]
 
 
-def test_wait_advice_only_above_five_percent():
-    from engine.logs import wait_advice
-    assert wait_advice(0.05, 3) is None
-    assert "raise [runtime_preprocessing] num_of_threads (now 3)" in wait_advice(0.2, 3)
+def test_the_epoch_names_its_bottleneck_from_the_wait_and_the_producers_heartbeat():
+    from engine.logs import bottleneck
+    auto = {"workers": 1, "max_workers": 1, "build_rate": 250.0,
+            "sizing": "num_of_threads = auto: 2 cores it may use, one left for the trainer: at most 1"}
+    assert bottleneck(0.05, auto) == ("compute-bound", None)
+    word, advice = bottleneck(0.2, auto)
+    assert word == "input-bound at core limit"
+    assert "runs all the workers it may (1, 250 img/s" in advice and "give it more cores" in advice
+    word, advice = bottleneck(0.2, {**auto, "max_workers": 7})
+    assert word == "input-bound below core limit" and "ran 1 of at most 7 workers" in advice
+    assert "RAM disk" in advice
+    word, advice = bottleneck(0.2, {"workers": 3, "max_workers": 3, "sizing": "num_of_threads = 3"})
+    assert word == "input-bound at core limit" and "raise num_of_threads" in advice
+    word, advice = bottleneck(0.2, None)
+    assert word == "input-bound" and "raise [runtime_preprocessing] num_of_threads" in advice

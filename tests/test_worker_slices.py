@@ -141,9 +141,24 @@ def test_the_producer_takes_its_slice_from_its_flags_or_else_from_tf_config(monk
     args = ["--epoch_start", "0", "--epoch_end", "1", "--batch_size", "8"]
     monkeypatch.setenv("TF_CONFIG", tf_config(2, 4))
     assert runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args)) == (2, 4)
+    agreeing = runtime_preprocessing.parse_args(args + ["--worker_index", "2", "--worker_count", "4"])
+    assert runtime_preprocessing.worker_slice(agreeing) == (2, 4)
+    monkeypatch.delenv("TF_CONFIG")
     given = runtime_preprocessing.parse_args(args + ["--worker_index", "1", "--worker_count", "2"])
     assert runtime_preprocessing.worker_slice(given) == (1, 2)
-    monkeypatch.delenv("TF_CONFIG")
     assert runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args)) == (0, 1)
     with pytest.raises(UserError, match=r"^--worker_index and --worker_count go together; [^.]*\.$"):
         runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args + ["--worker_index", "1"]))
+
+
+def test_a_worker_index_that_contradicts_tf_config_is_refused_in_one_sentence(monkeypatch):
+    import runtime_preprocessing
+    monkeypatch.setenv("TF_CONFIG", tf_config(0, 2))
+    args = runtime_preprocessing.parse_args(["--epoch_start", "0", "--epoch_end", "1", "--batch_size", "8",
+                                             "--worker_index", "1", "--worker_count", "2"])
+    with pytest.raises(UserError) as err:
+        runtime_preprocessing.worker_slice(args)
+    text = str(err.value)
+    assert text.startswith("--worker_index=1 --worker_count=2 contradicts TF_CONFIG, which makes this machine "
+                           "worker 0 of 2")
+    assert "\n" not in text and text.count(". ") == 0 and text.endswith(".")

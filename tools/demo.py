@@ -32,6 +32,7 @@ from settings import MU_SIGMA_FILE, load_settings  # noqa: E402
 from utils.cli import quiet_tensorflow, run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.files import is_temp_name  # noqa: E402
+from data.buffer.protocol import producer_status  # noqa: E402
 from data.sources import val_store  # noqa: E402
 from data.sources.index import load_index  # noqa: E402
 from engine import accuracy_log, run_folder  # noqa: E402
@@ -149,6 +150,16 @@ def prune_old_runs(runs_dir, keep):
         say(f"    removed the old demo run {name}")
 
 
+def producer_choice(settings):
+    """One line: how many workers the producer ran and why, from its last heartbeat (data/buffer/protocol.py)."""
+    record = producer_status(settings.train.buffer_folder)[1] or {}
+    if "workers" not in record:
+        return "    producer: no heartbeat with a worker count was left in the buffer folder"
+    workers = record["workers"]
+    return (f"    producer: {workers} worker{'s' if workers != 1 else ''} while the trainer ran, building "
+            f"{record.get('build_rate', 0):,.0f} img/s ({record.get('sizing', '')})")
+
+
 def summary(settings, run, steps, total_seconds, epochs):
     run_path = run_folder.run_dir(settings.train.path_for_saving, run)
     rows = [r for r in accuracy_log.read_rows(os.path.join(run_path, accuracy_log.CSV_NAME)) if r["protocol"] == 10]
@@ -219,6 +230,7 @@ def main(argv=None):
     steps.run("Training: producer + trainer", python(
         "tools/launch.py", config, f"--run_folder={run}", "--epoch_start=0", f"--epoch_end={args.epochs}",
         f"--batch_size={args.batch_size}", "--producer_arg=--no_progress", "--producer_arg=--clear_buffer"))
+    say(producer_choice(settings))
     steps.run("Validation accuracy", python("check_accuracy.py", config, f"--run_folder={run}", "--epoch_start=0",
                                             f"--epoch_end={args.epochs}"))
     summary(settings, run, steps, time.monotonic() - start, args.epochs)

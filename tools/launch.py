@@ -16,9 +16,9 @@ describes); the launcher adds supervision:
   SIGINT (so it exits through its normal interrupt path), then the whole group is SIGKILLed
   after a grace period; a small keeper process leads each group and kills it if the launcher
   itself is SIGKILLed (PDEATHSIG), so no worker process is ever left behind;
-- when the trainer fails, the launcher exits non-zero and repeats the last lines of the
-  failing process's stderr;
-- on Ctrl-C the children stay quiet (UNDER_LAUNCHER_ENV) and the launcher prints the one
+- when the trainer fails, the launcher exits non-zero and repeats its error line (a script's
+  one-sentence "error: ..." for a mistake the user can fix), else the last lines of its stderr;
+- on Ctrl-C the children stay quiet (utils/cli.py's UNDER_LAUNCHER_ENV) and the launcher prints the one
   'interrupted' line, with --epoch_start=auto once the run has a saved epoch.
 Flags the launcher does not know are passed to train.py unchanged.
 """
@@ -98,6 +98,7 @@ class Child:
         self.name = name
         self.argv = argv
         self._tail = collections.deque(maxlen=200)
+        self._error = None  # the last "error: ..." line (utils/cli.py run_main's UserError sentence)
         self._killed = False
         keeper_argv = [sys.executable, os.path.abspath(__file__), "--keeper"] + argv
         env = dict(os.environ, **{UNDER_LAUNCHER_ENV: "1"})  # the launcher alone prints the Ctrl-C line
@@ -121,15 +122,23 @@ class Child:
                 pass
             *complete, partial = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
             self._tail.extend(line for line in complete if line.strip())
+            self._error = next((line for line in reversed(complete) if line.startswith(b"error: ")), self._error)
         if partial.strip():
             self._tail.append(partial)
+            self._error = partial if partial.startswith(b"error: ") else self._error
 
     def poll(self):
         return self.proc.poll()
 
     def last_lines(self, n=TAIL_LINES):
+        """Its "error: ..." line when it printed one (TensorFlow's warnings may follow it at exit and
+        would fill the tail), else its last `n` stderr lines."""
+        lines = [self.error_line()] if self.error_line() else list(self._tail)[-n:]
+        return [line if isinstance(line, str) else line.decode("utf-8", "replace") for line in lines]
+
+    def error_line(self):
         self._pump.join(timeout=2)
-        return [line.decode("utf-8", "replace") for line in list(self._tail)[-n:]]
+        return self._error.decode("utf-8", "replace") if self._error else None
 
     def interrupt(self):
         if self.proc.poll() is None:
@@ -261,7 +270,8 @@ def _trainer_finished(trainer, producer, code):
     if code == 0:
         say("trainer finished; producer stopped.")
         return 0
-    say(f"trainer failed (exit code {code}); producer stopped. Last lines of the trainer's stderr:")
+    shown = "error" if trainer.error_line() else "last lines of stderr"
+    say(f"trainer failed (exit code {code}); producer stopped. The trainer's {shown}:")
     _print_tail(trainer)
     return code if 0 < code < 256 else 1
 

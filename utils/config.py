@@ -17,15 +17,18 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _kind_text(key):
+def _kind_text(key, raw=None):
+    """'a number in [lo, hi]' etc.; the float ceiling MAX_FLOAT is named only when `raw` goes past it."""
     if key.kind == "choice":
         return "one of " + ", ".join(key.choices)
     if key.kind == "stats":
         return "a number or 'auto'"
+    if key.kind == "count":
+        return f"'auto' or an integer >= {key.lo}"
     text = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
             "path": "a path", "ints": "a comma-separated list of integers",
             "floats": "a comma-separated list of numbers"}[key.kind]
-    hi = key.hi if key.hi is not None or key.kind not in ("float", "floats") else f"{MAX_FLOAT:g}"
+    hi = key.hi if key.hi is not None or not _past_max_float(raw) else f"{MAX_FLOAT:g}"
     if key.lo is not None and hi is not None:
         text += f" in [{key.lo}, {hi}]"
     elif key.lo is not None:
@@ -56,6 +59,12 @@ def _parse(key, raw, base_dir):
         raise ValueError
     if kind == "stats":
         return "auto" if raw.lower() == "auto" else _finite(float(raw))
+    if kind == "count":
+        if raw.lower() == "auto":
+            return "auto"
+        value = int(raw)
+        _check_range(key, value)
+        return value
     if kind in ("ints", "floats"):
         cast = int if kind == "ints" else float
         values = tuple(_finite(cast(v)) for v in raw.replace(" ", "").split(",") if v)
@@ -68,6 +77,18 @@ def _parse(key, raw, base_dir):
 
 
 MAX_FLOAT = 1e12  # no setting is meant beyond this; larger ones overflow in sleeps and step counts
+
+
+def _past_max_float(raw):
+    """True when a received value (or a list's item) is a number beyond MAX_FLOAT, inf or nan."""
+    for item in (raw or "").replace(" ", "").split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            continue
+        if not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
+            return True
+    return False
 
 
 def _finite(value):
@@ -124,6 +145,10 @@ def load_config(path, schema=None):
             if name not in schema[section]:
                 if (section, name) in MOVED_KEYS:
                     raise ConfigError(f"{path}: {MOVED_KEYS[section, name]}")
+                homes = [f"[{other}]" for other in schema if name in schema[other]]
+                if homes:
+                    raise ConfigError(f"{path}: unknown key '{name}' in [{section}]; it belongs in "
+                                      f"{' or '.join(homes)}: move the line there.")
                 raise ConfigError(f"{path}: unknown key '{name}' in [{section}]; expected one of "
                                   f"{', '.join(schema[section])}.")
     sections = {}
@@ -135,7 +160,7 @@ def load_config(path, schema=None):
                 try:
                     values[name] = _parse(key, raw, base_dir)
                 except ValueError:
-                    raise ConfigError(f"{path}: [{section}] {name} must be {_kind_text(key)}, "
+                    raise ConfigError(f"{path}: [{section}] {name} must be {_kind_text(key, raw)}, "
                                       f"received '{raw.strip()}'.") from None
             elif key.default is REQUIRED:
                 raise ConfigError(f"{path}: missing key '{name}' in [{section}]; add it ({_kind_text(key)}).")
@@ -163,9 +188,9 @@ def _check_cross_keys(cfg):
         raise ConfigError(f"{cfg.path}: [model] normalization = batch_norm is for arch = concat_resnet; resnet50 uses "
                           f"batch renorm (set [batch_renorm] rmax_max = 1 and dmax_max = 0 for batch-norm behaviour).")
     steps = cfg.train.profile_steps
-    if steps and (len(steps) != 2 or steps[0] >= steps[1]):
-        raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' with first < "
-                          f"last (e.g. 100, 110) or empty, received '{', '.join(map(str, steps))}'.")
+    if steps and (len(steps) != 2 or steps[0] > steps[1]):
+        raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' (inclusive) "
+                          f"with first <= last (e.g. 100, 110) or empty, received '{', '.join(map(str, steps))}'.")
     br = cfg.batch_renorm
     for what in ("rmax", "dmax"):
         start, reach = getattr(br, f"start_relaxing_{what}"), getattr(br, f"reach_{what}_max")

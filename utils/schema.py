@@ -8,7 +8,7 @@ REQUIRED = object()
 
 
 class Key:
-    """One config key: kind is str, path, int, float, bool, choice, ints, floats or stats."""
+    """One config key: kind is str, path, int, float, bool, choice, ints, floats, stats or count ('auto' or an int)."""
 
     def __init__(self, kind, default=REQUIRED, lo=None, hi=None, choices=None, help=""):
         self.kind, self.default, self.lo, self.hi = kind, default, lo, hi
@@ -71,8 +71,8 @@ SCHEMA = {
         "mix_prob": Key("float", 1.0, lo=0.0, hi=1.0, help="probability that a batch is mixed at all (timm prob)"),
         "switch_prob": Key("float", 0.5, lo=0.0, hi=1.0,
                            help="with both alphas > 0: probability of cutmix instead of mixup (timm switch_prob)"),
-        "profile_steps": Key("ints", (), lo=0, help="first, last global step of a TensorBoard profiler trace "
-                                                    "written to <run>/tensorboard/; empty = none"),
+        "profile_steps": Key("ints", (), lo=0, help="first, last global step (inclusive, from 0) of a TensorBoard "
+                                                    "profiler trace written to <run>/tensorboard/; empty = none"),
     },
     "schedule": {
         "type": Key("choice", "constant", choices=("constant", "step", "cosine", "onecycle", "linear"),
@@ -102,7 +102,13 @@ SCHEMA = {
     },
     "runtime_preprocessing": {
         "sleep_time": Key("float", lo=0.0, help="seconds the producer sleeps when the buffer needs no refill"),
-        "num_of_threads": Key("int", lo=1, help="worker processes building batches in parallel"),
+        "num_of_threads": Key("count", "auto", lo=1,
+                              help="worker processes building batches in parallel; auto = start with one and add or "
+                                   "retire workers to match what the trainer takes (data/buffer/sizing.py)"),
+        "max_workers": Key("int", 0, lo=0, help="with num_of_threads = auto, at most this many workers; 0 = no cap "
+                                                 "(the cores it may use, one left for the trainer)"),
+        "sizing_window": Key("float", 10.0, lo=0.05,
+                             help="seconds over which num_of_threads = auto measures rates before each decision"),
         "refill_threshold": Key("float", 0.8, lo=0.0, hi=1.0,
                                 help="refill when fewer than this fraction of buffer_size batches are ready ahead"),
         "heartbeat_interval": Key("float", 2.0, lo=0.05,

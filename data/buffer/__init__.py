@@ -29,7 +29,8 @@ helpers: a temp file renamed into place, so nothing half-written ever carries a 
                                                                 decoder and cached scales (kept or refused by
                                                                 a restarted producer); batches on disk were
                                                                 built under it
-  producer.json           producer          trainer             heartbeat (pid, host, time, state, epoch range),
+  producer.json           producer          trainer             heartbeat (pid, host, time, state, epoch range,
+                                                                workers, max_workers, build_rate, sizing),
                                                                 rewritten every few seconds while running
   training_progress.txt   trainer           producer            'epoch\\nbatch': the next batch the trainer
                                                                 needs; everything before it is consumed

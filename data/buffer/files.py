@@ -126,3 +126,8 @@ def plan_refill(pos, ready, buffer_size, refill_below, end):
     if lead >= refill_below:
         return stale, []
     return stale, [lin for lin in range(pos, window_end) if lin not in ready]
+
+
+def scales_text(sides):
+    """'scale 256' or 'scales 256, 263' for messages about the scales a buffer's batches were cut at."""
+    return f"scale{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))}"

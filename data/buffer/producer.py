@@ -6,6 +6,7 @@ buffer_size consecutive batches are ready from p, build the missing ones of the 
 boundaries, up to epoch_end) in the worker processes (data/buffer/workers.py), else sleep sleep_time.
 During a refill the position is re-read, consumed batches are deleted as the trainer goes, and a trainer
 that restarted earlier (position moved back) re-plans the fill. Restarts and start order: data/buffer/__init__.py.
+With num_of_threads = auto the worker count follows data/buffer/sizing.py's rule (_size_workers).
 """
 import collections
 import dataclasses
@@ -22,9 +23,10 @@ from utils.cli import check_epoch_range
 from utils.files import TMP_PREFIX, atomic_write_text, human_bytes, is_temp_name
 from data.buffer.builder import Recipe
 from data.buffer.files import (batch_header_ok, bytes_per_batch, delete_batch, parse_batch_name, plan_refill,
-                               retire_batch, scan_batches, spare_file, worker_rows, SPARE)
+                               retire_batch, scales_text, scan_batches, spare_file, worker_rows, SPARE)
 from data.buffer.protocol import (HEARTBEAT, MANIFEST, PROGRESS, Heartbeat, file_identity, load_manifest,
                                   make_manifest, manifest_differences, producer_status, read_progress)
+from data.buffer.sizing import WorkerSizer, choose_workers, ready_ahead
 from data.buffer.workers import WorkerSet
 from data.sources import scale_cache
 from data.sources.index import load_source_index
@@ -48,7 +50,10 @@ class Producer:
         self.epoch_end = int(epoch_end)
         self.clear_buffer, self.once, self.progress = clear_buffer, once, progress
         rp = settings.runtime_preprocessing
-        self.num_workers = int(num_workers or rp.num_of_threads)
+        self.auto = (threads := num_workers or rp.num_of_threads) == "auto"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.num_workers, self.max_workers, self.sizing = choose_workers(threads, cores, rp.max_workers, once)
+        self.sizer, self.timings = None, collections.deque(maxlen=64)  # timings: the heartbeat's build rate
         self.buffer_size = settings.train.buffer_size
         self.refill_below = rp.refill_threshold * self.buffer_size
         self.sleep_time = rp.sleep_time
@@ -129,7 +134,7 @@ class Producer:
         if state == "running" and record.get("pid") != os.getpid():
             raise UserError(f"Another producer (pid {record.get('pid')} on {record.get('host')}) is filling "
                             f"{self.folder}; stop it first, or point [train] buffer_folder elsewhere.")
-        index = load_source_index(s.data.source, s.preprocess.ImageNet_folder, "train", s.train.N, self.num_workers)
+        index = load_source_index(s.data.source, s.preprocess.ImageNet_folder, "train", s.train.N, self.max_workers)
         if len(index) < self.batch_size:
             raise UserError(f"The training set has {len(index)} images, fewer than --batch_size={self.batch_size}.")
         self.num_batches = len(index) // self.batch_size
@@ -146,9 +151,9 @@ class Producer:
         atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
         self._check_free_space()
         cached = self.recipe.cached_scales  # the run's, when a restart keeps them (_keep_run_choices)
-        log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s), decoder %s, "
+        log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s) (%s), decoder %s, "
                  "scale cache %s, %d valid batches kept", len(index), self.num_batches, self.batch_size,
-                 "auto" if self.auto_start else self.epoch_start, self.epoch_end - 1, self.num_workers,
+                 "auto" if self.auto_start else self.epoch_start, self.epoch_end - 1, self.num_workers, self.sizing,
                  self.recipe.decoder, f"{len(cached)} scales" if cached else "off", len(self.ready))
         if self.worker[1] > 1:
             w, count = self.worker
@@ -209,9 +214,8 @@ class Producer:
         resume is byte-identical only if they stay: decoder = auto keeps the run's decoder when it is
         installed, and a cache that gained scales is read at the run's scales only.
         """
-        r, rp = self.recipe, self.settings.runtime_preprocessing
-        decoder_auto = "runtime_preprocessing.decoder" in self.settings.autos
-        lost = []
+        r, rp, lost = self.recipe, self.settings.runtime_preprocessing, []
+        decoder_auto = "runtime_preprocessing.decoder" in self.settings.autos  # the config said auto
         decoder = old.get("decoder", r.decoder)
         if decoder != r.decoder:
             if decoder_auto and decoder == "pil" and not self.clear_buffer:
@@ -232,9 +236,9 @@ class Producer:
                 fix = ("set [runtime_preprocessing] use_scale_cache = true" if not rp.use_scale_cache else
                        f"complete the cache with preprocess.py --shorter_side={','.join(map(str, missing))}"
                        if missing else "pass --clear_buffer")
-                lost.append((f"{_scales(cached)} from the scale cache",
-                             f"{_scales(missing)} decoded afresh" if missing else
-                             f"{_scales(sorted(r.cached_scales))} from the scale cache", fix))
+                lost.append((f"{scales_text(cached)} from the scale cache",
+                             f"{scales_text(missing)} decoded afresh" if missing else
+                             f"{scales_text(sorted(r.cached_scales))} from the scale cache", fix))
         self.recipe = r
         self.manifest.update(decoder=r.decoder, cached_scales=sorted(r.cached_scales))
         return lost
@@ -288,7 +292,9 @@ class Producer:
             except OSError:  # deleted while the index loaded (minutes for ImageNet)
                 self._raise_if_folder_gone()
                 raise
-        info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end}
+        info = {"run_id": self.manifest["run_id"], "epoch_start_floor": self.epoch_start, "epoch_end": self.epoch_end,
+                "workers": self.num_workers, "max_workers": self.max_workers, "build_rate": 0.0,
+                "sizing": self.sizing}
         # Workers first: forking while the heartbeat's or the bar's thread holds a lock could hang a child.
         workers = WorkerSet(self.num_workers, self.index.paths, self.index.labels, self.recipe, self.folder)
         final = "stopped"
@@ -297,6 +303,10 @@ class Producer:
             self.heartbeat.start()
             self.bar = self._make_bar()
             self.t0 = time.monotonic()
+            if self.auto and not self.once:
+                rp = self.settings.runtime_preprocessing
+                self.sizer = WorkerSizer(self.max_workers, self.rows, self.buffer_size, rp.refill_threshold,
+                                         window=rp.sizing_window, workers=self.num_workers, now=self.t0)
             self._loop(workers)
             final = "finished"
         except (OSError, RuntimeError):  # the heartbeat's write, the loop's or a worker's batch write (its crash)
@@ -327,6 +337,7 @@ class Producer:
                 self._show()
                 time.sleep(self.sleep_time)
                 continue
+            self._size_workers(workers, pos)
             if pos >= self.end_lin:
                 self._delete(self.ready, keep=False)
                 log.info("the trainer consumed the last batch of epoch %d; producer done", self.epoch_end - 1)
@@ -375,6 +386,7 @@ class Producer:
                 self.ready.add(self.lin(epoch, batch))
                 self.produced += 1
                 self.bar.update(1)
+            self._size_workers(workers, self.trainer_position())
             periodic = time.monotonic() - last_check >= 0.5
             if periodic or not pending:
                 if periodic:
@@ -396,6 +408,26 @@ class Producer:
         self._fill_started = None
         self._show()
 
+    def _size_workers(self, workers, pos):
+        """Feed the sizer (num_of_threads = auto) what was built and where the trainer stands; apply its
+        decision, one log line per change; keep the heartbeat's worker count and build rate current."""
+        now = time.monotonic()
+        self.timings.extend(workers.timings)
+        for seconds in workers.timings if self.sizer is not None else ():
+            self.sizer.built(now, seconds)
+        workers.timings.clear()
+        if self.sizer is not None and pos is not None:
+            self.sizer.progress(now, pos)
+            self.sizer.ready(now, ready_ahead(self.ready, pos, self.buffer_size), consumer_waiting=pos < self.end_lin)
+            decision = self.sizer.decide(now)
+            if decision is not None and decision.change:
+                log.info("workers: %d -> %d: %s", decision.workers - decision.change, decision.workers,
+                         decision.describe())
+                with self.heartbeat.lock:  # an add forks: then no thread of ours holds a lock the child could need
+                    (workers.add if decision.change > 0 else workers.retire)()
+        rate = self.rows * len(self.timings) / sum(self.timings) if self.timings else 0.0
+        self.heartbeat.update(workers=workers.count, build_rate=round(rate * workers.count, 1))
+
     def _check_heartbeat(self):
         if self.heartbeat.error is not None:
             raise self.heartbeat.error
@@ -412,7 +444,3 @@ class Producer:
         rate = self.produced * self.rows / busy if busy > 0 else 0.0
         self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, {rate:.0f} img/s", refresh=False)
         self.bar.refresh()
-
-
-def _scales(sides):
-    return f"scale{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))}"

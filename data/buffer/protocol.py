@@ -113,20 +113,32 @@ def crop_size_for(manifest, epoch):
 # ----------------------------------------------------------------------------
 
 class Heartbeat(threading.Thread):
-    """Rewrites producer.json every `interval` seconds so the trainer can tell a live producer from a dead one."""
+    """Rewrites producer.json every `interval` seconds so the trainer can tell a live producer from a dead one.
+
+    Besides liveness it carries what the trainer's epoch line reports: `workers` (running now),
+    `max_workers` (the most it may run), `build_rate` (img/s the workers build together) and `sizing`
+    (how the count was chosen), set through update().
+    """
 
     def __init__(self, folder, interval, info):
         super().__init__(daemon=True, name="heartbeat")
         self.path = os.path.join(folder, HEARTBEAT)
         self.interval, self.info = interval, dict(info)
         self._stop_event = threading.Event()
+        self.lock = threading.Lock()  # held while beating; the producer forks an added worker under it
         self.error = None
         self.beat("running")
 
+    def update(self, **info):
+        """New values for the record, written with the next beat."""
+        with self.lock:
+            self.info.update(info)
+
     def beat(self, state):
-        record = {**self.info, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-                  "interval": self.interval, "state": state}
-        atomic_write_text(self.path, json.dumps(record) + "\n")
+        with self.lock:
+            record = {**self.info, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                      "interval": self.interval, "state": state}
+            atomic_write_text(self.path, json.dumps(record) + "\n")
 
     def run(self):
         while not self._stop_event.wait(self.interval):

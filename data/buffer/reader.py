@@ -273,6 +273,11 @@ class BufferReader:
         return (f"Waited {self.wait_timeout:.0f} s for {what} in {self.folder} but {detail}; start "
                 f"runtime_preprocessing.py --batch_size={self.batch_size}{start} with this config.")
 
+    def producer_record(self):
+        """The producer's heartbeat record (its worker count and build rate), None without one."""
+        state, record = producer_status(self.folder)
+        return record if state in ("running", "finished", "stopped") else None
+
     def report_progress(self, epoch, next_batch):
         """Tell the producer every batch before (epoch, next_batch) is consumed (atomic write)."""
         if self.manifest is not None and next_batch >= self.manifest["num_batches"]:

@@ -5,12 +5,16 @@ main process sleeps in one wait() on the pipes instead of running Pool's three h
 threads, a worker that dies is noticed at once (its pipe closes; Pool would wait for its
 result forever) and stopping is a kill plus a join (Pool.terminate() could hang).
 Every write is atomic, so killing a worker mid-batch loses only that batch.
+With num_of_threads = auto the set grows and shrinks while it runs (data/buffer/sizing.py decides): add()
+forks one more worker; retire() stops handing tasks to the newest, which finishes the ones it holds and
+then ends (its pipe closes), so a retired worker's batches are neither lost nor built again.
 """
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 import traceback
 
 from utils.errors import UserError
@@ -32,10 +36,13 @@ def _worker_main(conn, paths, labels, recipe, folder, parent_pid):
             task = conn.recv()
         except (EOFError, OSError):
             return
+        if task is None:  # retired (not EOF: workers forked later hold copies of this pipe's other end)
+            return
         epoch, batch, reuse = task
         try:
+            started = time.perf_counter()
             write_batch(folder, epoch, batch, *builder.build(epoch, batch), reuse=reuse)
-            conn.send(("done", epoch, batch))
+            conn.send(("done", epoch, batch, time.perf_counter() - started))  # the sizer's per-worker rate
         except UserError as e:  # its text travels: the message is what the user needs
             conn.send(("error", epoch, batch, str(e)))
         except BaseException:
@@ -47,21 +54,41 @@ class WorkerSet:
     """`num_workers` batch-building processes; submit (epoch, batch) tasks, collect finished ones."""
 
     def __init__(self, num_workers, paths, labels, recipe, folder):
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        self.procs, self.conns, self.queued = [], [], []
+        self._ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._args = (paths, labels, recipe, folder, os.getpid())
+        self.procs, self.conns, self.queued, self.retiring = [], [], [], []
+        self.timings = []  # seconds each finished batch took in its worker, for the caller to take
+        self._started = 0
         try:
-            for i in range(num_workers):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, args=(child, paths, labels, recipe, folder, os.getpid()),
-                                   name=f"producer-worker-{i}", daemon=True)
-                proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(parent)
-                self.queued.append([])
+            for _ in range(num_workers):
+                self.add()
         except BaseException:
             self.stop()
             raise
+
+    def add(self):
+        """Start one more worker (forked: call it where no other thread holds a lock the child could need)."""
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, *self._args),
+                                 name=f"producer-worker-{self._started}", daemon=True)
+        self._started += 1
+        proc.start()
+        child.close()
+        self.procs.append(proc)
+        self.conns.append(parent)
+        self.queued.append([])
+        self.retiring.append(False)
+
+    def retire(self):
+        """Hand no more tasks to the newest working worker; it ends once the tasks it holds are done."""
+        i = max(j for j in range(len(self.procs)) if not self.retiring[j])
+        self.retiring[i] = True
+        self._end_retired()
+
+    @property
+    def count(self):
+        """Workers taking tasks (retiring ones finishing their last tasks not counted)."""
+        return self.retiring.count(False)
 
     @property
     def in_flight(self):
@@ -72,11 +99,11 @@ class WorkerSet:
         return [task for q in self.queued for task in q]
 
     def has_room(self):
-        return any(len(q) < DEPTH for q in self.queued)
+        return any(len(q) < DEPTH for q, r in zip(self.queued, self.retiring) if not r)
 
     def submit(self, epoch, batch, reuse=None):
         """Queue batch (epoch, batch) on the least busy worker; `reuse`: a spare file for its X (see buffer.py)."""
-        i = min(range(len(self.queued)), key=lambda j: len(self.queued[j]))
+        i = min((j for j in range(len(self.queued)) if not self.retiring[j]), key=lambda j: len(self.queued[j]))
         self.queued[i].append((epoch, batch))
         try:
             self.conns[i].send((epoch, batch, reuse))
@@ -105,7 +132,25 @@ class WorkerSet:
             if status == "crash":
                 raise RuntimeError(f"A producer worker failed building epoch {epoch} batch {batch}:\n{message[3]}")
             finished.append((epoch, batch))
+            self.timings.append(message[3])
+        self._end_retired()
         return finished
+
+    def _end_retired(self):
+        """Tell retired workers with no task left to return; reap them."""
+        for i in reversed(range(len(self.procs))):
+            if self.retiring[i] and not self.queued[i]:
+                try:
+                    self.conns[i].send(None)
+                except OSError:  # it died: nothing was queued on it, so nothing is lost
+                    pass
+                self.conns[i].close()
+                self.procs[i].join(10.0)
+                if self.procs[i].is_alive():  # stuck in a write: kill it, its temp file is swept
+                    self.procs[i].kill()
+                    self.procs[i].join()
+                for items in (self.procs, self.conns, self.queued, self.retiring):
+                    del items[i]
 
     def _death_message(self, i):
         proc = self.procs[i]
@@ -131,4 +176,4 @@ class WorkerSet:
                 pass
         for conn in self.conns:
             conn.close()
-        self.procs, self.conns, self.queued = [], [], []
+        self.procs, self.conns, self.queued, self.retiring = [], [], [], []
