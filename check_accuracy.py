@@ -9,13 +9,14 @@ probabilities are averaged over the views and ranked. Results print as the seed'
 """
 import argparse
 
-import utils
+from utils.cli import add_config_arg, add_epoch_args, quiet_tensorflow, run_main
+from settings import load_settings
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving (or a path)")
-    utils.add_epoch_args(p, "first epoch to evaluate, or 'auto' = the first without a row in accuracy.csv",
+    add_epoch_args(p, "first epoch to evaluate, or 'auto' = the first without a row in accuracy.csv",
                          "evaluate epochs up to this one, exclusive")
     p.add_argument("--views", type=int, default=10, choices=(10, 1, 50),
                    help="10 = 4 corners + centre, each flipped (default); 1 = centre crop; "
@@ -27,7 +28,7 @@ def parse_args(argv=None):
                    help="give up after waiting this many seconds for a missing epoch (default: wait forever)")
     p.add_argument("--batch_images", type=int, default=None,
                    help="images per forward call (default: about 256 views' worth)")
-    utils.add_config_arg(p)
+    add_config_arg(p)
     args = p.parse_args(argv)
     if args.batch_images is not None and args.batch_images < 1:
         p.error(f"--batch_images must be >= 1, received {args.batch_images}")
@@ -38,13 +39,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.quiet_tensorflow()
-    cfg = utils.load_config(args.config)
+    quiet_tensorflow()
+    # Only paths and sizes are read: the SavedModel normalises itself and the evaluator takes any device.
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     from engine.evaluate import check_accuracy  # TensorFlow loads only once arguments and config are checked
-    check_accuracy(cfg, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
+    check_accuracy(settings, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
                    timeout=args.timeout, batch_images=args.batch_images, weights=args.weights)
     return 0
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -41,11 +41,15 @@ import time
 import numpy as np
 from PIL import Image
 
-import utils
+from utils.cli import quiet_tensorflow, run_main
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import atomic_write_text
 from data.sources import shards, synsets
 from data.sources.index import IMAGE_EXTENSIONS
 from data.transforms import images
 from data.transforms.images import BadImageError
+from engine import run_folder
 
 LATENCY_NOTE = "batch 1, including preprocessing"
 
@@ -58,14 +62,14 @@ def resolve_model(path):
     """(saved_model folder, the epoch folder's config.txt or None) for an epoch or SavedModel folder."""
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        epoch_config = os.path.join(os.path.dirname(path), "config.txt")
+        epoch_config = run_folder.config_path(os.path.dirname(path))
         return path, epoch_config if os.path.isfile(epoch_config) else None
-    inner = os.path.join(path, "saved_model")
+    inner = run_folder.saved_model_dir(path)
     if os.path.isfile(os.path.join(inner, "saved_model.pb")):
-        epoch_config = os.path.join(path, "config.txt")
+        epoch_config = run_folder.config_path(path)
         return inner, epoch_config if os.path.isfile(epoch_config) else None
-    raise utils.UserError(f"{path} holds no SavedModel (saved_model.pb or saved_model/saved_model.pb); pass an "
-                          f"epoch folder such as <path_for_saving>/<run>/<epoch>.")
+    raise UserError(f"{path} holds no SavedModel (saved_model.pb or saved_model/saved_model.pb); pass an "
+                    f"epoch folder such as <path_for_saving>/<run>/<epoch>.")
 
 
 def centre_view(path, eval_resize, crop):
@@ -82,36 +86,36 @@ def list_images(inputs):
             found = sorted(os.path.join(d, n) for d, _, names in os.walk(item) for n in names
                            if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
             if not found:
-                raise utils.UserError(f"Folder {item} holds no .JPEG/.jpg/.png files.")
+                raise UserError(f"Folder {item} holds no .JPEG/.jpg/.png files.")
             files.extend(found)
         elif os.path.isfile(item):
             files.append(item)
         else:
-            raise utils.UserError(f"{item} is neither an image file nor a folder.")
+            raise UserError(f"{item} is neither an image file nor a folder.")
     return files
 
 
-def class_table(cfg, num_outputs, synset_words=None):
+def class_table(settings, num_outputs, synset_words=None):
     """[(synset id, name)] per model output, or None when no class list of that length is known."""
-    classes = _store_classes(cfg.preprocess_val.path_to_save)
+    classes = _store_classes(settings.preprocess_val.path_to_save)
     if classes is None:
         try:
-            classes = shards.class_names(shards.read_info(cfg.preprocess.ImageNet_folder))
-        except utils.UserError:
+            classes = shards.class_names(shards.read_info(settings.preprocess.ImageNet_folder))
+        except UserError:
             classes = None
     if classes is None or len(classes) != num_outputs:
         return None
-    names = synsets.find_synset_words(cfg.preprocess.ImageNet_folder, synset_words)
+    names = synsets.find_synset_words(settings.preprocess.ImageNet_folder, synset_words)
     if not names and synset_words is None:
-        names = synsets.find_synset_words(cfg.preprocess_val.ImageNet_folder) or _shard_texts(cfg)
+        names = synsets.find_synset_words(settings.preprocess_val.ImageNet_folder) or _shard_texts(settings)
     return [(c, names.get(c, "")) for c in classes]
 
 
-def _shard_texts(cfg):
+def _shard_texts(settings):
     """{wnid: name} recorded by tools/build_tfrecords.py in the shards' dataset_info.json, or {}."""
     try:
-        info = shards.read_info(cfg.preprocess.ImageNet_folder)
-    except utils.UserError:
+        info = shards.read_info(settings.preprocess.ImageNet_folder)
+    except UserError:
         return {}
     return dict(zip(info["classes"], info.get("texts") or []))
 
@@ -126,13 +130,13 @@ def _store_classes(store_path):
 
 def load_predictor(saved_model, crop):
     """(predict: uint8 [B, crop, crop, 3] -> float [B, C] probabilities, C) through check_accuracy's predictor."""
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     import tensorflow as tf
-    from engine.evaluate import SavedModelPredictor
+    from engine.model_wait import SavedModelPredictor
     try:
         loaded = tf.saved_model.load(saved_model)
     except Exception as e:  # noqa: BLE001 - any load failure is one sentence for the user
-        raise utils.UserError(f"Could not load the SavedModel at {saved_model} ({type(e).__name__}); check that "
+        raise UserError(f"Could not load the SavedModel at {saved_model} ({type(e).__name__}); check that "
                               f"the epoch folder is complete.") from None
     predictor = SavedModelPredictor(loaded)
     predict = lambda batch: np.asarray(predictor(batch))  # noqa: E731
@@ -290,8 +294,8 @@ def main(argv=None):
     args = parse_args(argv)
     saved_model, epoch_config = resolve_model(args.model)
     default_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.txt")
-    cfg = utils.load_config(args.config or epoch_config or default_config)
-    eval_resize, crop = cfg.images.eval_resize, cfg.images.crop_size
+    settings = load_settings(args.config or epoch_config or default_config, stats=False, decoder=False, devices=False)
+    eval_resize, crop = settings.images.eval_resize, settings.images.crop_size
     files = list_images(args.inputs)
     predict, num_outputs = load_predictor(saved_model, crop)
     if args.benchmark:
@@ -304,9 +308,9 @@ def main(argv=None):
         if args.json:
             record = {"model": saved_model, "device": device, "image": image if files else "generated 500x375",
                       "eval_resize": eval_resize, "crop": crop, **results}
-            utils.atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
+            atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
         return 0
-    table = class_table(cfg, num_outputs, args.synset_words)
+    table = class_table(settings, num_outputs, args.synset_words)
     if table is None:
         print(f"(no class list with {num_outputs} entries found, so classes show as indices; run preprocess_val.py "
               f"for this config to record the class order)")
@@ -315,7 +319,7 @@ def main(argv=None):
         print(format_result(path, result, table), flush=True)
         failed += isinstance(result, str)
     if failed == len(files):
-        raise utils.UserError(f"none of the {len(files)} input file(s) could be read as an image (see above); "
+        raise UserError(f"none of the {len(files)} input file(s) could be read as an image (see above); "
                               f"pass JPEG or PNG files, or folders holding them.")
     if failed:
         print(f"warning: {failed} of {len(files)} input files could not be read as images (see above).",
@@ -324,4 +328,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

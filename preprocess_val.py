@@ -12,7 +12,8 @@ import argparse
 import logging
 import time
 
-import utils
+from utils.cli import add_config_arg, run_main, setup_logging
+from settings import load_settings
 from data.sources import val_store
 from data.sources.index import load_source_index
 
@@ -20,15 +21,15 @@ from data.sources.index import load_source_index
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_config_arg(p)
+    add_config_arg(p)
     p.add_argument("--num_workers", type=int, default=None, help="override [preprocess] num_workers (0 = all cores)")
     args = p.parse_args()
-    utils.setup_logging()
-    cfg = utils.load_config(args.config)
-    pv, im = cfg.preprocess_val, cfg.images
+    setup_logging()
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
+    pv, im = settings.preprocess_val, settings.images
     t0 = time.time()
-    workers = cfg.preprocess.num_workers if args.num_workers is None else args.num_workers
-    index = load_source_index(cfg, pv.ImageNet_folder, "val", pv.N, workers)
+    workers = settings.preprocess.num_workers if args.num_workers is None else args.num_workers
+    index = load_source_index(settings.data.source, pv.ImageNet_folder, "val", pv.N, workers)
     logging.info("%d validation images, %d classes (%s layout) -> %s", len(index), len(index.classes),
                  index.layout, pv.path_to_save)
     meta = val_store.build_store(pv.path_to_save, index, im.crop_size, im.eval_resize, pv.views_50,
@@ -40,4 +41,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -18,14 +18,17 @@ import argparse  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-import utils  # noqa: E402
+from utils.cli import add_config_arg, add_epoch_args, run_main, setup_logging  # noqa: E402
+from settings import load_settings  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.processes import worker_info  # noqa: E402
 from data.buffer.producer import Producer  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    utils.add_config_arg(p)
-    utils.add_epoch_args(p, "first epoch to produce, or 'auto' to follow training_progress.txt from wherever it "
+    add_config_arg(p)
+    add_epoch_args(p, "first epoch to produce, or 'auto' to follow training_progress.txt from wherever it "
                             "is (a file already past --epoch_end is taken as left over until the trainer writes it)",
                          "produce epochs up to epoch_end - 1")
     p.add_argument("--batch_size", type=int, required=True,
@@ -48,14 +51,14 @@ def parse_args(argv=None):
 def worker_slice(args):
     """(w, W): --worker_index/--worker_count when given (both), else the position TF_CONFIG gives train.py."""
     if (args.worker_index is None) != (args.worker_count is None):
-        raise utils.UserError("--worker_index and --worker_count go together; pass both, or neither to take "
+        raise UserError("--worker_index and --worker_count go together; pass both, or neither to take "
                               "them from TF_CONFIG.")
     if args.worker_index is None:
-        return utils.worker_info()
+        return worker_info()
     if os.environ.get("TF_CONFIG", "").strip():
-        position = utils.worker_info()
+        position = worker_info()
         if position != (args.worker_index, args.worker_count):
-            raise utils.UserError(
+            raise UserError(
                 f"--worker_index={args.worker_index} --worker_count={args.worker_count} contradicts TF_CONFIG, "
                 f"which makes this machine worker {position[0]} of {position[1]} (the rows its train.py trains "
                 f"on); drop the two flags, or fix TF_CONFIG.")
@@ -64,17 +67,19 @@ def worker_slice(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.setup_logging()
-    cfg = utils.load_config(args.config)
+    setup_logging()
+    # Every auto resolved and every cross-key check done here (settings/__init__.py); the same checks as
+    # train.py's, so a batch size the trainer would refuse is refused before any batch is built.
+    settings = load_settings(args.config, devices=True, batch_size=args.batch_size, worker=worker_slice(args))
     # SIGTERM unwinds like Ctrl-C, so the workers stop and the heartbeat says 'stopped'.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
-    producer = Producer(cfg, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
+    producer = Producer(settings, args.batch_size, args.epoch_start, args.epoch_end, clear_buffer=args.clear_buffer,
                         num_workers=args.num_workers or None, progress=not args.no_progress, once=args.once,
-                        worker=worker_slice(args))
+                        worker=settings.worker)
     produced = producer.run()
-    print(f"produced {produced} batches into {cfg.train.buffer_folder}", file=sys.stderr)
+    print(f"produced {produced} batches into {settings.train.buffer_folder}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from utils.files import atomic_write_text  # noqa: E402
 
 TARGET_RATIO = 0.9
 
@@ -82,16 +83,17 @@ def time_loading(store, views, batch_images):
 
 
 def time_eval(predictor, store, views, batch_images):
-    from engine.evaluate import evaluate_epoch
+    from engine.scoring import evaluate_epoch
     result = evaluate_epoch(predictor, store, views, epoch=0, batch_images=batch_images, show_progress=False)
     return result.seconds
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     import tensorflow as tf
-    from engine.evaluate import SavedModelPredictor, images_per_call
+    from engine.model_wait import SavedModelPredictor
+    from engine.scoring import images_per_call
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as folder:
         t0 = time.perf_counter()
         store = build_synthetic_store(folder, args.images, args.classes, args.crop, args.eval_resize,
@@ -121,9 +123,9 @@ def main(argv=None):
     verdict = "meets" if figures["ratio"] >= TARGET_RATIO else "BELOW"
     print(f"ratio eval/bare: {figures['ratio']:.3f} ({verdict} the {TARGET_RATIO} target)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    utils.atomic_write_text(args.out, json.dumps(figures, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(figures, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

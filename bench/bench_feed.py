@@ -39,7 +39,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from settings import load_settings  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 TARGET_LOOP = 0.97  # the README's thresholds ("Does the buffer keep the GPU busy?"; tests/test_bench_feed.py)
 TARGET_FEED = 1.5   # below it the feed limits as soon as the disk or producer hiccups; below 1 it is the bottleneck
@@ -68,7 +70,7 @@ def bench_config(args, work):
     """The user's config with this bench's dataset, buffer, run folder, crop and width."""
     from tests.helpers import write_config_file
     from tools.make_demo_dataset import make_dataset
-    base = utils.load_config(args.config)
+    base = load_settings(args.config, stats=False, decoder=False, devices=False)  # its crop and width
     crop = args.crop or base.images.crop_size
     width = args.width_multiplier if args.width_multiplier is not None else base.model.width_multiplier
     scale = math.ceil(crop * 8 / 7)  # 256 for 224, as the original's smallest scale
@@ -100,7 +102,7 @@ def fill_buffer(config, batch_size):
                              "--epoch_start=0", "--epoch_end=1", f"--batch_size={batch_size}", "--once",
                              "--no_progress"], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        raise utils.UserError(f"runtime_preprocessing.py could not fill the bench's buffer: "
+        raise UserError(f"runtime_preprocessing.py could not fill the bench's buffer: "
                               f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
 
 
@@ -121,8 +123,8 @@ class Bench:
         reader = make_reader(cfg, batch_size)
         run_path = os.path.join(cfg.train.path_for_saving, "bench")
         os.makedirs(run_path, exist_ok=True)
-        self.trainer = Trainer(cfg, reader, run_path, batch_size, reader.num_classes, learning_rate=0.01,
-                               epoch_end=1)  # a constant rate: the schedule does not change the speed
+        self.trainer = Trainer(cfg.with_classes(reader.num_classes, "per the bench's manifest"), reader, run_path,
+                               batch_size, learning_rate=0.01, epoch_end=1)  # a constant rate: the schedule does not change the speed
         self.trainer.chief = False  # no progress bar
         self.batches = reader.batches_per_epoch
         self.resident = self.trainer.to_device(reader.read(0, 0))
@@ -248,9 +250,9 @@ def next_step(name, best):
 def main(argv=None):
     args = parse_args(argv)
     if args.rounds < 1 or args.warmup_rounds < 0:
-        raise utils.UserError(f"--rounds must be at least 1 and --warmup_rounds at least 0, received "
-                              f"--rounds {args.rounds} --warmup_rounds {args.warmup_rounds}.")
-    utils.quiet_tensorflow()
+        raise UserError(f"--rounds must be at least 1 and --warmup_rounds at least 0, received "
+                        f"--rounds {args.rounds} --warmup_rounds {args.warmup_rounds}.")
+    quiet_tensorflow()
     import logging
     for name in ("train", "data.buffer"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -258,7 +260,7 @@ def main(argv=None):
     try:
         config, crop, width = bench_config(args, work)
         fill_buffer(config, args.batch_size)
-        cfg = utils.load_config(config)
+        cfg = load_settings(config, batch_size=args.batch_size)
         bench = Bench(cfg, args.batch_size)
         rates, pca, eigh = measure_rounds(bench, args.rounds, args.warmup_rounds)
     finally:
@@ -287,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(lambda: main(sys.argv[1:]) and 0)  # main returns its figures (run_all, tests); the exit code is 0
+    run_main(lambda: main(sys.argv[1:]) and 0)  # main returns its figures (run_all, tests); the exit code is 0

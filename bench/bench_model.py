@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import quiet_tensorflow  # noqa: E402
+from utils.cli import quiet_tensorflow  # noqa: E402
 
 
 def parse_args(argv):

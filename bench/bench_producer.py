@@ -57,7 +57,7 @@ TWO_CORES = ("producer1u", "producer2", "pair")  # the scaling ratio compares th
 ALL = ONE_CORE + TWO_CORES
 WARMUP = 16
 BUFFER_BATCHES = 8  # producer runs: a small buffer, so the producer deletes and refills all the time
-# Published single-GPU ResNet-50 training rates (../shared/reference/performance_anchors.md section 3:
+# Published single-GPU ResNet-50 training rates (docs/references.md section 1:
 # V100 AMP 1,270-1,300, A100 AMP 2,375-2,470, H100 higher; the RTX 2080 with AMP about 400, issue 15).
 GPU_RATES = (("RTX 2080, AMP", 400), ("V100, AMP", 1300), ("A100, AMP", 2400), ("H100", 3000))
 PASSES = 5  # tf.data, augment and the producers all process PASSES x --images images: equal exposure to noise
@@ -166,8 +166,8 @@ def measure_augment(folder):
 def measure_tfdata(folder):
     import math
     import numpy as np
-    import utils
-    utils.quiet_tensorflow()
+    from utils.cli import quiet_tensorflow
+    quiet_tensorflow()
     import tensorflow as tf
     from data.transforms import scale_crop
     from PIL import Image
@@ -211,7 +211,7 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
     lets the producer delete consumed files and refill, the producer's regular regime; its
     rate is measured in steady state (consume).
     """
-    import utils
+    from settings import load_settings
     from data.buffer.producer import Producer
     from tests.helpers import write_solid_config
     with tempfile.TemporaryDirectory(dir=buffer_dir, prefix="bench_buffer_") as work:
@@ -227,7 +227,7 @@ def measure_producer(folder, workers, batch_size, buffer_dir=None, consumer_cpu=
                                      "--batch_size", str(batch_size)], stdout=subprocess.PIPE, text=True,
                                     preexec_fn=pin)
         try:
-            Producer(utils.load_config(config), batch_size, 0, 2 + PASSES, progress=False).run()
+            Producer(load_settings(config), batch_size, 0, 2 + PASSES, progress=False).run()
             out, _ = consumer.communicate(timeout=600)
         finally:
             consumer.kill()
@@ -247,9 +247,9 @@ def consume(config, batch_size):
     so the work in flight is the same at both ends and nothing built before the clock started
     is counted.
     """
-    import utils
+    from settings import load_settings
     from data.buffer import files, reader as buffer_reader
-    reader = buffer_reader.BufferReader(utils.load_config(config), batch_size)
+    reader = buffer_reader.BufferReader(load_settings(config), batch_size)
     reader.check_manifest()
     first = last = None
     count = counted = 0
@@ -315,27 +315,27 @@ def spawn_pair(folder, batch_size, cpus, buffer_dir):
 # ----------------------------------------------------------------------------
 
 def check_args(args, kinds):
-    """The flags' own mistakes, before any image is sampled: one sentence naming the flag (utils.UserError)."""
-    import utils
+    """The flags' own mistakes, before any image is sampled: one sentence naming the flag (UserError)."""
+    from utils.errors import UserError
     if args.images_dir and not os.path.isdir(args.images_dir):
-        raise utils.UserError(f"--images_dir {os.path.abspath(args.images_dir)} does not exist; pass the dataset "
+        raise UserError(f"--images_dir {os.path.abspath(args.images_dir)} does not exist; pass the dataset "
                               f"root (the folder holding train/ or train.txt), or leave it out to time generated "
                               f"JPEGs.")
     if args.rounds < 1:
-        raise utils.UserError(f"--rounds must be at least 1, received {args.rounds}.")
+        raise UserError(f"--rounds must be at least 1, received {args.rounds}.")
     if args.batch_size < 1:
-        raise utils.UserError(f"--batch_size must be at least 1, received {args.batch_size}.")
+        raise UserError(f"--batch_size must be at least 1, received {args.batch_size}.")
     if args.images <= WARMUP:
-        raise utils.UserError(f"--images {args.images} is not more than the {WARMUP} warm-up images each pipeline "
+        raise UserError(f"--images {args.images} is not more than the {WARMUP} warm-up images each pipeline "
                               f"decodes before its clock starts; pass --images {WARMUP + 1} or more.")
     if args.images < args.batch_size and any(k.startswith("producer") for k in kinds):
-        raise utils.UserError(f"--images {args.images} is fewer than --batch_size {args.batch_size}, so the producer "
+        raise UserError(f"--images {args.images} is fewer than --batch_size {args.batch_size}, so the producer "
                               f"would have no whole batch to build; pass --images {args.batch_size} or more, or a "
                               f"smaller --batch_size.")
 
 
 def main(argv=None):
-    import utils
+    from utils.files import atomic_write_text
     args = parse_args(argv if argv is not None else sys.argv[1:])
     if args.measure:
         print(run_measure(args.measure, args.folder, args.batch_size, args.buffer_dir, args.consumer_cpu))
@@ -392,7 +392,7 @@ def main(argv=None):
               "decoder": jpeg_window.resolve_decoder("auto"), "targets": {"producer_vs_tfdata": TARGET_TFDATA,
                                                                       "two_vs_one_workers": TARGET_SCALING}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    utils.atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -414,5 +414,5 @@ def print_ratios(best, median):
 
 
 if __name__ == "__main__":
-    import utils
-    utils.run_main(main)  # an argument mistake is one sentence (exit 2), not a traceback
+    from utils.cli import run_main
+    run_main(main)  # an argument mistake is one sentence (exit 2), not a traceback

@@ -28,7 +28,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from utils import quiet_tensorflow  # noqa: E402
+from utils.cli import quiet_tensorflow  # noqa: E402
 
 VARIANTS = {
     "plain": {},
@@ -78,13 +78,13 @@ def _config(folder, train):
 
 
 def build(name, folder, batches):
-    import utils
+    from settings import load_settings
     from engine.trainer import Trainer
     sub = os.path.join(folder, name)
     os.makedirs(os.path.join(sub, "run"))
-    cfg = utils.load_config(_config(sub, VARIANTS[name]))
-    return Trainer(cfg, _Reader(batches), os.path.join(sub, "run"), batch_size=len(batches[0].labels),
-                   num_classes=CLASSES, learning_rate=0.01)
+    settings = load_settings(_config(sub, VARIANTS[name])).with_classes(CLASSES, "the bench's")
+    return Trainer(settings, _Reader(batches), os.path.join(sub, "run"), batch_size=len(batches[0].labels),
+                   learning_rate=0.01)
 
 
 def run_steps(trainer, batches, first, count):

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import quiet_tensorflow  # noqa: E402
+from utils.cli import quiet_tensorflow  # noqa: E402
 
 
 def parse_args(argv):
@@ -54,15 +54,15 @@ def main(argv=None):
         with open(os.path.join(folder, "config.txt"), "w") as f:
             f.write("# bench\n")
 
-    import utils
+    from utils.files import fsync_tree
     fsync_seconds = []
-    real_fsync_tree = utils.fsync_tree
+    real_fsync_tree = fsync_tree
 
     def timed_fsync_tree(path):  # the part of a durable save spent waiting for the disk
         start = time.perf_counter()
         real_fsync_tree(path)
         fsync_seconds.append(time.perf_counter() - start)
-    utils.fsync_tree = timed_fsync_tree
+    fsync_tree = timed_fsync_tree
 
     os.makedirs(args.folder, exist_ok=True)
     run = tempfile.mkdtemp(prefix=".tmp-bench-save-", dir=args.folder)

@@ -2,7 +2,7 @@
 
 ImageNet's training JPEGs average about 110 KB; most are 500x375, 500x333, 375x500 or
 500x500 at quality 90-96, many without chroma subsampling, with a tail of photos of
-several megapixels (../shared/reference/performance_anchors.md section 7). Decode cost
+several megapixels (docs/references.md section 2). Decode cost
 follows the entropy-coded bytes, so the generated images are photo-like (1/f spectrum,
 object edges, sensor grain) rather than smooth: on smooth 500x375 images of 65 KB one
 producer core built 1,400 img/s, on real photographs of ImageNet's sizes about 900 (issue 15).
@@ -138,7 +138,7 @@ def sample_dataset(images_dir, count, root, seed=0):
     bare decode would stop on them.
     """
     from data.sources.index import load_index
-    from utils import UserError
+    from utils.errors import UserError
     index = load_index(images_dir, "train")
     order = np.random.default_rng(seed).permutation(len(index))
     paths, skipped = [], 0

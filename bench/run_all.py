@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 ORDER = ("bench_model", "bench_producer", "bench_eval", "bench_feed")  # known ones first, then any other bench_*.py
 
@@ -37,7 +38,7 @@ def run_one(name):
     try:
         module = importlib.import_module(f"bench.{name}")
         code = module.main([])
-    except utils.UserError as e:
+    except UserError as e:
         print(f"error: {e}", flush=True)
         return "failed"
     except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
@@ -50,7 +51,7 @@ def run_one(name):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     names = [n if n.startswith("bench_") else f"bench_{n}" for n in argv] or discover()
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     status = {}
     for name in names:
         print(f"\n=== {name} ===", flush=True)
@@ -60,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -9,7 +9,7 @@ import os
 
 from tqdm import tqdm
 
-import utils
+from utils.files import exclusive_lock
 
 
 def resolve_workers(num_workers):
@@ -43,5 +43,5 @@ def single_writer(folder, what):
 
     Resuming clears temp files left by killed writers, which is only safe when no other writer is active.
     """
-    return utils.exclusive_lock(folder, f"Another process is already writing {what} in {folder}; wait for it "
+    return exclusive_lock(folder, f"Another process is already writing {what} in {folder}; wait for it "
                                         f"to finish (or stop it) before rerunning.")

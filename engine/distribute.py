@@ -24,7 +24,8 @@ writes the run folder; the others save into a scratch folder that is deleted. Al
 workers resume from <run>/<epoch-1>/checkpoint, so the run folder must be on a
 filesystem every worker can read (or copied to each).
 """
-from utils import UserError, worker_info
+from utils.errors import UserError
+from utils.processes import worker_info
 
 KINDS = ("auto", "one_device", "mirrored", "multi_worker")
 
@@ -33,23 +34,10 @@ def is_chief():
     return worker_info()[0] == 0
 
 
-def resolve_kind(kind):
-    """The strategy 'auto' stands for: multi_worker with a multi-worker TF_CONFIG, mirrored with >1 GPU."""
-    if kind != "auto":
-        return kind
-    if worker_info()[1] > 1:
-        return "multi_worker"
-    import tensorflow as tf
-    return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "one_device"
-
-
 def make_strategy(kind):
+    """The tf.distribute strategy of a resolved [train] distribute (settings/devices.py resolves 'auto')."""
     import tensorflow as tf
-    kind = resolve_kind(kind)
     if kind == "multi_worker":
-        if worker_info()[1] < 2:
-            raise UserError("[train] distribute = multi_worker needs TF_CONFIG naming at least two workers; "
-                            "set TF_CONFIG or use distribute = auto.")
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "mirrored":

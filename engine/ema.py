@@ -14,7 +14,7 @@ stays 0: inference does not read it.
 """
 import tensorflow as tf
 
-from utils import UserError
+from utils.errors import UserError
 
 
 class WeightEMA:

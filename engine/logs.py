@@ -16,16 +16,12 @@
 import csv
 import errno
 import glob
-import io
 import os
 
 from tqdm import tqdm
 
-from utils import atomic_write_text, disk_full_error
-
-CSV_NAME = "log.csv"
-BATCH_LOG_NAME = "batches.log"
-TENSORBOARD_DIR = "tensorboard"
+from engine.run_folder import BATCH_LOG as BATCH_LOG_NAME, EPOCH_CSV as CSV_NAME, TENSORBOARD_DIR
+from utils.files import atomic_write_csv, disk_full_error
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
               "wait_fraction", "wall_seconds", "bottleneck")
 WAIT_WARN_FRACTION = 0.05
@@ -42,11 +38,7 @@ def read_csv(run_path):
 def write_epoch_row(run_path, row):
     rows = [r for r in read_csv(run_path) if int(r["epoch"]) < int(row["epoch"])]
     rows.append({k: _fmt(row[k]) for k in CSV_FIELDS})
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(os.path.join(run_path, CSV_NAME), out.getvalue(), durable=True)
+    atomic_write_csv(os.path.join(run_path, CSV_NAME), CSV_FIELDS, rows, durable=True)
 
 
 def _fmt(value):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from data.random_streams import MIXING_STREAM, keyed_rng
+
 NONE, MIXUP, CUTMIX = 0, 1, 2
-_STREAM = 0x6D6978  # 'mix': keeps these draws apart from any other stream seeded with (seed, epoch, batch)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def cutmix_box(rng, lam, height, width):
 def draw(config, seed, epoch, batch, height, width):
     """The batch's draws: (lam float32, mode NONE/MIXUP/CUTMIX, box int32 [yl, yh, xl, xh])."""
     lam, mode, box = 1.0, NONE, (0, 0, 0, 0)
-    rng = np.random.default_rng([int(seed), int(epoch), int(batch), _STREAM])
+    rng = keyed_rng(seed, epoch, batch, MIXING_STREAM)  # the batch's own stream (data/random_streams.py)
     if config.mixing and rng.random() < config.mix_prob:
         if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
             use_cutmix = rng.random() < config.switch_prob

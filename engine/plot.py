@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from utils import atomic_path
+from utils.files import atomic_path
 
 _PROTOCOL_NAMES = {1: "1 view (centre crop)", 10: "10 views (5 crops x flip)", 50: "50 views (5 scales x 5 crops x flip)"}
 

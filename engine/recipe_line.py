@@ -6,7 +6,7 @@ ema_warmup with ema_decay = 0...) was dropped without a word. Here `features` na
 `ignored` names, once, each key set away from its default that the current settings make inert.
 Both take plain mappings of the [train] and [schedule] values, so they are tested without TensorFlow.
 """
-from utils import SCHEMA
+from utils.schema import SCHEMA
 
 STEP_KEYS = ("boundaries", "boundaries_unit", "factors")
 FLOAT16_ON_CPU = ("mixed_precision = mixed_float16 on a CPU: it runs, but slower than none (CPUs have no float16 "

@@ -10,6 +10,7 @@
     <run>/tensorboard/           TensorBoard events
     <run>/train.log              the trainer's log
 
+Every name above is spelled here only (the constants below): writers and finders both use them.
 An epoch folder is built under a '.tmp-' name and renamed when all three parts
 are written, so a reader (check_accuracy.py, a resume) never sees a partial one;
 a killed save leaves only a temp folder, removed by the next train.py on the run.
@@ -20,10 +21,20 @@ import os
 import shutil
 import tempfile
 
-from utils import UserError, atomic_dir, check_epoch_range, exclusive_lock, is_temp_name, remove_stale_temps, _tmp_name
+from utils.cli import check_epoch_range
+from utils.errors import UserError
+from utils.files import atomic_dir, exclusive_lock, is_temp_name, remove_stale_temps, temp_name
 
-CHECKPOINT_PREFIX = "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
+CHECKPOINT_DIR, CHECKPOINT_PREFIX = "checkpoint", "ckpt"  # <epoch>/checkpoint/ckpt.index, ckpt.data-*
+MODEL_FOLDERS = {"raw": "saved_model", "ema": "saved_model_ema"}  # by weights: the trained ones, their EMA
+WEIGHTS = tuple(MODEL_FOLDERS)
+CONFIG_NAME = "config.txt"    # <epoch>/config.txt: the resolved settings, command line and git hash
 LOCK_NAME = "train.lock"
+TRAIN_LOG = "train.log"       # <run>/train.log
+EPOCH_CSV = "log.csv"         # <run>/log.csv (engine/logs.py)
+BATCH_LOG = "batches.log"     # <run>/batches.log (engine/logs.py)
+TENSORBOARD_DIR = "tensorboard"
+ACCURACY_CSV, ACCURACY_PNG = "accuracy.csv", "accuracy.png"  # engine/accuracy_log.py
 
 
 def run_dir(path_for_saving, run):
@@ -39,13 +50,21 @@ def epoch_dir(run_path, epoch):
 
 
 def checkpoint_prefix(epoch_path):
-    return os.path.join(epoch_path, "checkpoint", CHECKPOINT_PREFIX)
+    return os.path.join(epoch_path, CHECKPOINT_DIR, CHECKPOINT_PREFIX)
+
+
+def saved_model_dir(epoch_path, weights="raw"):
+    return os.path.join(epoch_path, MODEL_FOLDERS[weights])
+
+
+def config_path(epoch_path):
+    return os.path.join(epoch_path, CONFIG_NAME)
 
 
 def is_complete(epoch_path):
-    return (os.path.isdir(os.path.join(epoch_path, "saved_model"))
+    return (os.path.isdir(saved_model_dir(epoch_path))
             and os.path.isfile(checkpoint_prefix(epoch_path) + ".index")
-            and os.path.isfile(os.path.join(epoch_path, "config.txt")))
+            and os.path.isfile(config_path(epoch_path)))
 
 
 def folder_bytes(path):
@@ -66,7 +85,7 @@ def resolve_epoch_start(run_path, epoch_start):
     if epoch_start == "auto":
         done = complete_epochs(run_path)
         return done[-1] + 1 if done else 0
-    return int(epoch_start)  # checked by utils.epoch_start_arg
+    return int(epoch_start)  # checked by utils/cli.py epoch_start_arg
 
 
 def resume_advice(run_path, epoch_start):
@@ -116,7 +135,7 @@ def removed_if_left_empty(run_path):
     try:
         yield
     except UserError:
-        if created and os.path.isdir(run_path) and set(os.listdir(run_path)) <= {LOCK_NAME, "train.log"}:
+        if created and os.path.isdir(run_path) and set(os.listdir(run_path)) <= {LOCK_NAME, TRAIN_LOG}:
             shutil.rmtree(run_path, ignore_errors=True)
         raise
 
@@ -146,7 +165,7 @@ def save_epoch(run_path, epoch, write_parts, overwrite=False, chief=True, durabl
             if not overwrite:
                 raise UserError(f"{final} appeared while this epoch was being saved; another writer is using the "
                                 f"run folder.")
-            aside = _tmp_name(final)
+            aside = temp_name(final)
             os.rename(final, aside)
     if aside:
         shutil.rmtree(aside, ignore_errors=True)

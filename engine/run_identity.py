@@ -4,7 +4,7 @@ A checkpoint restores only into the network and optimizer it was written from, a
 change may even restore silently (mixed_bfloat16 -> none: float32 variables either way) while the
 README promises a run resumes only with the precision it started with. So train.py compares the
 settings below with those recorded in the resumed epoch's config.txt (written by the trainer),
-before TensorFlow reads the checkpoint: a difference in an IDENTITY key is refused in one sentence
+before TensorFlow reads the checkpoint (both sides are resolved settings: settings/__init__.py): a difference in an IDENTITY key is refused in one sentence
 naming the key, the run's value and the new one; a difference in any other key that shapes the
 training (a learning rate, an EMA decay, label smoothing, augmentation...) is accepted and named
 in one line, from the resumed epoch on. Where files live, how long to wait and how much to log
@@ -18,7 +18,8 @@ import os
 import re
 import shlex
 
-from utils import UserError
+from engine import run_folder
+from utils.errors import UserError
 
 # Settings whose change makes the checkpoint another network or optimizer: refused on resume.
 IDENTITY = (
@@ -46,7 +47,7 @@ LEARNING_RATE_FLAG = "--learning_rate"  # train.py's per-invocation constant rat
 def read_record(epoch_path):
     """The settings recorded in <epoch>/config.txt: {section: {key: text}}, plus the header's class count
     as [model] num_classes and the command line's --learning_rate as [train.py] learning_rate."""
-    with open(os.path.join(epoch_path, "config.txt"), encoding="utf-8") as f:
+    with open(run_folder.config_path(epoch_path), encoding="utf-8") as f:
         return parse_record(f.read())
 
 

@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from utils import UserError
+from utils.errors import UserError
 
 TYPES = ("constant", "step", "cosine", "onecycle", "linear")
 

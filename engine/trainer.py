@@ -28,8 +28,9 @@ import numpy as np
 from engine import logs, recipe_line, run_folder, run_identity, schedules
 from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
 from engine.prefetch import Prefetcher
-from model.precision import resolve_mixed_precision
-from utils import UserError, disk_full_error, git_hash, human_bytes, mu_sigma
+from utils.errors import UserError
+from utils.files import disk_full_error, human_bytes
+from utils.processes import git_hash
 
 log = logging.getLogger("train")
 
@@ -49,73 +50,71 @@ def batch_prefetcher(reader, epoch, num_batches, place=None):
 class Trainer:
     """Builds the strategy, model, optimizer and checkpoint; trains epochs; saves epoch folders."""
 
-    def __init__(self, cfg, reader, run_path, batch_size, num_classes, learning_rate=None, epoch_end=None,
+    def __init__(self, settings, reader, run_path, batch_size, learning_rate=None, epoch_end=None,
                  overwrite=False, command=""):
+        """`settings`: resolved with devices=True and with_classes() (settings/__init__.py), so every auto and
+        every cross-key check was settled before TensorFlow loaded."""
+        if "auto" in (settings.train.mixed_precision, settings.train.distribute) or not settings.model.num_classes:
+            raise ValueError("Trainer needs settings resolved with devices=True and with_classes()")
         import tensorflow as tf
         self.tf = tf
-        self.cfg, self.reader, self.run_path = cfg, reader, run_path
+        self.settings, self.reader, self.run_path = settings, reader, run_path
+        train = settings.train
         self.batch_size, self.overwrite, self.command = batch_size, overwrite, command
         self.learning_rate = learning_rate  # train.py --learning_rate: overrides [schedule]
         self.chief = is_chief()
         # The strategy first: MultiWorkerMirroredStrategy must exist before other TF state.
-        self.strategy = make_strategy(cfg.train.distribute)
+        self.strategy = make_strategy(train.distribute)
         self.replicas = self.strategy.num_replicas_in_sync
+        # The settings checked the batch against the replicas they counted; this guards against a count that differs.
         self.per_replica = check_divisible(batch_size, self.replicas)
-        if cfg.train.jit_compile and self.replicas > 1:
-            raise UserError(f"[train] jit_compile = true works on one device only; this run has {self.replicas} "
-                            f"replicas: set jit_compile = false or distribute = one_device.")
-        if cfg.train.jit_compile and cfg.train.deterministic:
-            raise UserError("[train] jit_compile and deterministic cannot both be true: XLA has no deterministic "
-                            "max-pool gradient; set one of them to false.")
-        self._seed(cfg.train)
-        # 'auto' becomes the policy for this machine's device (model/precision.py); the resolved one is
-        # what the start-up line, every epoch's config.txt and the model build see.
-        cfg.train.mixed_precision, self.precision_reason = resolve_mixed_precision(cfg.train.mixed_precision)
+        self._seed(train)
+        self.precision_reason = settings.precision_reason  # why [train] mixed_precision is what it is
         # SavedModel export chatter, and the reader's line per wait: waits are summed into the bar,
         # the epoch line, log.csv and TensorBoard instead, so the log never outpaces the bar.
         for name in ("tensorflow", "absl", "data.buffer"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.mu, self.sigma = mu_sigma(cfg)
+        self.mu, self.sigma = settings.mu, settings.sigma
         self.steps_per_epoch = reader.batches_per_epoch
-        self.schedule = schedules.from_config(cfg.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
+        self.schedule = schedules.from_config(settings.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
         from model import build_model, model_kwargs
         from engine import ema, mixing
-        kwargs = model_kwargs(cfg, num_classes)
+        kwargs = model_kwargs(settings)
         self.num_classes = kwargs["num_classes"]
         with self.strategy.scope():
             self.net = build_model(**kwargs)
-            self.optimizer = self._make_optimizer(cfg.train)
+            self.optimizer = self._make_optimizer(train)
             self.optimizer.build(self.net.trainable_variables)
             self.epoch_var = tf.Variable(-1, dtype=tf.int64, trainable=False, name="epoch")
-            self.ema = ema.from_config(cfg.train, self.net, lambda: build_model(**kwargs))  # None when off
+            self.ema = ema.from_config(train, self.net, lambda: build_model(**kwargs))  # None when off
             self.checkpoint = tf.train.Checkpoint(model=self.net, optimizer=self.optimizer, epoch=self.epoch_var,
                                                   **({"ema": self.ema.net} if self.ema else {}))
-        self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(cfg.train), kwargs["num_classes"],
-                                          cfg.train.seed)
+        self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(train), kwargs["num_classes"],
+                                          train.seed)
         self._train_step = self._make_train_step()
         # One replica: the batch goes straight to its device. Several: the global batch stays on the host and
         # each replica's rows are copied to it inside the step (engine/distribute.py split_batch).
         self.input_device = self.strategy.extended.worker_devices[0] if self.replicas == 1 else "/cpu:0"
         self.tensorboard = logs.TensorBoard(run_path, enabled=self.chief)
         self.batch_log = logs.BatchLog(run_path, enabled=self.chief)
-        self.profiler = logs.ProfilerWindow(run_path, cfg.train.profile_steps, enabled=self.chief)
+        self.profiler = logs.ProfilerWindow(run_path, train.profile_steps, enabled=self.chief)
 
     # ------------------------------------------------------------------ setup
 
-    def _seed(self, train_cfg):
+    def _seed(self, train):
         import keras
-        keras.utils.set_random_seed(train_cfg.seed)
-        if train_cfg.deterministic:
+        keras.utils.set_random_seed(train.seed)
+        if train.deterministic:
             self.tf.config.experimental.enable_op_determinism()
 
-    def _make_optimizer(self, train_cfg):
+    def _make_optimizer(self, train):
         import keras
         lr = self.schedule(0)
-        if train_cfg.optimizer == "sgd":
-            opt = keras.optimizers.SGD(learning_rate=lr, momentum=train_cfg.sgd_momentum)
+        if train.optimizer == "sgd":
+            opt = keras.optimizers.SGD(learning_rate=lr, momentum=train.sgd_momentum)
         else:
             opt = keras.optimizers.RMSprop(learning_rate=lr, rho=0.9, epsilon=1e-8)
-        self.loss_scaling = train_cfg.mixed_precision == "mixed_float16"
+        self.loss_scaling = train.mixed_precision == "mixed_float16"
         if self.loss_scaling:
             # Dynamic loss scaling; Keras 3 unscales the gradients inside apply_gradients.
             opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -125,7 +124,7 @@ class Trainer:
         tf, net, opt, strategy = self.tf, self.net, self.optimizer, self.strategy
         from model.preprocessing import to_model_input
         from model import COMPUTE_DTYPE_OF_POLICY
-        compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.cfg.train.mixed_precision])
+        compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.settings.train.mixed_precision])
         mu, sigma = self.mu, self.sigma
         global_batch, replicas, per_replica = self.batch_size, self.replicas, self.per_replica
         loss_scaling = self.loss_scaling
@@ -151,7 +150,7 @@ class Trainer:
                                          tf.float32))
             return grads, cross_entropy, l2, hits
 
-        if self.cfg.train.jit_compile:
+        if self.settings.train.jit_compile:
             forward_backward = tf.function(forward_backward, jit_compile=True)
 
         def replica_step(images, labels, lighting, *mix):
@@ -200,11 +199,11 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def train(self, epoch_start, epoch_end):
-        train_cfg = vars(self.cfg.train)
+        train = dataclasses.asdict(self.settings.train)
         log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, %s",
                  epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
-                 self.schedule.describe(), recipe_line.features(train_cfg, self.precision_reason))
-        for line in recipe_line.warnings(train_cfg, vars(self.cfg.schedule), self.learning_rate,
+                 self.schedule.describe(), recipe_line.features(train, self.precision_reason))
+        for line in recipe_line.warnings(train, dataclasses.asdict(self.settings.schedule), self.learning_rate,
                                          gpu=bool(self.tf.config.list_physical_devices("GPU"))):
             log.warning(line)
         try:
@@ -223,7 +222,7 @@ class Trainer:
     def train_epoch(self, epoch):
         tf, reader = self.tf, self.reader
         num_batches = reader.batches_per_epoch
-        log_every = self.cfg.train.log_every
+        log_every = self.settings.train.log_every
         step = self.global_step()
         window = _Window()
         totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
@@ -314,17 +313,16 @@ class Trainer:
     # ------------------------------------------------------------------- save
 
     def save(self, epoch):
-        import os
         from model import export_saved_model
-        from utils import atomic_write_text
+        from utils.files import atomic_write_text
         self.epoch_var.assign(epoch)
 
         def write_parts(folder):
-            export_saved_model(self.net, os.path.join(folder, "saved_model"), self.mu, self.sigma)
+            export_saved_model(self.net, run_folder.saved_model_dir(folder, "raw"), self.mu, self.sigma)
             if self.ema:
-                export_saved_model(self.ema.net, os.path.join(folder, "saved_model_ema"), self.mu, self.sigma)
+                export_saved_model(self.ema.net, run_folder.saved_model_dir(folder, "ema"), self.mu, self.sigma)
             self.checkpoint.write(run_folder.checkpoint_prefix(folder))
-            atomic_write_text(os.path.join(folder, "config.txt"), self.config_text(epoch))
+            atomic_write_text(run_folder.config_path(folder), self.config_text(epoch))
 
         try:
             path = run_folder.save_epoch(self.run_path, epoch, write_parts, overwrite=self.overwrite,
@@ -363,9 +361,9 @@ class Trainer:
                   f"# git {git_hash()}", f"# command: {self.command}",
                   f"# schedule: {self.schedule.describe()}",
                   f"# {self.replicas} replica(s), global batch {self.batch_size}",
-                  f"# mixed_precision {self.cfg.train.mixed_precision} ({self.precision_reason})",
+                  f"# mixed_precision {self.settings.train.mixed_precision} ({self.precision_reason})",
                   run_identity.CLASSES_COMMENT.format(self.num_classes)]
-        return "\n".join(header) + "\n" + self.cfg.resolved_text()
+        return "\n".join(header) + "\n" + self.settings.resolved_text()
 
 
 class _Window:

@@ -1,6 +1,6 @@
-"""The network: `build_model(...)` and `model_kwargs(cfg, num_classes)`; export in model.export.
+"""The network: `build_model(...)` and `model_kwargs(settings)`; export in model.export.
 
-    net = build_model(**model_kwargs(cfg, num_classes))
+    net = build_model(**model_kwargs(settings))
     logits = net(images, training=True)      # float32 [B, num_classes]
     loss = cross_entropy + net.regularization_loss()
     ... optimizer step ...; net.train_step.assign_add(1)
@@ -11,7 +11,7 @@ from model.batch_renorm import BatchRenorm, RenormConfig
 from model.concat_resnet import NORMALIZATIONS, ConcatResNet
 from model.export import export_saved_model
 from model.resnet import COMPUTE_DTYPES, STAGES, STRIDE_PLACES, VARIANTS, ResNet
-from utils import UserError
+from utils.errors import UserError
 
 __all__ = ["build_model", "model_kwargs", "RenormConfig", "BatchRenorm", "export_saved_model"]
 
@@ -80,30 +80,20 @@ def _check_choice(name, value, choices):
 COMPUTE_DTYPE_OF_POLICY = {"none": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
-def model_kwargs(cfg, num_classes):
-    """build_model keyword arguments from a loaded config ([model], [batch_renorm], [l2], and
-    [train] mixed_precision and seed).
-
-    `num_classes` is the number of classes found in the dataset (or None when
-    unknown); [model] num_classes = 0 means "use it", any other value must match it.
+def model_kwargs(settings):
+    """build_model keyword arguments from resolved settings ([model], [batch_renorm], [l2], and [train]
+    mixed_precision and seed; settings/__init__.py). [model] num_classes must be resolved (with_classes, or
+    set in the config) and mixed_precision resolved (devices=True, or set in the config).
     All values are plain Python types, so the result can be written to JSON.
     """
-    from model.precision import resolve_mixed_precision
-    configured = cfg.model.num_classes
-    if configured and num_classes and configured != num_classes:
-        raise UserError(f"[model] num_classes is {configured} but the dataset has {num_classes} classes; "
-                        f"set num_classes = 0 to use the dataset's count, or point the config at the right dataset.")
-    classes = configured or num_classes
-    if not classes:
+    m, train = settings.model, settings.train
+    if not m.num_classes:
         raise UserError("[model] num_classes is 0 and the number of classes is not known here; "
                         "set num_classes in the config.")
-    if cfg.model.arch == "resnet50" and cfg.model.normalization != "batch_renorm":
-        raise UserError("[model] normalization = batch_norm is for arch = concat_resnet; resnet50 uses batch renorm "
-                        "(set [batch_renorm] rmax_max = 1 and dmax_max = 0 for batch-norm behaviour).")
-    return dict(arch=cfg.model.arch, num_classes=int(classes), width_multiplier=cfg.model.width_multiplier,
-                variant=cfg.model.variant, stride_on=cfg.model.stride_on,
-                zero_init_last_gamma=cfg.model.zero_init_last_gamma,
-                renorm=dataclasses.asdict(RenormConfig.from_config_section(cfg.batch_renorm)),
-                l2_penalty=cfg.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[resolve_mixed_precision(cfg.train.mixed_precision)[0]], seed=cfg.train.seed,
-                normalization=cfg.model.normalization)
-
+    if train.mixed_precision not in COMPUTE_DTYPE_OF_POLICY:
+        raise ValueError("model_kwargs needs [train] mixed_precision resolved (load_settings(devices=True))")
+    return dict(arch=m.arch, num_classes=int(m.num_classes), width_multiplier=m.width_multiplier,
+                variant=m.variant, stride_on=m.stride_on, zero_init_last_gamma=m.zero_init_last_gamma,
+                renorm=dataclasses.asdict(RenormConfig.from_settings_section(settings.batch_renorm)),
+                l2_penalty=settings.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[train.mixed_precision],
+                seed=train.seed, normalization=m.normalization)

@@ -53,9 +53,9 @@ class RenormConfig:
             raise ValueError(f"expected rmax_max >= 1 and dmax_max >= 0, received {self.rmax_max}, {self.dmax_max}")
 
     @classmethod
-    def from_config_section(cls, section):
-        """From the [batch_renorm] section of a loaded config (moving_avgs_momentum -> momentum)."""
-        values = dict(vars(section))
+    def from_settings_section(cls, section):
+        """From the [batch_renorm] settings section (moving_avgs_momentum -> momentum)."""
+        values = dataclasses.asdict(section)
         values["momentum"] = values.pop("moving_avgs_momentum")
         return cls(**values)
 

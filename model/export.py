@@ -14,7 +14,8 @@ import os
 import tensorflow as tf
 
 from model.preprocessing import normalisation_constants, normalise
-from utils import UserError, atomic_dir
+from utils.errors import UserError
+from utils.files import atomic_dir
 
 _IMAGES_UINT8 = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 _IMAGES_FLOAT = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")

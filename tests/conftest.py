@@ -1,5 +1,6 @@
-"""Session fixtures shared by the test modules: one tiny generated dataset and one reference train.py run
-(built once, read by every test that needs a trained run or an uninterrupted twin; never written to)."""
+"""Shared fixtures of the test suite: the repository on sys.path, quiet TensorFlow, small generated datasets,
+and one reference train.py run (built once per session, read by every test that needs a trained run or an
+uninterrupted twin; never written to)."""
 import os
 import sys
 

@@ -3,18 +3,21 @@
 Sections: config files; child processes; the solid-colour dataset and buffer (producer and reader tests);
 the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests); in-process
 Trainers on fixed batches (recipe and precision tests)."""
+import collections
 import configparser
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
 from PIL import Image
 
-import utils
+from settings import load_settings
+from utils.files import atomic_write_text
 from data.buffer import files as buffer_files, protocol
 from data.buffer.builder import BatchBuilder, Recipe
 from data.sources.index import load_index
@@ -123,8 +126,8 @@ def write_solid_config(folder, **overrides):
     """A config in `folder` (paths relative to it); overrides as section={key: value}."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
-    for section, values in SOLID_CONFIG.items():
-        parser[section] = {**values, **overrides.get(section, {})}
+    for section in {**SOLID_CONFIG, **overrides}:
+        parser[section] = {**SOLID_CONFIG.get(section, {}), **overrides.get(section, {})}
     path = os.path.join(folder, "config.txt")
     with open(path, "w") as f:
         parser.write(f)
@@ -152,7 +155,7 @@ def write_heartbeat(folder, pid=None, state="running", epoch_end=3, stamp=None):
     record = {"run_id": "x", "epoch_start_floor": 0, "epoch_end": epoch_end, "pid": pid or os.getpid(),
               "host": __import__("socket").gethostname(), "time": stamp or time.time(), "interval": 0.1,
               "state": state}
-    utils.atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
+    atomic_write_text(os.path.join(folder, protocol.HEARTBEAT), json.dumps(record))
 
 
 def producer_cmd(config, *args, batch_size=SOLID_BATCH, epoch_start="0", epoch_end="3"):
@@ -169,9 +172,9 @@ def start_solid_producer(config, *args, **kw):
 
 
 def reference_builder(config):
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    return BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH))
+    return BatchBuilder(index.paths, index.labels, Recipe.from_settings(cfg, SOLID_BATCH))
 
 
 def heartbeat_pid(folder):
@@ -201,7 +204,7 @@ def with_cores(cores, argv):
     num_of_threads = auto may run more workers than this machine has cores."""
     code = (f"import os, sys; os.sched_getaffinity = lambda pid: set(range({cores})); "
             f"sys.argv = {argv[1:]!r}; sys.path.insert(0, {ROOT!r}); "
-            "import runtime_preprocessing, utils; utils.run_main(runtime_preprocessing.main)")
+            "import runtime_preprocessing; from utils.cli import run_main; run_main(runtime_preprocessing.main)")
     return [sys.executable, "-c", code]
 
 
@@ -338,6 +341,59 @@ REFERENCE_BATCH = 8
 REFERENCE_STEPS = 16  # 4 classes x 32 images / REFERENCE_BATCH
 
 
+def random_images(shape, seed=0, mean=0.0, std=1.0):
+    import tensorflow as tf  # only the tests that need it load it
+    return tf.constant(np.random.RandomState(seed).normal(mean, std, size=shape).astype(np.float32))
+
+
+def run_python(code, cwd, with_repo):
+    """Run `code` in a fresh interpreter; with_repo=False proves it needs nothing from this repository."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if with_repo:
+        env["PYTHONPATH"] = ROOT
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+# Process trees under tools/launch.py (the chaos test's victims)
+
+def _children():
+    """{parent pid: [child pids]} of the live (not zombie) processes, from /proc."""
+    kids = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                kids[int(fields[1])].append(int(name))
+    return kids
+
+
+def _cmdline(pid):
+    """The argv of process `pid` from /proc ([] once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []
+
+
+def script_pid(launcher_pid, script):
+    """pid of `script` as the launcher runs it (launcher -> keeper -> script; not its pool workers)."""
+    kids = _children()
+    for keeper in kids.get(launcher_pid, []):
+        for pid in kids.get(keeper, []):
+            if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
+                return pid
+    return None
+
+
 # ----------------------------------------------------------------------------
 # In-process Trainers on fixed batches: the step and resume, without a producer or train.py
 # ----------------------------------------------------------------------------
@@ -367,6 +423,7 @@ class FakeReader:
 def make_trainer(tmp_path, run, steps=2, **train):
     """A Trainer of write_train_config's network (with `train` overrides) on FakeReader(steps) batches of 8,
     its run folder <tmp_path>/<run>/run."""
+    from settings import load_settings
     from engine.trainer import Trainer
     folder = os.path.join(str(tmp_path), run)
     os.makedirs(folder)
@@ -374,7 +431,7 @@ def make_trainer(tmp_path, run, steps=2, **train):
                                 train={k: str(v) for k, v in train.items()})
     run_path = os.path.join(folder, "run")
     os.makedirs(run_path)
-    return Trainer(utils.load_config(config), FakeReader(steps), run_path, batch_size=8, num_classes=4)
+    return Trainer(load_settings(config).with_classes(4, "test"), FakeReader(steps), run_path, batch_size=8)
 
 
 def checkpoint_state(trainer, path):

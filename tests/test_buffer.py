@@ -1,4 +1,5 @@
 """The buffer protocol in-process: file names and order, the refill rule, progress, manifest, BufferReader."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import atomic_write_bytes, atomic_write_text, is_temp_name
 from data.buffer import files, protocol, reader as buffer_reader
 from tests.helpers import fake_batch, fake_manifest, wait_until, write_heartbeat, write_solid_config
 
@@ -20,9 +23,9 @@ from tests.helpers import fake_batch, fake_manifest, wait_until, write_heartbeat
 
 @pytest.fixture
 def buffer_setup(tmp_path):
-    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.5"}))
+    cfg = load_settings(write_solid_config(str(tmp_path), train={"wait_timeout": "0.5"}))
     os.makedirs(cfg.train.buffer_folder)
-    utils.atomic_write_text(os.path.join(cfg.train.buffer_folder, protocol.MANIFEST), json.dumps(fake_manifest()))
+    atomic_write_text(os.path.join(cfg.train.buffer_folder, protocol.MANIFEST), json.dumps(fake_manifest()))
     return cfg, cfg.train.buffer_folder
 
 
@@ -76,7 +79,7 @@ def test_progress_file_roundtrip_and_garbage(tmp_path):
     with open(os.path.join(folder, protocol.PROGRESS), "w") as f:
         f.write("")  # the original's non-atomic write could leave this
     assert protocol.read_progress(folder) is None
-    assert not any(utils.is_temp_name(n) for n in os.listdir(folder))
+    assert not any(is_temp_name(n) for n in os.listdir(folder))
 
 
 def test_manifest_differences_name_the_setting():
@@ -88,7 +91,6 @@ def test_manifest_differences_name_the_setting():
 
 
 def test_the_manifest_records_decoder_and_cached_scales_without_changing_the_run_id():
-    import dataclasses
     from data.buffer.builder import Recipe
     recipe = Recipe(seed=0, batch_size=4, crop=16, scales=(18, 22), pca_std=0.1, mu=(0.5, 0.45, 0.4),
                     sigma=(0.25, 0.26, 0.27))
@@ -137,16 +139,16 @@ def test_reader_refuses_foreign_batch_files(buffer_setup):
     cfg, folder = buffer_setup
     images, labels, lighting = fake_batch(crop=20)
     files.write_batch(folder, 0, 0, images, labels, lighting)
-    with pytest.raises(utils.UserError, match="does not belong to this buffer"):
+    with pytest.raises(UserError, match="does not belong to this buffer"):
         buffer_reader.BufferReader(cfg, 4).read(0, 0)
-    utils.atomic_write_bytes(files.batch_file(folder, "X", 0, 0), b"not an npy file")
-    with pytest.raises(utils.UserError, match="not a readable batch file"):
+    atomic_write_bytes(files.batch_file(folder, "X", 0, 0), b"not an npy file")
+    with pytest.raises(UserError, match="not a readable batch file"):
         buffer_reader.BufferReader(cfg, 4).read(0, 0)
 
 
 def test_reader_refuses_batch_size_mismatch_in_one_sentence(buffer_setup):
     cfg, _ = buffer_setup
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         buffer_reader.BufferReader(cfg, 8).check_manifest()
     text = str(err.value)
     assert "4 images" in text and "--batch_size=8" in text and text.count(". ") == 0 and "\n" not in text
@@ -156,7 +158,7 @@ def test_reader_refuses_other_normalisation(buffer_setup):
     cfg, _ = buffer_setup
     reader = buffer_reader.BufferReader(cfg, 4)
     reader.check_manifest((0.5, 0.45, 0.4), (0.25, 0.26, 0.27))
-    with pytest.raises(utils.UserError, match="normalises with"):
+    with pytest.raises(UserError, match="normalises with"):
         reader.check_manifest((0.4, 0.45, 0.4), (0.25, 0.26, 0.27))
 
 
@@ -164,20 +166,20 @@ def test_reader_times_out_without_producer(buffer_setup):
     cfg, folder = buffer_setup
     reader = buffer_reader.BufferReader(cfg, 4)
     t0 = time.monotonic()
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         reader.read(0, 0)
     assert time.monotonic() - t0 < 3
     assert folder in str(err.value) and "runtime_preprocessing.py" in str(err.value)
 
 
 def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_creating_it(tmp_path, monkeypatch):
-    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.3"}))
+    cfg = load_settings(write_solid_config(str(tmp_path), train={"wait_timeout": "0.3"}))
     folder = cfg.train.buffer_folder
-    with pytest.raises(utils.UserError, match=r"Waited 0 s for the buffer manifest in .*buffer but the folder does "
+    with pytest.raises(UserError, match=r"Waited 0 s for the buffer manifest in .*buffer but the folder does "
                                               r"not exist \(no producer has started there"):
         buffer_reader.BufferReader(cfg, 4).check_manifest()
     assert not os.path.exists(folder)
-    cfg.train.wait_timeout = 30
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, wait_timeout=30))
     reader, found = buffer_reader.BufferReader(cfg, 4), []
     waiting = threading.Thread(target=lambda: found.append(reader.check_manifest()))
     polls = []
@@ -195,7 +197,7 @@ def test_a_reader_waits_for_a_buffer_folder_that_does_not_exist_yet_without_crea
     assert waiting.is_alive() and not os.path.exists(folder)  # waits, and leaves the folder to the producer
     os.makedirs(folder)  # the producer starts: folder, manifest, a first batch
     files.write_batch(folder, 0, 0, *fake_batch())
-    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(fake_manifest()))
+    atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(fake_manifest()))
     waiting.join(10)
     assert found == [fake_manifest()]
 
@@ -208,7 +210,7 @@ def test_reader_detects_killed_producer_by_pid(buffer_setup):
     assert protocol.producer_status(folder)[0] == "dead"
     write_heartbeat(folder, stamp=time.time() - 60)  # our pid, but no beat for a minute
     assert protocol.producer_status(folder)[0] == "dead"
-    with pytest.raises(utils.UserError, match="heartbeat stopped"):
+    with pytest.raises(UserError, match="heartbeat stopped"):
         buffer_reader.BufferReader(cfg, 4).read(0, 0)
 
 
@@ -218,7 +220,7 @@ def test_reader_names_epoch_range_mismatch(buffer_setup):
     reader = buffer_reader.BufferReader(cfg, 4)
     reader.check_manifest()
     reader._last = (0, 4)  # as if epoch 0 was read
-    with pytest.raises(utils.UserError, match="--epoch_end=2"):
+    with pytest.raises(UserError, match="--epoch_end=2"):
         reader.read(1, 0)
 
 
@@ -230,9 +232,9 @@ def test_reader_refuses_manifest_of_another_run_mid_training(buffer_setup):
     reader.read(0, 0)
     other = fake_manifest(num_classes=7)
     time.sleep(0.01)
-    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(other))
+    atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(other))
     files.write_batch(folder, 0, 1, *fake_batch())
-    with pytest.raises(utils.UserError, match="switched to another run"):
+    with pytest.raises(UserError, match="switched to another run"):
         reader.read(0, 1)
 
 

@@ -20,10 +20,7 @@ A producer with num_of_threads = auto is also SIGKILLed while it adds and while 
 `make test` runs the short version (4 kills, one of each kind at least); `make chaos`
 (CHAOS_LONG=1) the long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill
 is printed and logged to <tmp>/chaos.log with what the victim was doing.
-
-The start-order tests at the top check the buffer protocol itself without TensorFlow: the two
-scripts start in any order next to a previous run's files, and a producer restarted with its
-original command catches up with a running trainer.
+The start-order tests (the buffer protocol alone) are in test_start_order.py.
 """
 import collections
 import os
@@ -37,12 +34,13 @@ import time
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import TMP_PREFIX, is_temp_name
 from data.buffer import files, protocol, reader as buffer_reader
-from tests.helpers import (REFERENCE_BATCH, REFERENCE_EPOCHS, SOLID_BATCH, complete_count, heartbeat_pid,
-                           producer_cmd, read_all,
-                           read_checkpoint, read_in_sizing_cycles, reference_builder, run_producer, solid_config_for,
-                           start_solid_producer, stop_process, surviving_batches, wait_until, with_cores,
+from tests.helpers import (REFERENCE_BATCH, REFERENCE_EPOCHS, SOLID_BATCH, complete_count, script_pid,
+                           producer_cmd, read_checkpoint, read_in_sizing_cycles, reference_builder, solid_config_for,
+                           stop_process, surviving_batches, with_cores,
                            write_train_config)
 
 pytestmark = pytest.mark.chaos
@@ -62,97 +60,8 @@ DEADLINE = 1800 if LONG else 900  # a guard only: each process exits by itself (
 
 
 # ----------------------------------------------------------------------------
-# Start order and restarts: the buffer protocol alone (no TensorFlow)
+# A producer sizing itself (num_of_threads = auto), killed while it adds or retires a worker
 # ----------------------------------------------------------------------------
-
-def test_trainer_started_first_waits_out_a_previous_runs_manifest(solid_dataset, tmp_path, caplog):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4", "wait_timeout": "30"})
-    cfg = utils.load_config(config)
-    folder = cfg.train.buffer_folder
-    # A previous run with batch size 2 that finished: its manifest and heartbeat stay, its progress says its end.
-    assert run_producer(config, "--once", batch_size=2).returncode == 0
-    for key in files.scan_batches(folder)[0]:
-        files.delete_batch(folder, *key)
-    protocol.write_progress(folder, 3, 0)
-    builder = reference_builder(config)
-    errors = []
-
-    def trainer():
-        try:
-            read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, builder)
-        except BaseException as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
-    thread = threading.Thread(target=trainer)
-    thread.start()
-    assert wait_until(lambda: "waiting up to 30 s" in caplog.text, timeout=30)  # it says it waits
-    assert thread.is_alive() and not errors  # waiting on the old manifest, not refusing it
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
-    thread.join(60)
-    assert not errors, errors
-    assert producer.wait(30) == 0
-    assert "waiting up to 30 s" in caplog.text and "holds batches of 2 images" in caplog.text
-
-
-def test_producer_started_first_sets_aside_a_previous_runs_progress(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
-    folder = cfg.train.buffer_folder
-    os.makedirs(folder)
-    protocol.write_progress(folder, 1, 3)  # where a previous run was killed: inside this run's range
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="2")
-    try:
-        assert wait_until(lambda: complete_count(folder) == 4)
-        assert sorted(files.scan_batches(folder)[0]) == [(0, b) for b in range(4)]
-        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 20, reference_builder(config))
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
-
-
-def test_producer_restarted_with_its_first_command_catches_up_with_a_waiting_trainer(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
-    folder = cfg.train.buffer_folder
-    builder = reference_builder(config)
-    producer = start_solid_producer(config, epoch_start="0", epoch_end="3")
-    reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
-    try:
-        read_all(reader, 0, 14, builder)  # the trainer stands at epoch 1 batch 4
-        producer.kill()
-        producer.wait()
-        for key in files.scan_batches(folder)[0]:  # nothing ready: the trainer must wait for the new producer
-            files.delete_batch(folder, *key)
-        producer = start_solid_producer(config, epoch_start="0", epoch_end="3")  # the seed's command, unchanged
-        # The waiting reader re-reports its position to the newcomer; without that the producer builds from
-        # epoch 0 and the reader waits for ever (the guard: [train] wait_timeout of 30 s and its own 60).
-        started = time.monotonic()
-        read_all(reader, 14, 15, builder)
-        assert time.monotonic() - started < 60
-        read_all(reader, 15, 30, builder)
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
-
-
-def test_auto_producer_builds_nothing_on_a_progress_file_past_its_end(solid_dataset, tmp_path):  # noqa: F811
-    config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
-    folder = cfg.train.buffer_folder
-    os.makedirs(folder)
-    protocol.write_progress(folder, 2, 0)  # a finished run of epochs 0-1, or the end of an earlier one
-    producer = start_solid_producer(config, epoch_start="auto", epoch_end="2")
-    try:
-        assert wait_until(lambda: heartbeat_pid(folder) == producer.pid)
-        time.sleep(0.5)
-        assert complete_count(folder) == 0  # no batches built on a guess
-        read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10, 20, reference_builder(config))  # a trainer resumed at 1
-        assert producer.wait(30) == 0
-    finally:
-        producer.kill()
-        producer.wait()
-
 
 def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(solid_dataset, tmp_path):  # noqa: F811
     """num_of_threads = auto on 4 (patched) cores: the producer is SIGKILLed the moment it logs a change of
@@ -162,7 +71,7 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
     kills = 8 if LONG else 2
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6", "wait_timeout": "60"},
                               runtime_preprocessing={"num_of_threads": "auto", "sizing_window": "0.1"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     epochs = 10 + 2 * kills
     argv = with_cores(4, producer_cmd(config, epoch_start="auto", epoch_end=str(epochs)))
@@ -200,7 +109,7 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
         try:
             read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), 10 * epochs, check, folder,
                                   cycles=2 * kills + 2)
-        except (AssertionError, utils.UserError) as e:
+        except (AssertionError, UserError) as e:
             raise AssertionError(f"{e}; kills {done}; the producers' last lines:\n{''.join(lines[-20:])}") from e
         keeper.join(60)
     finally:
@@ -211,7 +120,7 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
     assert not errors, errors
     assert [kind for kind, _ in done] == ["add", "retire"] * (kills // 2), done
     assert starts[0] == kills + 1
-    assert [n for n in os.listdir(folder) if utils.is_temp_name(n)] == []
+    assert [n for n in os.listdir(folder) if is_temp_name(n)] == []
     assert files.scan_batches(folder) == (set(), set())  # all consumed and deleted, none half-written
     print("killed at: " + "; ".join(line for _, line in done))
 
@@ -221,44 +130,12 @@ def test_sigkill_while_a_worker_is_added_or_retired_loses_and_repeats_nothing(so
 # ----------------------------------------------------------------------------
 
 
-def _children():
-    kids = collections.defaultdict(list)
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                kids[int(fields[1])].append(int(name))
-    return kids
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
-    except OSError:
-        return []
-
-
-def script_pid(launcher_pid, script):
-    """pid of `script` as the launcher runs it (launcher -> keeper -> script; not its pool workers)."""
-    kids = _children()
-    for keeper in kids.get(launcher_pid, []):
-        for pid in kids.get(keeper, []):
-            if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
-                return pid
-    return None
-
-
 class Pipeline:
     """One run: the launcher (producer + trainer) and check_accuracy.py, each restarted with 'auto' after a kill."""
 
     def __init__(self, config, run, folder, evaluate=True):
         self.config, self.run, self.evaluate = config, run, evaluate
-        cfg = utils.load_config(config)
+        cfg = load_settings(config)
         self.run_path = os.path.join(cfg.train.path_for_saving, run)
         self.buffer, self.buffer_size = cfg.train.buffer_folder, cfg.train.buffer_size
         self.out = open(os.path.join(folder, f"{run}.out"), "ab")
@@ -337,19 +214,19 @@ class Pipeline:
             return []
 
     def saving(self):
-        return _listdir_any(self.run_path, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:].split("-")[0].isdigit())
+        return _listdir_any(self.run_path, lambda n: n.startswith(TMP_PREFIX) and n[5:].split("-")[0].isdigit())
 
     def refilling(self):
         return complete_count(self.buffer) < self.buffer_size if os.path.isdir(self.buffer) else False
 
     def writing_batch(self):
-        return _listdir_any(self.buffer, lambda n: n.startswith(utils.TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
+        return _listdir_any(self.buffer, lambda n: n.startswith(TMP_PREFIX) and n[5:6] in "XYL" and n[6:7] == "_")
 
     def accuracy_rows(self):
-        from engine.evaluate import read_rows
+        from engine.accuracy_log import read_rows
         try:
             return read_rows(os.path.join(self.run_path, "accuracy.csv"))
-        except utils.UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
+        except UserError:  # read while being replaced: cannot happen (atomic), but never fail the driver
             return []
 
     def unevaluated(self):
@@ -551,13 +428,13 @@ def test_chaos_leaves_no_temp_or_partial_file(chaos_runs):
     pipeline = chaos_runs["chaos"]
     for folder in (pipeline.run_path, pipeline.buffer):
         temps = [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in dirs + names
-                 if utils.is_temp_name(n)]
+                 if is_temp_name(n)]
         assert temps == []
     assert files.scan_batches(pipeline.buffer)[1] == set()
 
 
 def test_chaos_accuracy_has_one_row_per_epoch(chaos_runs):
-    from engine.evaluate import read_rows
+    from engine.accuracy_log import read_rows
     rows = read_rows(os.path.join(chaos_runs["chaos"].run_path, "accuracy.csv"))
     assert sorted((r["epoch"], r["protocol"]) for r in rows) == [(e, 10) for e in range(EPOCHS)]
     assert os.path.isfile(os.path.join(chaos_runs["chaos"].run_path, "accuracy.png"))

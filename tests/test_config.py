@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-import utils
+from settings import MU_SIGMA_FILE, load_settings, scales_of
+from utils.config import load_config
+from utils.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.txt")
@@ -28,25 +30,25 @@ def write_config(tmp_path, edit=None, text=None, name="config.txt"):
 
 
 def load_error(tmp_path, edit=None, text=None):
-    with pytest.raises(utils.ConfigError) as e:
-        utils.load_config(write_config(tmp_path, edit, text))
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, edit, text))
     message = str(e.value)
     assert "\n" not in message
     return message
 
 
 def test_shipped_configs_load():
-    full = utils.load_config(os.path.join(ROOT, "config.txt"))
-    demo = utils.load_config(DEMO)
+    full = load_config(os.path.join(ROOT, "config.txt"))
+    demo = load_config(DEMO)
     assert full.train.N == 1281167 and full.preprocess_val.N == 50000
-    assert utils.scales(full)[0] == 256 and utils.scales(full)[-1] == 480 and len(utils.scales(full)) == 33
+    assert scales_of(full.images)[0] == 256 and scales_of(full.images)[-1] == 480 and len(scales_of(full.images)) == 33
     assert demo.images.crop_size <= demo.images.scale_min
 
 
 def test_paths_are_relative_to_the_config_folder(tmp_path, monkeypatch):
     path = write_config(tmp_path, lambda p: p.set("preprocess", "ImageNet_folder", "data/imagenet"))
     monkeypatch.chdir("/")
-    cfg = utils.load_config(path)
+    cfg = load_config(path)
     assert cfg.preprocess.ImageNet_folder == str(tmp_path / "data" / "imagenet")
 
 
@@ -105,8 +107,8 @@ def test_bad_cross_key(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(utils.ConfigError, match="does not exist"):
-        utils.load_config(str(tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.txt"))
 
 
 def test_not_ini(tmp_path):
@@ -114,9 +116,12 @@ def test_not_ini(tmp_path):
 
 
 def test_auto_mu_sigma_needs_the_stats_file(tmp_path):
-    cfg = utils.load_config(write_config(tmp_path, lambda p: p.set("get_mu_sigma", "path_to_save", "stats")))
-    with pytest.raises(utils.ConfigError, match="run get_mu_sigma.py first"):
-        utils.mu_sigma(cfg)
+    path = write_config(tmp_path, lambda p: p.set("get_mu_sigma", "path_to_save", "stats"))
+    with pytest.raises(ConfigError, match="run get_mu_sigma.py first"):
+        load_settings(path)
+    assert load_settings(path, stats=False).mu is None  # the scripts that do not normalise leave it unresolved
     os.makedirs(tmp_path / "stats")
-    (tmp_path / "stats" / utils.MU_SIGMA_FILE).write_text(json.dumps({"mu": [0.5, 0.4, 0.3], "sigma": [0.2] * 3}))
-    assert utils.mu_sigma(cfg) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    (tmp_path / "stats" / MU_SIGMA_FILE).write_text(json.dumps({"mu": [0.5, 0.4, 0.3], "sigma": [0.2] * 3}))
+    settings = load_settings(path)
+    assert (settings.mu, settings.sigma) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    assert settings.autos[:2] == ("utils.mu_0", "utils.mu_1") and "mu_0 = 0.5" in settings.resolved_text()

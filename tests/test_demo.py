@@ -166,12 +166,13 @@ def test_children_and_their_workers_die_with_a_killed_launcher(fake):
     assert _all_gone(fake)
 
 
-# Stand-ins that go through utils.run_main, as the real scripts do: a UserError exits 2 with
+# Stand-ins that go through run_main, as the real scripts do: a UserError exits 2 with
 # one line, Ctrl-C exits 130 with (outside the launcher) the 'interrupted' line.
 FAKE_MAIN = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, os.environ["FAKE_ROOT"])
-    import utils
+    from utils.cli import run_main
+    from utils.errors import UserError
     role, d = sys.argv[1], os.environ["FAKE_DIR"]
     mode = os.environ.get("FAKE_" + role.upper(), "forever")
 
@@ -181,7 +182,7 @@ FAKE_MAIN = textwrap.dedent('''
         with open(os.path.join(d, "pids"), "a") as f:
             f.write(f"{os.getpid()}\\n")
         if mode == "user_error":
-            raise utils.UserError("[train] N = 10000 but the training set has 400 images; set N = 0.")
+            raise UserError("[train] N = 10000 but the training set has 400 images; set N = 0.")
         if mode == "save_epoch":  # epoch 0 complete, as train.py leaves it, then training epoch 1
             epoch = os.path.join(os.environ["FAKE_RUNS"], "r", "0")
             os.makedirs(os.path.join(epoch, "saved_model"))
@@ -191,7 +192,7 @@ FAKE_MAIN = textwrap.dedent('''
         while True:
             time.sleep(0.05)
 
-    utils.run_main(main)
+    run_main(main)
 ''')
 
 
@@ -245,7 +246,7 @@ def test_the_demo_driver_runs_end_to_end_at_reduced_size(tmp_path):
     32-pixel crops and a 1/16-wide network: the table, the plot and both epoch folders come out.
     Measured 122 s at a load average of 10 on the 2 shared cores: 90 s of it is launch.py (TensorFlow
     tracing the step and two SavedModel exports), 24 s check_accuracy.py, 7 s the data steps."""
-    from engine import evaluate, run_folder
+    from engine import accuracy_log, run_folder
     from tests.helpers import write_config_file, write_train_config
     data, runs = tmp_path / "data", tmp_path / "runs"
     small = write_train_config(str(tmp_path / "small"), str(data / "imagenet"))  # crop 32, width 0.0625
@@ -262,12 +263,12 @@ def test_the_demo_driver_runs_end_to_end_at_reduced_size(tmp_path):
     (run,) = os.listdir(runs)
     run_path = str(runs / run)
     assert run.startswith("demo-") and run_folder.complete_epochs(run_path) == [0, 1]
-    rows = evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME))
+    rows = accuracy_log.read_rows(os.path.join(run_path, accuracy_log.CSV_NAME))
     assert [(r["epoch"], r["protocol"], r["images"]) for r in rows] == [(0, 10, 16), (1, 10, 16)]
     table = result.stdout.split("==> Results", 1)[1]
     for r in rows:
         assert f"{r['top1']:8.2f}  {r['top5']:8.2f}" in table
-    assert f"plot:           {os.path.join(run_path, evaluate.PNG_NAME)}" in table
-    with open(os.path.join(run_path, evaluate.PNG_NAME), "rb") as f:
+    assert f"plot:           {os.path.join(run_path, accuracy_log.PNG_NAME)}" in table
+    with open(os.path.join(run_path, accuracy_log.PNG_NAME), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isfile(data / "stats" / "mu_sigma.json")

@@ -21,7 +21,9 @@ import time
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import atomic_save_npy, atomic_write_text, is_temp_name
 from data.buffer import files, reader as buffer_reader
 from data.buffer.builder import BatchBuilder, Recipe
 from data.sources.index import load_index
@@ -70,7 +72,7 @@ def producer_cmd(config, epoch_start, epoch_end):
 
 def builder_for(cfg):
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    return BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, BATCH))
+    return BatchBuilder(index.paths, index.labels, Recipe.from_settings(cfg, BATCH))
 
 
 def read_and_check(reader, builder, start, stop_at, report=True):
@@ -85,7 +87,7 @@ def one_error_line(stderr):
 
 def assert_clean(folder):
     """No temp file anywhere below `folder`, and no half-written batch in it."""
-    temps = [n for _, dirs, names in os.walk(folder) for n in dirs + names if utils.is_temp_name(n)]
+    temps = [n for _, dirs, names in os.walk(folder) for n in dirs + names if is_temp_name(n)]
     assert temps == []
     assert files.scan_batches(folder)[1] == set()
 
@@ -119,7 +121,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
         pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE tests below take the same paths")
     folder = str(disk / "buffer")
     config = write_train_config(str(tmp_path / "cfg"), data, train={"buffer_folder": folder, "buffer_size": "6"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     builder = builder_for(cfg)
     producer = subprocess.Popen(producer_cmd(config, 0, 3), cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
@@ -137,7 +139,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
                 try:
                     reader.report_progress(*unreported)
                     unreported = None
-                except utils.UserError as e:  # its progress write met the full disk too: the trainer's stop
+                except UserError as e:  # its progress write met the full disk too: the trainer's stop
                     trainer_errors.append(str(e))
             elif os.path.exists(files.batch_file(folder, "X", epoch, b)):
                 read_and_check(reader, builder, position, position + 1, report=False)
@@ -170,7 +172,7 @@ def test_producer_stops_on_a_full_buffer_disk_and_resumes_once_space_is_freed(da
 
 def test_producer_past_a_file_size_limit_stops_cleanly_and_resumes(data, tmp_path):
     config = write_train_config(str(tmp_path), data, train={"buffer_size": "6"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     result = subprocess.run(producer_cmd(config, 0, 2), cwd=ROOT, capture_output=True, text=True, timeout=60,
                             preexec_fn=file_size_limit(16384))  # an image file is 49 KB
@@ -259,15 +261,15 @@ def test_atomic_writers_turn_an_injected_enospc_into_one_sentence_and_leave_noth
 
     def full_open(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)
-        return FullFile(f) if "w" in mode and utils.is_temp_name(path) else f
+        return FullFile(f) if "w" in mode and is_temp_name(path) else f
     monkeypatch.setattr(builtins, "open", full_open)
     target = tmp_path / "X_0_0.npy"
-    with pytest.raises(utils.UserError) as err:
-        utils.atomic_save_npy(str(target), np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(UserError) as err:
+        atomic_save_npy(str(target), np.zeros((4, 8, 8, 3), np.uint8))
     text = str(err.value)
     assert text.startswith(f"Disk full writing X_0_0.npy in {tmp_path} (write needs about 896 B,")
     assert "\n" not in text and text.endswith("then rerun to resume.")
-    with pytest.raises(utils.UserError, match="Disk full writing log.csv"):
-        utils.atomic_write_text(str(tmp_path / "log.csv"), "epoch\n0\n")
+    with pytest.raises(UserError, match="Disk full writing log.csv"):
+        atomic_write_text(str(tmp_path / "log.csv"), "epoch\n0\n")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []

@@ -76,9 +76,9 @@ def setup(tmp_path_factory, tiny_data):
 
 def initial_weights(config):
     import tensorflow as tf
-    import utils
+    from settings import load_settings
     from model import build_model, model_kwargs
-    net = build_model(**model_kwargs(utils.load_config(config), 4))
+    net = build_model(**model_kwargs(load_settings(config).with_classes(4, "test")))
     prefix = tf.train.Checkpoint(model=net).write(os.path.join(os.path.dirname(config), "init", "ckpt"))
     return read_checkpoint(prefix)
 
@@ -153,7 +153,7 @@ def test_multi_worker_on_two_local_processes_matches_one_device(trained):
 
 def test_batch_not_divisible_by_replicas_is_a_clear_error():
     from engine.distribute import check_divisible
-    from utils import UserError
+    from utils.errors import UserError
     assert check_divisible(64, 4) == 16
     with pytest.raises(UserError, match="--batch_size 30 is not divisible by the 4 replicas"):
         check_divisible(30, 4)
@@ -170,6 +170,6 @@ def test_worker_info_reads_tf_config(monkeypatch):
                                                 "task": {"type": "worker", "index": 0}}))
     assert worker_info() == (1, 2)
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    from utils import UserError
+    from utils.errors import UserError
     with pytest.raises(UserError, match="TF_CONFIG"):
         worker_info()

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-import utils
+from utils.errors import UserError
+from utils.files import atomic_save_npy, atomic_write_text
 
 
 @pytest.fixture
@@ -64,24 +65,24 @@ def test_an_epoch_folder_is_on_disk_before_its_name_and_its_name_after(tmp_path,
 
 
 def test_log_csv_accuracy_csv_and_the_plot_are_fsynced_around_their_rename(tmp_path, events):
-    from engine import evaluate, logs
+    from engine import accuracy_log, logs
     run = str(tmp_path / "run")
     os.makedirs(run)
     logs.write_epoch_row(run, {k: 1.0 for k in logs.CSV_FIELDS} | {"epoch": 0})
     assert_durable_rename(events, os.path.join(run, logs.CSV_NAME))
     events.clear()
-    evaluate.write_rows(os.path.join(run, evaluate.CSV_NAME), [])
-    assert_durable_rename(events, os.path.join(run, evaluate.CSV_NAME))
+    accuracy_log.write_rows(os.path.join(run, accuracy_log.CSV_NAME), [])
+    assert_durable_rename(events, os.path.join(run, accuracy_log.CSV_NAME))
     events.clear()
     from engine.plot import plot_accuracy
-    png = os.path.join(run, evaluate.PNG_NAME)
+    png = os.path.join(run, accuracy_log.PNG_NAME)
     plot_accuracy([], png, "run")
     assert_durable_rename(events, png)
 
 
 def test_buffer_writes_stay_unsynced(tmp_path, events):
-    utils.atomic_save_npy(str(tmp_path / "X_0_0.npy"), np.zeros((2, 4, 4, 3), np.uint8))
-    utils.atomic_write_text(str(tmp_path / "progress.txt"), "0\n1\n")
+    atomic_save_npy(str(tmp_path / "X_0_0.npy"), np.zeros((2, 4, 4, 3), np.uint8))
+    atomic_write_text(str(tmp_path / "progress.txt"), "0\n1\n")
     assert [e[0] for e in events] == ["rename", "rename"]
 
 
@@ -91,6 +92,6 @@ def test_a_full_disk_at_fsync_is_the_disk_full_sentence_and_leaves_no_temp_file(
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(utils.UserError, match="Disk full writing log.csv"):
-        utils.atomic_write_text(str(tmp_path / "log.csv"), "epoch\n", durable=True)
+    with pytest.raises(UserError, match="Disk full writing log.csv"):
+        atomic_write_text(str(tmp_path / "log.csv"), "epoch\n", durable=True)
     assert os.listdir(tmp_path) == []

@@ -15,11 +15,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from engine import evaluate
+from engine import accuracy_log, evaluate, model_wait, scoring
 from engine.prefetch import prefetch
-from engine.evaluate import EpochResult
+from engine.scoring import EpochResult
 from tests.helpers import wait_until
-from utils import UserError
+from utils.errors import UserError
 
 C = 3  # classes of the table model
 
@@ -94,15 +94,15 @@ def test_topk_hits_against_hand_computed_case():
         [0.00, 0.20, 0.20, 0.20, 0.20, 0.20, 0.00],  # label 6: outside the five tied classes -> miss
     ])
     labels = np.array([1, 4, 5, 1, 6])
-    assert evaluate.topk_hits(scores, labels) == {1: 1, 5: 3}
+    assert scoring.topk_hits(scores, labels) == {1: 1, 5: 3}
     # A tie is broken towards the lower class index, whatever the input order in memory.
-    assert evaluate.topk_hits(np.array([[0.5, 0.5]]), np.array([0]), ks=(1,)) == {1: 1}
-    assert evaluate.topk_hits(np.array([[0.5, 0.5]]), np.array([1]), ks=(1,)) == {1: 0}
+    assert scoring.topk_hits(np.array([[0.5, 0.5]]), np.array([0]), ks=(1,)) == {1: 1}
+    assert scoring.topk_hits(np.array([[0.5, 0.5]]), np.array([1]), ks=(1,)) == {1: 0}
 
 
 def test_average_views_groups_each_images_views():
     probs = np.arange(2 * 3 * 2, dtype=np.float32).reshape(6, 2)  # 2 images x 3 views x 2 classes
-    np.testing.assert_allclose(evaluate.average_views(probs, 3), [[2.0, 3.0], [8.0, 9.0]])
+    np.testing.assert_allclose(scoring.average_views(probs, 3), [[2.0, 3.0], [8.0, 9.0]])
 
 
 def test_probabilities_are_averaged_not_logits(table_model_dir):
@@ -110,24 +110,24 @@ def test_probabilities_are_averaged_not_logits(table_model_dir):
     codes = [[1] * 9 + [2]]
     table = _table()
     assert np.argmax(table[codes[0]].mean(axis=0)) == 1  # averaging logits would pick class 1
-    predictor = evaluate.SavedModelPredictor(tf.saved_model.load(table_model_dir))
+    predictor = model_wait.SavedModelPredictor(tf.saved_model.load(table_model_dir))
     store = FakeStore({10: coded_views(codes)}, labels=[0])
-    result = evaluate.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False)
+    result = scoring.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False)
     assert (result.top1, result.images) == (100.0, 1)  # (top-5 of C = 3 classes is 100% for any model)
     store = FakeStore({10: coded_views(codes)}, labels=[1])
-    assert evaluate.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False).top1 == 0.0
+    assert scoring.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False).top1 == 0.0
 
 
 def test_batches_cover_every_image_once_in_any_batch_size(table_model_dir):
     rng = np.random.default_rng(0)
     codes = rng.integers(1, 4, size=(23, 10))
     labels = rng.integers(0, C, size=23)
-    predictor = evaluate.SavedModelPredictor(tf.saved_model.load(table_model_dir))
+    predictor = model_wait.SavedModelPredictor(tf.saved_model.load(table_model_dir))
     store = FakeStore({10: coded_views(codes)}, labels)
     probs = tf.nn.softmax(_table()[codes]).numpy().mean(axis=1)
-    expected = evaluate.topk_hits(probs, labels, ks=(1,))[1]
+    expected = scoring.topk_hits(probs, labels, ks=(1,))[1]
     for batch in (1, 5, 23, 100):
-        result = evaluate.evaluate_epoch(predictor, store, 10, epoch=0, batch_images=batch, show_progress=False)
+        result = scoring.evaluate_epoch(predictor, store, 10, epoch=0, batch_images=batch, show_progress=False)
         assert result.images == 23
         assert result.top1 == pytest.approx(100.0 * expected / 23)
 
@@ -141,22 +141,22 @@ def test_views_reach_the_model_image_by_image():
 
     views = np.random.default_rng(1).integers(0, 256, size=(5, 10, 6, 6, 3), dtype=np.uint8)
     store = FakeStore({10: views}, labels=[0] * 5)
-    evaluate.evaluate_epoch(recorder, store, 10, epoch=0, batch_images=2, show_progress=False)
+    scoring.evaluate_epoch(recorder, store, 10, epoch=0, batch_images=2, show_progress=False)
     assert [len(s) for s in seen] == [20, 20, 10]
     np.testing.assert_array_equal(np.concatenate(seen), views.reshape(50, 6, 6, 3))
 
 
 def test_class_count_mismatch_is_a_user_error(table_model_dir):
-    predictor = evaluate.SavedModelPredictor(tf.saved_model.load(table_model_dir))
+    predictor = model_wait.SavedModelPredictor(tf.saved_model.load(table_model_dir))
     store = FakeStore({10: coded_views([[1] * 10])}, labels=[0], classes=5)
     with pytest.raises(UserError, match="predicts 3 classes but the validation set has 5"):
-        evaluate.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False)
+        scoring.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False)
 
 
 def test_missing_protocol_data_is_a_user_error():
     store = FakeStore({10: coded_views([[1] * 10])}, labels=[0])
     with pytest.raises(UserError, match="no 50-view data.*views_50"):
-        evaluate.evaluate_epoch(lambda x: x, store, 50, epoch=0, show_progress=False)
+        scoring.evaluate_epoch(lambda x: x, store, 50, epoch=0, show_progress=False)
 
 
 def test_prefetch_reraises_errors_from_the_loader():
@@ -190,7 +190,7 @@ def test_waits_for_a_model_folder_renamed_into_place_later(tmp_path, table_model
     thread = threading.Thread(target=publish)
     thread.start()
     try:
-        loaded = evaluate.wait_for_model(str(run), 3, timeout=30, poll=0.05, say=messages.append)
+        loaded = model_wait.wait_for_model(str(run), 3, timeout=30, poll=0.05, say=messages.append)
     finally:
         thread.join()
     assert "serving_default" in loaded.signatures
@@ -200,7 +200,7 @@ def test_waits_for_a_model_folder_renamed_into_place_later(tmp_path, table_model
 def test_timeout_names_the_missing_folder(tmp_path):
     start = time.monotonic()
     with pytest.raises(UserError, match=r"Timed out after 0.3 s waiting for .*run[/\\]7[/\\]saved_model"):
-        evaluate.wait_for_model(str(tmp_path / "run"), 7, timeout=0.3, poll=0.05, say=lambda m: None)
+        model_wait.wait_for_model(str(tmp_path / "run"), 7, timeout=0.3, poll=0.05, say=lambda m: None)
     assert time.monotonic() - start < 5
 
 
@@ -219,14 +219,14 @@ def test_a_wait_says_what_it_awaits_at_once_then_reminds_with_the_time_left(tmp_
     (tmp_path / "run").mkdir()
     messages = []
     with pytest.raises(UserError, match="Timed out after 0.6 s"):
-        evaluate.wait_for_model(str(tmp_path / "run"), 2, timeout=0.6, poll=0.05, say=messages.append,
+        model_wait.wait_for_model(str(tmp_path / "run"), 2, timeout=0.6, poll=0.05, say=messages.append,
                                 load=lambda path: None, remind_every=0.2)
     path = os.path.join(str(tmp_path / "run"), "2", "saved_model")
     assert messages[0] == (f"Waiting for {path}: epoch 2 is not saved yet; train.py --run_folder=run saves it "
                            f"when the epoch ends (giving up in 1 s).")
     assert len(messages) >= 2 and all(m.startswith(f"Still waiting for {path} (epoch 2; waited ")
                                       and "giving up in" in m for m in messages[1:])
-    assert evaluate.REMIND_SECONDS == 30.0
+    assert model_wait.REMIND_SECONDS == 30.0
 
 
 def test_load_errors_are_retried_then_reported(tmp_path):
@@ -239,13 +239,13 @@ def test_load_errors_are_retried_then_reported(tmp_path):
             raise OSError("still copying")
         return "model"
 
-    assert evaluate.wait_for_model(str(tmp_path), 0, poll=0.01, say=lambda m: None, load=flaky) == "model"
+    assert model_wait.wait_for_model(str(tmp_path), 0, poll=0.01, say=lambda m: None, load=flaky) == "model"
 
     def broken(path):
         raise OSError("corrupt")
 
     with pytest.raises(UserError, match="Could not load the model of epoch 0"):
-        evaluate.wait_for_model(str(tmp_path), 0, poll=0.01, say=lambda m: None, load=broken)
+        model_wait.wait_for_model(str(tmp_path), 0, poll=0.01, say=lambda m: None, load=broken)
 
 
 # ----------------------------------------------------------------------------
@@ -258,23 +258,23 @@ def _result(epoch, protocol, top1, top5=90.0, images=400):
 
 def test_rerunning_an_epoch_replaces_its_csv_row(tmp_path):
     run = str(tmp_path / "run")
-    evaluate.record(run, _result(1, 10, 50.0))
-    evaluate.record(run, _result(0, 10, 40.0))
-    evaluate.record(run, _result(1, 1, 45.0))
-    evaluate.record(run, _result(1, 10, 55.5))  # re-run of epoch 1, 10 views
-    rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
+    accuracy_log.record(run, _result(1, 10, 50.0))
+    accuracy_log.record(run, _result(0, 10, 40.0))
+    accuracy_log.record(run, _result(1, 1, 45.0))
+    accuracy_log.record(run, _result(1, 10, 55.5))  # re-run of epoch 1, 10 views
+    rows = accuracy_log.read_rows(os.path.join(run, "accuracy.csv"))
     assert [(r["protocol"], r["epoch"], r["top1"]) for r in rows] == [(1, 1, 45.0), (10, 0, 40.0), (10, 1, 55.5)]
     with open(os.path.join(run, "accuracy.csv")) as f:
         assert f.readline().strip() == "epoch,protocol,top1,top5,images,weights"
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
-    assert evaluate.first_missing_epoch(run, 10, 5) == 2
-    assert evaluate.first_missing_epoch(run, 1, 5) == 0
+    assert accuracy_log.first_missing_epoch(run, 10, 5) == 2
+    assert accuracy_log.first_missing_epoch(run, 1, 5) == 0
 
 
 def test_plot_is_a_valid_png(tmp_path):
     run = str(tmp_path / "run")
     for epoch, top1 in enumerate((20.0, 45.0, 61.0)):
-        _, png = evaluate.record(run, _result(epoch, 10, top1, top5=top1 + 25))
+        _, png = accuracy_log.record(run, _result(epoch, 10, top1, top5=top1 + 25))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as img:
@@ -287,7 +287,7 @@ def test_malformed_csv_is_a_user_error(tmp_path):
     path = tmp_path / "accuracy.csv"
     path.write_text("epoch,top1\n0,5\n")
     with pytest.raises(UserError, match="columns"):
-        evaluate.read_rows(str(path))
+        accuracy_log.read_rows(str(path))
 
 
 def test_result_line_keeps_the_seeds_format():
@@ -346,13 +346,13 @@ def test_the_10_views_reaching_the_model_are_the_corner_and_centre_crops_and_fli
         return np.full((len(batch), 3), 1.0 / 3, np.float32)
 
     expected = [_hand_views(images[store.classes[label]]) for label in store.labels]
-    evaluate.evaluate_epoch(recorder, store, 10, epoch=0, batch_images=2, show_progress=False)
+    scoring.evaluate_epoch(recorder, store, 10, epoch=0, batch_images=2, show_progress=False)
     np.testing.assert_array_equal(seen[0], np.concatenate(expected))
     seen.clear()
-    evaluate.evaluate_epoch(recorder, store, 1, epoch=0, show_progress=False)
+    scoring.evaluate_epoch(recorder, store, 1, epoch=0, show_progress=False)
     np.testing.assert_array_equal(seen[0], np.stack([e[8] for e in expected]))  # the unflipped centre crop
     seen.clear()
-    evaluate.evaluate_epoch(recorder, store, 50, epoch=0, batch_images=1, show_progress=False)
+    scoring.evaluate_epoch(recorder, store, 50, epoch=0, batch_images=1, show_progress=False)
     assert [s.shape for s in seen] == [(50, CROP, CROP, 3)] * 2
     np.testing.assert_array_equal(seen[0][10:20], expected[0])  # scale 20 = the stored eval_resize image
 
@@ -408,7 +408,7 @@ def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, ta
     out = capsys.readouterr().out
     assert "Epoch# 0  Top 1 accuracy:" in out and "Epoch# 1  Top 1 accuracy:" in out
     assert "warning: evaluated 2 images but [preprocess_val] N = 5" in out
-    rows = evaluate.read_rows(str(run / "accuracy.csv"))
+    rows = accuracy_log.read_rows(str(run / "accuracy.csv"))
     assert [(r["epoch"], r["protocol"], r["images"]) for r in rows] == [(0, 10, 2), (1, 10, 2)]
     # The table model reads red = 8 * (the crop's top row) in each view's corner, i.e. 0 or >= 16, never its
     # table rows 1-3: all logits are 0, every class ties, class 0 wins; labels are 1 and 2 -> 0% top-1.

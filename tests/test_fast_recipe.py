@@ -4,10 +4,9 @@ import os
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
 from engine import schedules
 
-from data.transforms import progressive
 
 PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "fast_recipe.txt")
 STEPS_PER_EPOCH = 1281167 // 256
@@ -15,7 +14,7 @@ STEPS_PER_EPOCH = 1281167 // 256
 
 @pytest.fixture(scope="module")
 def cfg():
-    return utils.load_config(PRESET)
+    return load_settings(PRESET)
 
 
 def ffcv_resolution(epoch, min_res=160, max_res=192, start_ramp=11, end_ramp=13):
@@ -28,7 +27,7 @@ def ffcv_resolution(epoch, min_res=160, max_res=192, start_ramp=11, end_ramp=13)
 
 
 def test_the_training_crop_follows_ffcvs_resolution_ramp(cfg):
-    schedule = progressive.crop_schedule(cfg)
+    schedule = cfg.crop_sizes
     for epoch in range(16):
         crop = [c for first, c in schedule if first <= epoch][-1]
         assert crop == ffcv_resolution(epoch), epoch

@@ -111,7 +111,7 @@ def test_ctrl_c_advice_points_to_auto_only_once_the_command_would_collide_with_a
 
 def test_a_run_folder_left_with_only_its_lock_and_log_is_removed_on_a_user_error(tmp_path):
     from engine import run_folder
-    from utils import UserError
+    from utils.errors import UserError
     new, old = tmp_path / "new", tmp_path / "old"
     old.mkdir()
     for run in (new, old):

@@ -13,6 +13,7 @@
 - Safe by default: no allow_pickle=True, shell=True, eval/exec or pickle loading in the code.
 """
 import configparser
+import dataclasses
 import io
 import os
 import re
@@ -25,7 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import utils
+from settings import load_settings
+from utils.errors import ConfigError, UserError
+from utils.files import atomic_write_text
+from utils.schema import SCHEMA
 from data.transforms import jpeg_window, scale_crop
 from data.buffer import files, protocol, reader as buffer_reader
 from data.transforms import images
@@ -57,7 +61,7 @@ def demo_sections():
 
 
 SECTIONS = demo_sections()
-ALL_KEYS = [(section, key) for section, keys in utils.SCHEMA.items() for key in keys]
+ALL_KEYS = [(section, key) for section, keys in SCHEMA.items() for key in keys]
 NUMBERS = st.one_of(st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                     st.sampled_from(["1e400", "-0", "0x10", "1_000", "٣", "²", "1.5.2", "", "  ", "inf", "nan"]))
 VALUES = st.one_of(NUMBERS, st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"),
@@ -67,7 +71,7 @@ VALUES = st.one_of(NUMBERS, st.text(st.characters(blacklist_categories=("Cs",), 
 EDITS = st.one_of(
     st.tuples(st.just("drop"), st.sampled_from(ALL_KEYS)),
     st.tuples(st.just("set"), st.sampled_from(ALL_KEYS), VALUES),
-    st.tuples(st.just("unknown_key"), st.sampled_from(list(utils.SCHEMA)), st.from_regex(r"[a-z_]{1,12}", fullmatch=True)),
+    st.tuples(st.just("unknown_key"), st.sampled_from(list(SCHEMA)), st.from_regex(r"[a-z_]{1,12}", fullmatch=True)),
     st.tuples(st.just("unknown_section"), st.from_regex(r"[a-z_]{1,12}", fullmatch=True)),
 )
 RAW_LINES = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=40), max_size=3)
@@ -98,20 +102,14 @@ def apply_edits(edits):
 
 def load_and_derive(path):
     """What the scripts do with a config before any real work; only UserError may escape."""
-    cfg = utils.load_config(path)
-    from data.transforms import progressive
+    cfg = load_settings(path, stats=False)
     from engine import schedules
     from model import model_kwargs
-    utils.scales(cfg)
-    progressive.crop_schedule(cfg)
     schedules.from_config(cfg.schedule, 16, 5)
-    model_kwargs(cfg, 10)
-    recipe_cfg = cfg
-    for c in range(3):  # 'auto' needs get_mu_sigma.py's file: give numbers so the recipe is built too
-        for name, value in ((f"mu_{c}", 0.5), (f"sigma_{c}", 0.25)):
-            if getattr(cfg.utils, name) == "auto":
-                setattr(recipe_cfg.utils, name, value)
-    Recipe.from_config(recipe_cfg, 4)
+    model_kwargs(cfg.with_classes(10, "test"))
+    # 'auto' needs get_mu_sigma.py's file (stats=False left it unresolved): give numbers so the recipe is built too
+    recipe_settings = cfg if cfg.mu is not None else dataclasses.replace(cfg, mu=(0.5,) * 3, sigma=(0.25,) * 3)
+    Recipe.from_settings(recipe_settings, 4)
     return cfg
 
 
@@ -122,7 +120,7 @@ def test_any_config_loads_or_fails_in_one_sentence(tmp_path, edits, extra):
     path.write_text(render(apply_edits(edits), extra), encoding="utf-8")
     try:
         load_and_derive(str(path))
-    except utils.UserError as e:
+    except UserError as e:
         one_sentence(e)
 
 
@@ -134,7 +132,7 @@ def test_config_with_foreign_bytes_fails_in_one_sentence(tmp_path, data, at):
     (tmp_path / "config.txt").write_bytes(text[:at] + data + text[at:])
     try:
         load_and_derive(str(tmp_path / "config.txt"))
-    except utils.UserError as e:
+    except UserError as e:
         one_sentence(e)
 
 
@@ -148,8 +146,8 @@ def test_known_bad_values_are_refused(tmp_path):
             ("train", "buffer_folder", "a\0b", "[train] buffer_folder must be a path")]:
         sections = apply_edits([("set", (section, key), value)])
         (tmp_path / "c.txt").write_text(render(sections))
-        with pytest.raises(utils.ConfigError) as err:
-            utils.load_config(str(tmp_path / "c.txt"))
+        with pytest.raises(ConfigError) as err:
+            load_settings(str(tmp_path / "c.txt"))
         assert expected in one_sentence(err.value)
 
 
@@ -302,7 +300,7 @@ def test_list_file_paths_never_leave_the_dataset_folder(list_root, rels, labels)
         os.path.join(list_root, rel.strip())).startswith(list_root + os.sep))]
     try:
         index = load_index(list_root, "train")
-    except utils.UserError as e:
+    except UserError as e:
         one_sentence(e)
         return
     assert not escaping, f"{escaping} was accepted"
@@ -315,11 +313,11 @@ def test_escaping_list_paths_are_named(list_root):
                           ("~/x.JPEG", "must be relative")]:
         with open(os.path.join(list_root, "train.txt"), "w") as f:
             f.write(f"a.JPEG 0\n{rel} 0\n")
-        with pytest.raises(utils.UserError, match=expected):
+        with pytest.raises(UserError, match=expected):
             load_index(list_root, "train")
     with open(os.path.join(list_root, "train.txt"), "wb") as f:
         f.write(b"a.JPEG 0\n\xff\xfe 0\n")
-    with pytest.raises(utils.UserError, match="not UTF-8"):
+    with pytest.raises(UserError, match="not UTF-8"):
         load_index(list_root, "train")
 
 
@@ -339,11 +337,11 @@ ARRAYS = st.fixed_dictionaries({kind: st.tuples(
 def test_the_reader_takes_only_batches_of_its_own_format(tmp_path, arrays):
     from tests.helpers import fake_manifest, write_heartbeat, write_solid_config
     import json
-    cfg = utils.load_config(write_solid_config(str(tmp_path), train={"wait_timeout": "0.2"}))
+    cfg = load_settings(write_solid_config(str(tmp_path), train={"wait_timeout": "0.2"}))
     folder = cfg.train.buffer_folder
     os.makedirs(folder, exist_ok=True)
     manifest = fake_manifest()  # batch 4, crop 16, 5 classes
-    utils.atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(manifest))
+    atomic_write_text(os.path.join(folder, protocol.MANIFEST), json.dumps(manifest))
     write_heartbeat(folder)
     for kind in ("Y", "L", "X"):
         shape, dtype, value = arrays[kind]
@@ -356,7 +354,7 @@ def test_the_reader_takes_only_batches_of_its_own_format(tmp_path, arrays):
         batch = reader.read(0, 0)
         assert batch.images.shape == (4, 16, 16, 3) and batch.labels.dtype == np.int32
     else:
-        with pytest.raises(utils.UserError) as err:
+        with pytest.raises(UserError) as err:
             reader.read(0, 0)
         assert folder in one_sentence(err.value)
 

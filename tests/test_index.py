@@ -8,7 +8,7 @@ from PIL import Image
 
 from data.sources.index import load_index
 from tools.make_demo_dataset import make_dataset
-from utils import UserError
+from utils.errors import UserError
 
 TINY = dict(num_classes=3, train_per_class=3, val_per_class=2, odd_files=False, min_side=20, max_side=24)
 

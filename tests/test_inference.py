@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import inference
-import utils
+from settings import load_settings
+from utils.errors import UserError
 from data.sources import val_store
 from data.sources.index import load_index
 from tools.make_demo_dataset import make_dataset, wnid
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
                                                          for k in range(CLASSES)))
     config = write_solid_config(str(root), images={"crop_size": str(CROP), "scale_min": "20", "scale_max": "24",
                                              "eval_resize": str(EVAL_RESIZE)})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     index = load_index(str(data), "val")
     val_store.build_store(cfg.preprocess_val.path_to_save, index, CROP, EVAL_RESIZE, num_workers=1, progress=False,
                           say=lambda *a: None)
@@ -57,7 +58,7 @@ def setup(tmp_path_factory):
 
 
 def test_top1_and_pixels_equal_check_accuracy_centre_crop_path(setup):
-    from engine.evaluate import SavedModelPredictor
+    from engine.model_wait import SavedModelPredictor
     store, index = setup["store"], setup["index"]
     saved = str(setup["epoch"] / "saved_model")
     check_accuracy_predict = SavedModelPredictor(tf.saved_model.load(saved))
@@ -98,7 +99,7 @@ def test_unreadable_image_is_reported_and_others_still_classified(setup, tmp_pat
 def test_cli_names_the_unreadable_file_and_fails_when_no_input_was_an_image(setup, tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    with pytest.raises(utils.UserError, match=r"none of the 1 input file\(s\) could be read as an image"):
+    with pytest.raises(UserError, match=r"none of the 1 input file\(s\) could be read as an image"):
         inference.main(["--model", str(setup["epoch"]), str(text)])
     out = capsys.readouterr().out
     assert out.startswith(f"{text}: unreadable (") and "<file>" not in out and "notes.txt" in out.split("unreadable")[1]
@@ -121,5 +122,5 @@ def test_benchmark_reports_median_and_p90(setup, tmp_path, capsys):
 
 
 def test_model_folder_without_saved_model_is_a_user_error(tmp_path):
-    with pytest.raises(utils.UserError, match="holds no SavedModel"):
+    with pytest.raises(UserError, match="holds no SavedModel"):
         inference.resolve_model(str(tmp_path))

@@ -1,17 +1,14 @@
-"""model/: ResNet-50 structure, batch renormalization, weight decay, precision, XLA, distribution, export."""
-import json
+"""model/: ResNet-50 structure, batch renormalization, weight decay, precision, XLA, distribution
+(export: test_export.py; the build arguments from settings: test_settings.py)."""
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import utils
-from model import BatchRenorm, RenormConfig, build_model, export_saved_model, model_kwargs
+from model import BatchRenorm, RenormConfig, build_model
 from model.batch_renorm import MIN_EPSILON
+from tests.helpers import random_images, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width_multiplier=0.125, num_classes=10)
@@ -19,22 +16,6 @@ TINY = dict(width_multiplier=0.125, num_classes=10)
 
 def count(variables):
     return sum(int(np.prod(v.shape)) for v in variables)
-
-
-def random_images(shape, seed=0, mean=0.0, std=1.0):
-    return tf.constant(np.random.RandomState(seed).normal(mean, std, size=shape).astype(np.float32))
-
-
-def run_python(code, cwd, with_repo):
-    """Run `code` in a fresh interpreter; with_repo=False proves it needs nothing from this repository."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if with_repo:
-        env["PYTHONPATH"] = ROOT
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -433,78 +414,3 @@ def test_batch_statistics_per_replica_or_synchronised_under_mirrored_strategy(tm
     out = run_python(MIRRORED, cwd=str(tmp_path), with_repo=True)
     # (a whole training step under MirroredStrategy is tests/test_distribute.py's)
     assert "layer sync ok" in out and "layer per-replica ok" in out
-
-
-# ----------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------
-
-LOAD_WITHOUT_REPO = r"""
-import json, sys
-import numpy as np, tensorflow as tf
-assert not any(__import__("os").path.isdir(p + "/model") and __import__("os").path.isfile(p + "/utils.py")
-               for p in sys.path if p), "the repository is on sys.path"
-loaded = tf.saved_model.load("saved")
-images = np.load("images.npy", allow_pickle=False)
-default = loaded.signatures["serving_default"](images=tf.constant(images))
-normalized = loaded.signatures["normalized"](images=tf.constant(np.load("normalized.npy", allow_pickle=False)))
-np.save("logits.npy", default["logits"].numpy())
-np.save("probabilities.npy", default["probabilities"].numpy())
-np.save("normalized_logits.npy", normalized["logits"].numpy())
-np.savez("variables.npz", **{v.name: v.numpy() for v in loaded.signatures["normalized"].variables})
-print(json.dumps({"mu": loaded.mu.numpy().tolist(), "sigma": loaded.sigma.numpy().tolist()}))
-"""
-
-
-def test_saved_model_round_trip_without_project_code(tmp_path):
-    net = build_model(num_classes=5, width_multiplier=0.25, renorm=dict(momentum=0.0))
-    net(random_images([4, 64, 64, 3]), training=True)  # moving statistics = this batch's: sane logits
-    mu, sigma = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
-    export_saved_model(net, str(tmp_path / "saved"), mu, sigma)
-    images = np.random.RandomState(0).randint(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
-    normalized = ((images / 255.0 - np.array(mu)) / np.array(sigma)).astype(np.float32)
-    np.save(tmp_path / "images.npy", images)
-    np.save(tmp_path / "normalized.npy", normalized)
-    stored = json.loads(run_python(LOAD_WITHOUT_REPO, cwd=str(tmp_path), with_repo=False))
-    with np.load(tmp_path / "variables.npz", allow_pickle=False) as loaded:
-        inference_variables = [v for v in net.variables if v is not net.train_step]
-        assert sorted(loaded.files) == sorted(v.name for v in inference_variables)
-        for v in inference_variables:
-            np.testing.assert_array_equal(loaded[v.name], v.numpy())
-    # identical weights; logits equal up to float32 rounding (graph vs eager oneDNN kernels; the
-    # uint8 signature normalises in float32, numpy above in float64)
-    expected = net(tf.constant(normalized), training=False).numpy()
-    scale = float(np.abs(expected).max())
-    for name in ("normalized_logits.npy", "logits.npy"):
-        np.testing.assert_allclose(np.load(tmp_path / name), expected, rtol=1e-4, atol=1e-4 * scale)
-    np.testing.assert_allclose(np.load(tmp_path / "probabilities.npy"),
-                               tf.nn.softmax(np.load(tmp_path / "logits.npy")).numpy(), atol=1e-6)
-    np.testing.assert_allclose(stored["mu"], mu, rtol=1e-6)
-    np.testing.assert_allclose(stored["sigma"], sigma, rtol=1e-6)
-    with pytest.raises(utils.UserError):
-        export_saved_model(net, str(tmp_path / "saved"), mu, sigma)
-    assert not [n for n in os.listdir(tmp_path) if utils.is_temp_name(n)]
-
-
-# ----------------------------------------------------------------------------
-# Config mapping
-# ----------------------------------------------------------------------------
-
-def test_model_kwargs_from_the_shipped_configs():
-    demo = utils.load_config(os.path.join(ROOT, "configs", "demo.txt"))
-    kwargs = model_kwargs(demo, num_classes=10)
-    assert kwargs["num_classes"] == 10 and kwargs["width_multiplier"] == 0.25
-    assert kwargs["renorm"]["momentum"] == demo.batch_renorm.moving_avgs_momentum
-    assert kwargs["l2_penalty"] == demo.l2.l2_penalty
-    json.dumps(kwargs)
-    net = build_model(**kwargs)
-    assert net(random_images([1, 64, 64, 3]), training=False).shape == (1, 10)
-
-    full = utils.load_config(os.path.join(ROOT, "config.txt"))
-    kwargs = model_kwargs(full, num_classes=1000)
-    assert kwargs["num_classes"] == 1000 and kwargs["renorm"]["reach_rmax_max"] == 140000
-    assert model_kwargs(full, num_classes=None)["num_classes"] == 1000
-    with pytest.raises(utils.UserError, match="num_classes is 1000 but the dataset has 10"):
-        model_kwargs(full, num_classes=10)
-    with pytest.raises(utils.UserError):
-        model_kwargs(demo, num_classes=None)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils
+from settings import MU_SIGMA_FILE
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import is_temp_name
 from data.transforms import images
 from data.sources import scale_cache
 from data.sources import stats
@@ -78,7 +81,7 @@ def test_bad_dataset_is_one_line_error(tmp_path):
     path = write_config(str(tmp_path), str(tmp_path / "missing"))
     result = run("get_mu_sigma.py", "--config", path)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: Dataset folder")
-    assert not os.path.exists(tmp_path / "stats" / utils.MU_SIGMA_FILE)
+    assert not os.path.exists(tmp_path / "stats" / MU_SIGMA_FILE)
 
 
 # ---------------------------------------------------------------- preprocess.py
@@ -94,7 +97,7 @@ def test_preprocess_aligned_across_scales(config, dataset):
     result = run("preprocess.py", "--config", config, "--shorter_side", "40,48", "--num_workers", "2", "--any_side")
     assert result.returncode == 0, result.stderr
     assert "skipping unreadable image" in result.stderr and "truncated" in result.stderr
-    cfg = utils.load_config(config)
+    cfg = load_settings(config, stats=False)  # no mu_sigma.json yet: the cache does not need it
     index = load_index(dataset, "train")
     root = cfg.preprocess.path_to_save
     assert scale_cache.cache_is_valid_for(root, index) and scale_cache.complete_scales(root, index) == [40, 48]
@@ -132,7 +135,7 @@ def test_preprocess_resumes_identically(tmp_path, dataset):
     assert result["written"] == 3 and result["existing"] == len(index) - 4 and result["unreadable"] == 1
     after = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
     assert after == before
-    assert not any(utils.is_temp_name(n) for n in os.listdir(folder) + os.listdir(root))
+    assert not any(is_temp_name(n) for n in os.listdir(folder) + os.listdir(root))
 
 
 def test_one_writer_per_scale_folder(tmp_path, dataset):
@@ -142,7 +145,7 @@ def test_one_writer_per_scale_folder(tmp_path, dataset):
     stale = os.path.join(root, "40", ".tmp-img_0.jpg-1-abcdef")
     open(stale, "wb").close()
     with single_writer(os.path.join(root, "40"), "test"):  # as if another preprocess.py were running
-        with pytest.raises(utils.UserError, match="Another process is already writing"):
+        with pytest.raises(UserError, match="Another process is already writing"):
             scale_cache.build_scale(root, index, 40, num_workers=1, progress=False)
     assert os.path.exists(stale)  # the other writer's temp file was left alone
 
@@ -154,7 +157,7 @@ def test_preprocess_refuses_another_datasets_cache(tmp_path, dataset):
     scale_cache.prepare(root, load_index(str(other), "train"))
     index = load_index(dataset, "train")
     assert not scale_cache.cache_is_valid_for(root, index) and scale_cache.complete_scales(root, index) == []
-    with pytest.raises(utils.UserError, match="different dataset"):
+    with pytest.raises(UserError, match="different dataset"):
         scale_cache.build_scale(root, index, 40, num_workers=1, progress=False)
 
 
@@ -163,8 +166,8 @@ def test_preprocess_refuses_another_datasets_cache(tmp_path, dataset):
 def test_mu_sigma_matches_numpy(config, dataset):
     result = run("get_mu_sigma.py", "--config", config)
     assert result.returncode == 0, result.stderr
-    cfg = utils.load_config(config)
-    with open(os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)) as f:
+    cfg = load_settings(config)
+    with open(os.path.join(cfg.get_mu_sigma.path_to_save, MU_SIGMA_FILE)) as f:
         written = json.load(f)
     pixels = []
     for path in load_index(dataset, "train").paths:
@@ -176,7 +179,7 @@ def test_mu_sigma_matches_numpy(config, dataset):
     assert written["images"] == 17 and written["unreadable"] == 1 and written["pixels"] == len(pixels)
     np.testing.assert_allclose(written["mu"], pixels.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(written["sigma"], pixels.std(axis=0), atol=1e-6)
-    mu, sigma = utils.mu_sigma(cfg)  # the demo config says 'auto'
+    mu, sigma = cfg.mu, cfg.sigma  # the demo config says 'auto'
     np.testing.assert_allclose(mu, written["mu"])
     np.testing.assert_allclose(sigma, written["sigma"])
 
@@ -208,7 +211,7 @@ def test_val_store_round_trip_and_resume(tmp_path, dataset):
                                                       "preprocess_val.chunk_images": 4})
     result = run("preprocess_val.py", "--config", config)
     assert result.returncode == 0, result.stderr
-    cfg = utils.load_config(config)
+    cfg = load_settings(config, stats=False)  # the validation views are stored before any normalisation
     im, path = cfg.images, cfg.preprocess_val.path_to_save
     index = load_index(dataset, "val")
     store = val_store.open_val_store(path)
@@ -249,15 +252,15 @@ def test_val_store_skips_unreadable_and_refuses_other_settings(tmp_path):
     assert len(store) == 5 and meta["skipped"][0][1].endswith(victim) and meta["skipped"][0][2] == "zero bytes"
     assert store.protocols == (1, 10)
     assert np.array_equal(store.labels, np.delete(index.labels, meta["skipped"][0][0]))
-    with pytest.raises(utils.UserError, match="has no 50-view data"):
+    with pytest.raises(UserError, match="has no 50-view data"):
         store.views(0, 50)
-    with pytest.raises(utils.UserError, match="eval_resize: 36, now 40"):
+    with pytest.raises(UserError, match="eval_resize: 36, now 40"):
         val_store.build_store(path, index, crop=32, eval_resize=40, progress=False)
-    with pytest.raises(utils.UserError, match="No complete validation store"):
+    with pytest.raises(UserError, match="No complete validation store"):
         val_store.open_val_store(str(tmp_path))
     with open(os.path.join(path, "chunk_00001_eval.bin"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(utils.UserError, match="damaged.*chunk_00001_eval.bin has 100 bytes"):
+    with pytest.raises(UserError, match="damaged.*chunk_00001_eval.bin has 100 bytes"):
         val_store.open_val_store(path)
 
 
@@ -302,9 +305,9 @@ def test_demo_dataset_is_idempotent_and_seeded(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("user data")
-    with pytest.raises(utils.UserError, match="not made by make_demo_dataset"):
+    with pytest.raises(UserError, match="not made by make_demo_dataset"):
         make_dataset(str(foreign), **small)
-    assert not any(utils.is_temp_name(n) for n in os.listdir(tmp_path))
+    assert not any(is_temp_name(n) for n in os.listdir(tmp_path))
 
 
 def test_demo_dataset_odd_files(dataset):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from model.precision import resolve_mixed_precision
+from settings.devices import resolve_mixed_precision
 from tests.helpers import checkpoint_state, make_trainer, write_train_config
 
 A100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
@@ -51,20 +51,21 @@ def test_explicit_choices_are_kept_whatever_the_device():
 
 
 def test_auto_is_the_default_and_in_every_shipped_config(tmp_path):
-    import utils
+    from utils.schema import SCHEMA
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert utils.SCHEMA["train"]["mixed_precision"].default == "auto"
+    assert SCHEMA["train"]["mixed_precision"].default == "auto"
     for name in ("config.txt", "configs/demo.txt", "configs/seed002_tiny_imagenet.txt", "configs/seed003_recipe.txt"):
         assert "\nmixed_precision = auto\n" in open(os.path.join(root, name)).read(), name
 
 
 def test_profile_steps_must_be_two_increasing_steps(tmp_path):
-    import utils
+    from settings import load_settings
+    from utils.errors import ConfigError
     data = str(tmp_path / "data")
     for bad in ("5", "10, 5", "1, 2, 3"):
-        with pytest.raises(utils.ConfigError, match=r"profile_steps must be two global steps"):
-            utils.load_config(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": bad}))
-    assert utils.load_config(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": "2, 4"})
+        with pytest.raises(ConfigError, match=r"profile_steps must be two global steps"):
+            load_settings(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": bad}))
+    assert load_settings(write_train_config(str(tmp_path / "c"), data, train={"profile_steps": "2, 4"})
                              ).train.profile_steps == (2, 4)
 
 
@@ -169,10 +170,11 @@ def test_float16_run_resumed_equals_its_uninterrupted_twin_with_the_loss_scale(t
 
 
 def test_the_resolved_precision_is_in_the_start_up_line_and_each_epochs_config(twins):
+    import dataclasses
     from engine import recipe_line
     trainer = twins["resumed"]
     assert "mixed_precision mixed_float16 (set in the config)" in recipe_line.features(
-        vars(trainer.cfg.train), trainer.precision_reason)
+        dataclasses.asdict(trainer.settings.train), trainer.precision_reason)
     for epoch in range(EPOCHS):
         assert "mixed_precision = mixed_float16\n" in twins["whole"].config_text(epoch)
 

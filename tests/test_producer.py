@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
+from utils.files import TMP_PREFIX
 from data.buffer import (builder as buffer_builder, files as buffer_files, producer as buffer_producer, protocol,
                          reader as buffer_reader)
 from data.buffer.builder import Recipe
@@ -35,7 +37,7 @@ def test_batches_identical_for_1_and_2_workers_and_labels_match(solid_dataset, t
     a, b = batch_file_bytes(str(tmp_path / "a" / "buffer")), batch_file_bytes(str(tmp_path / "b" / "buffer"))
     assert len(a) == 3 * 25 and a == b  # epochs 0, 1 and half of 2, byte for byte
 
-    cfg = utils.load_config(config_a)
+    cfg = load_settings(config_a)
     reader = buffer_reader.BufferReader(cfg, SOLID_BATCH)
     colours = np.asarray(COLOURS, np.float64)
     seen_labels = set()
@@ -51,7 +53,7 @@ def test_batches_identical_for_1_and_2_workers_and_labels_match(solid_dataset, t
 
 def test_sigkill_at_random_moments_never_exposes_a_partial_batch(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6", "wait_timeout": "30"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     errors, max_on_disk = [], [0]
@@ -94,7 +96,7 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_batch(solid_dataset, 
 
 def test_restart_reproduces_the_same_bytes(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "12"})
-    folder = utils.load_config(config).train.buffer_folder
+    folder = load_settings(config).train.buffer_folder
     p = start_solid_producer(config, "--num_workers", "2")
     wait_until(lambda: complete_count(folder) >= 3 if os.path.isdir(folder) else False)
     p.send_signal(signal.SIGKILL)
@@ -112,7 +114,7 @@ def test_restart_reproduces_the_same_bytes(solid_dataset, tmp_path):
 def test_refill_rule_and_deletion_of_consumed(solid_dataset, tmp_path):
     # buffer_size 6, refill_threshold 0.8: refill when fewer than 4.8 batches are ready ahead.
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
-    folder = utils.load_config(config).train.buffer_folder
+    folder = load_settings(config).train.buffer_folder
     p = start_solid_producer(config)
     try:
         ready = lambda: sorted(buffer_files.scan_batches(folder)[0]) if os.path.isdir(folder) else []  # noqa: E731
@@ -133,7 +135,7 @@ def test_refill_rule_and_deletion_of_consumed(solid_dataset, tmp_path):
 
 def test_resume_at_epoch_start_after_mid_epoch_crash(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     builder = reference_builder(config)
     p = start_solid_producer(config, epoch_start="0", epoch_end="3")
     read_all(buffer_reader.BufferReader(cfg, SOLID_BATCH), 0, 16, builder)  # epoch 0 and batches 0-5 of epoch 1
@@ -148,7 +150,7 @@ def test_resume_at_epoch_start_after_mid_epoch_crash(solid_dataset, tmp_path):
 
 def test_stale_buffer_is_refused_then_cleared_on_request(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset)
-    folder = utils.load_config(config).train.buffer_folder
+    folder = load_settings(config).train.buffer_folder
     assert run_producer(config, "--once").returncode == 0
     before = batch_file_bytes(folder)
     r = run_producer(config, "--once", batch_size=2)
@@ -168,19 +170,19 @@ def test_unwritable_folder_and_full_disk_are_clear_errors(solid_dataset, tmp_pat
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_folder": str(blocker / "buffer")})
-    producer = buffer_producer.Producer(utils.load_config(config), SOLID_BATCH, 0, 2, progress=False)
-    with pytest.raises(utils.UserError, match="Cannot write to the buffer folder .*a_file/buffer.*KB"):
+    producer = buffer_producer.Producer(load_settings(config), SOLID_BATCH, 0, 2, progress=False)
+    with pytest.raises(UserError, match="Cannot write to the buffer folder .*a_file/buffer.*KB"):
         producer.setup()
     config = solid_config_for(str(tmp_path / "ok"), solid_dataset)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    producer = buffer_producer.Producer(utils.load_config(config), SOLID_BATCH, 0, 2, progress=False)
-    with pytest.raises(utils.UserError, match=r"ok/buffer has 1\.0 KB free but 6 batches need about 21\.1 KB"):
+    producer = buffer_producer.Producer(load_settings(config), SOLID_BATCH, 0, 2, progress=False)
+    with pytest.raises(UserError, match=r"ok/buffer has 1\.0 KB free but 6 batches need about 21\.1 KB"):
         producer.setup()
 
 
 def test_progress_left_over_past_the_range_is_not_followed(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    folder = utils.load_config(config).train.buffer_folder
+    folder = load_settings(config).train.buffer_folder
     os.makedirs(folder)
     protocol.write_progress(folder, 9, 0)  # an earlier run's last report
     r = run_producer(config, "--once", epoch_start="0", epoch_end="3")
@@ -191,7 +193,7 @@ def test_progress_left_over_past_the_range_is_not_followed(solid_dataset, tmp_pa
 def test_consumed_files_are_reused_and_the_buffer_bound_holds(solid_dataset, tmp_path):
     """Consumed X files are overwritten in place by later batches; never more than buffer_size files in all."""
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "5"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     builder = reference_builder(config)
     links = tmp_path / "links"  # a second name for each X file: it shows whether that inode was rewritten
@@ -205,7 +207,7 @@ def test_consumed_files_are_reused_and_the_buffer_bound_holds(solid_dataset, tmp
             assert np.array_equal(batch.images, builder.build(*divmod(lin, 10))[0])
             os.link(buffer_files.batch_file(folder, "X", *divmod(lin, 10)), links / f"{lin}.npy")  # kept until reported
             names = os.listdir(folder)
-            spares = [n for n in names if n.startswith(utils.TMP_PREFIX + buffer_files.SPARE)]
+            spares = [n for n in names if n.startswith(TMP_PREFIX + buffer_files.SPARE)]
             most = max(most, len([n for n in names if n.startswith("X_")]) + len(spares))
             reader.report_progress(*divmod(lin + 1, 10))
         assert p.wait(30) == 0
@@ -216,26 +218,26 @@ def test_consumed_files_are_reused_and_the_buffer_bound_holds(solid_dataset, tmp
     rewritten = [lin for lin in range(20) if not np.array_equal(np.load(links / f"{lin}.npy"),
                                                                  builder.build(*divmod(lin, 10))[0])]
     assert len(rewritten) >= 10, rewritten  # 20 batches through a 5-batch buffer: files went round
-    assert not [n for n in os.listdir(folder) if n.startswith(utils.TMP_PREFIX) and "progress" not in n]
+    assert not [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and "progress" not in n]
 
 
 def test_a_dead_worker_is_a_clear_error(solid_dataset, tmp_path):
     from data.buffer.workers import WorkerSet
     config = solid_config_for(str(tmp_path), solid_dataset)
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = str(tmp_path / "buffer")
     os.makedirs(folder)
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    workers = WorkerSet(1, index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH), folder)
+    workers = WorkerSet(1, index.paths, index.labels, Recipe.from_settings(cfg, SOLID_BATCH), folder)
     try:
         workers.submit(0, 0)
         assert workers.collect(timeout=30) == [(0, 0)]
         workers.procs[0].kill()
         workers.procs[0].join()
-        with pytest.raises(utils.UserError, match=r"producer-worker-0 \(pid \d+\) was killed by signal 9 .*"
+        with pytest.raises(UserError, match=r"producer-worker-0 \(pid \d+\) was killed by signal 9 .*"
                                                   r"--epoch_start=auto"):
             workers.check_alive()
-        with pytest.raises(utils.UserError, match="was killed by signal 9"):
+        with pytest.raises(UserError, match="was killed by signal 9"):
             workers.submit(0, 1)
             workers.collect(timeout=30)
     finally:
@@ -282,7 +284,7 @@ def test_a_restart_with_another_decoder_is_refused_unless_set_back_or_cleared(so
 
 def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without_them(solid_dataset, tmp_path):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "4"})
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder, cache = cfg.train.buffer_folder, cfg.preprocess.path_to_save
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
     scale_cache.build_scale(cache, index, 18, num_workers=1, progress=False)
@@ -293,7 +295,7 @@ def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without
     r = run_producer(config, "--once", epoch_start="auto")
     assert r.returncode == 0 and "reading the scale cache at the run's scales [18] only ([18, 22]" in r.stderr
     assert _manifest(folder)["cached_scales"] == [18]
-    builder = buffer_builder.BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH, [18]))
+    builder = buffer_builder.BatchBuilder(index.paths, index.labels, Recipe.from_settings(cfg, SOLID_BATCH, [18]))
     for b in (4, 5):
         assert np.array_equal(np.load(buffer_files.batch_file(folder, "X", 0, b)), builder.build(0, b)[0])
     off = solid_config_for(str(tmp_path / "off"), solid_dataset, train={"buffer_folder": folder},
@@ -310,7 +312,7 @@ def test_a_restart_reads_the_scale_cache_at_the_run_s_scales_and_refuses_without
 def test_deleting_the_buffer_folder_under_a_running_producer_is_one_sentence_and_exit_2(solid_dataset, tmp_path,
                                                                                        when):
     config = solid_config_for(str(tmp_path), solid_dataset, train={"buffer_size": "6"})
-    folder = utils.load_config(config).train.buffer_folder
+    folder = load_settings(config).train.buffer_folder
     p = subprocess.Popen(producer_cmd(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: os.path.isdir(folder) and complete_count(folder) >= (1 if when == "filling" else 6))
@@ -328,7 +330,7 @@ def test_deleting_the_buffer_folder_under_a_running_producer_is_one_sentence_and
 
 def test_a_buffer_folder_deleted_while_the_index_loads_is_the_same_sentence(solid_dataset, tmp_path, monkeypatch):
     config = solid_config_for(str(tmp_path), solid_dataset)
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     real = buffer_producer.load_source_index
 
     def load_then_delete(*args):
@@ -336,6 +338,6 @@ def test_a_buffer_folder_deleted_while_the_index_loads_is_the_same_sentence(soli
         shutil.rmtree(cfg.train.buffer_folder)
         return index
     monkeypatch.setattr(buffer_producer, "load_source_index", load_then_delete)
-    with pytest.raises(utils.UserError, match=r"^The buffer folder .*buffer was deleted under the running producer; "
+    with pytest.raises(UserError, match=r"^The buffer folder .*buffer was deleted under the running producer; "
                                               r"rerun runtime_preprocessing.py with --epoch_start=auto"):
         buffer_producer.Producer(cfg, SOLID_BATCH, 0, 2, progress=False).run()

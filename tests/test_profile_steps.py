@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-import utils
+from utils.config import load_config
 from engine import logs
+from tests.helpers import ROOT
 
 tf = pytest.importorskip("tensorflow")
 
@@ -51,6 +52,6 @@ def test_profile_steps_says_when_the_run_ends_before_the_window(tmp_path, caplog
 def test_profile_steps_of_one_step_is_accepted(tmp_path):
     path = tmp_path / "c.txt"
     from tests.helpers import write_config_file
-    write_config_file(str(tmp_path), os.path.join(os.path.dirname(utils.__file__), "configs", "demo.txt"),
+    write_config_file(str(tmp_path), os.path.join(ROOT, "configs", "demo.txt"),
                       {"train": {"profile_steps": "5, 5"}}, name="c.txt")
-    assert utils.load_config(str(path)).train.profile_steps == (5, 5)
+    assert load_config(str(path)).train.profile_steps == (5, 5)

@@ -2,7 +2,7 @@
 import os
 import re
 
-import utils
+from utils.schema import SCHEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ def test_every_config_key_is_documented_in_its_section():
     text = _readme()
     config_part = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     missing = []
-    for section, keys in utils.SCHEMA.items():
+    for section, keys in SCHEMA.items():
         match = re.search(r"\*\*\[" + re.escape(section) + r"\]\*\*(.*?)(?=\n\*\*\[|\Z)", config_part, re.S)
         if not match:
             missing.append(f"[{section}]")

@@ -155,8 +155,8 @@ def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_pat
     trainer = make_trainer(tmp_path, "off", label_smoothing=0, ema_decay=0, mixup_alpha=0, cutmix_alpha=0)
     assert trainer.ema is None and not trainer.recipe.active
     assert trainer.recipe.step_args(0, 0, (8, 32, 32, 3)) == ()
-    keras.utils.set_random_seed(trainer.cfg.train.seed)
-    net = build_model(**model_kwargs(trainer.cfg, 4))
+    keras.utils.set_random_seed(trainer.settings.train.seed)
+    net = build_model(**model_kwargs(trainer.settings))
     opt = keras.optimizers.SGD(learning_rate=0.005, momentum=0.9)
     opt.build(net.trainable_variables)
 
@@ -226,7 +226,7 @@ def colour_dataset(root, train_per_class=64, val_per_class=10):
 
 
 def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path):
-    from engine import evaluate, run_folder
+    from engine import accuracy_log, run_folder
     data = colour_dataset(str(tmp_path / "imagenet"))
     config = write_train_config(
         str(tmp_path), data,
@@ -255,7 +255,7 @@ def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path
     for weights in ("raw", "ema"):
         result = subprocess.run(check + [f"--weights={weights}"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
+    rows = accuracy_log.read_rows(os.path.join(run, "accuracy.csv"))
     assert [(r["epoch"], r["weights"]) for r in rows] == [(E2E_EPOCHS - 1, "raw"), (E2E_EPOCHS - 1, "ema")]
     assert rows[1]["images"] == 40 and rows[1]["top1"] >= 50.0, rows  # chance is 25%
     assert run_folder.complete_epochs(run) == list(range(E2E_EPOCHS))
@@ -266,28 +266,28 @@ def test_a_small_run_with_every_feature_on_learns_and_its_ema_evaluates(tmp_path
 # ----------------------------------------------------------------------------
 
 def test_accuracy_csv_keeps_raw_and_ema_rows_apart_and_reads_old_files_as_raw(tmp_path):
-    from engine import evaluate
+    from engine import accuracy_log, evaluate, scoring
     run = str(tmp_path / "run")
     os.makedirs(run)
     with open(os.path.join(run, "accuracy.csv"), "w") as f:  # written before the weights column existed
         f.write("epoch,protocol,top1,top5,images\n0,10,40.0,80.0,400\n")
     for epoch, weights, top1 in ((1, "raw", 50.0), (0, "ema", 42.0), (1, "ema", 55.0), (1, "raw", 51.0)):
-        evaluate.record(run, evaluate.EpochResult(epoch, 10, top1, 90.0, 400, 1.0, weights=weights))
-    rows = evaluate.read_rows(os.path.join(run, "accuracy.csv"))
+        accuracy_log.record(run, scoring.EpochResult(epoch, 10, top1, 90.0, 400, 1.0, weights=weights))
+    rows = accuracy_log.read_rows(os.path.join(run, "accuracy.csv"))
     assert [(r["weights"], r["epoch"], r["top1"]) for r in rows] == [
         ("raw", 0, 40.0), ("raw", 1, 51.0), ("ema", 0, 42.0), ("ema", 1, 55.0)]
-    assert evaluate.first_missing_epoch(run, 10, 3, "raw") == 2
-    assert evaluate.first_missing_epoch(tmp_path / "run", 1, 3, "ema") == 0
-    assert "EMA weights" in evaluate.result_line(evaluate.EpochResult(1, 10, 55.0, 90.0, 400, 1.0, weights="ema"))
+    assert accuracy_log.first_missing_epoch(run, 10, 3, "raw") == 2
+    assert accuracy_log.first_missing_epoch(tmp_path / "run", 1, 3, "ema") == 0
+    assert "EMA weights" in evaluate.result_line(scoring.EpochResult(1, 10, 55.0, 90.0, 400, 1.0, weights="ema"))
 
 
 def test_ema_weights_of_an_epoch_trained_without_ema_are_one_clear_sentence(tmp_path):
-    from engine import evaluate, run_folder
-    from utils import UserError
+    from engine import model_wait, run_folder
+    from utils.errors import UserError
     epoch = tmp_path / "run" / "0"
     os.makedirs(epoch / "saved_model")
     os.makedirs(os.path.dirname(run_folder.checkpoint_prefix(str(epoch))))
     open(run_folder.checkpoint_prefix(str(epoch)) + ".index", "w").close()
     (epoch / "config.txt").write_text("")
     with pytest.raises(UserError, match=r"no saved_model_ema/.*ema_decay = 0.*--weights raw"):
-        evaluate.wait_for_model(str(tmp_path / "run"), 0, timeout=5, weights="ema", load=lambda p: None)
+        model_wait.wait_for_model(str(tmp_path / "run"), 0, timeout=5, weights="ema", load=lambda p: None)

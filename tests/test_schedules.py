@@ -1,3 +1,4 @@
+"""The learning-rate schedules: each [schedule] type, warmup, boundaries in epochs or steps, and their refusals."""
 import types
 
 import numpy as np
@@ -5,7 +6,8 @@ import pytest
 
 from engine import schedules
 from engine.schedules import Schedule
-from utils import SCHEMA, UserError
+from utils.errors import UserError
+from utils.schema import SCHEMA
 
 
 def section(**overrides):

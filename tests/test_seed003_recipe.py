@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
 from data.transforms.inception_crop import mean_only_mu_sigma
 from engine import schedules
 
@@ -16,7 +16,7 @@ STEPS_PER_EPOCH = 1281167 // 256
 
 @pytest.fixture(scope="module")
 def cfg():
-    return utils.load_config(PRESET)
+    return load_settings(PRESET)
 
 
 def test_the_rate_drops_after_each_boundary_step(cfg):
@@ -45,7 +45,7 @@ def test_preset_holds_seed_003_hyperparameters(cfg):
     assert cfg.train.optimizer == "sgd" and cfg.train.sgd_momentum == 0.9 and cfg.l2.l2_penalty == 1e-4
     assert cfg.images.crop_size == 224 and cfg.images.eval_resize == 256 and cfg.images.pca_std == 0.0
     assert cfg.schedule.type == "step" and cfg.schedule.boundaries_unit == "steps" and cfg.schedule.base_lr == 0.1
-    mu, sigma = utils.mu_sigma(cfg)
+    mu, sigma = cfg.mu, cfg.sigma
     assert np.allclose(mu, mean_only_mu_sigma()[0], atol=1e-12) and np.allclose(sigma, mean_only_mu_sigma()[1])
     assert cfg.batch_renorm.rmax_max == 1.0 and cfg.batch_renorm.dmax_max == 0.0  # plain batch norm
     assert cfg.batch_renorm.moving_avgs_momentum == 0.997
@@ -54,5 +54,5 @@ def test_preset_holds_seed_003_hyperparameters(cfg):
 def test_model_outputs_follow_the_shards_label_offset(cfg):
     from model import model_kwargs
     assert cfg.model.num_classes == 0
-    assert model_kwargs(cfg, 1001)["num_classes"] == 1001  # labels 1..1000 plus background 0
-    assert model_kwargs(cfg, 1000)["num_classes"] == 1000
+    assert model_kwargs(cfg.with_classes(1001, "test"))["num_classes"] == 1001  # labels 1..1000 plus background 0
+    assert model_kwargs(cfg.with_classes(1000, "test"))["num_classes"] == 1000

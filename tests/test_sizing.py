@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-import utils
+from settings import load_settings
 from data.buffer import files, reader as buffer_reader
 from data.buffer.sizing import WorkerSizer, choose_workers, settled_count, worker_cap
 from tests.helpers import (SOLID_BATCH, producer_cmd, read_in_sizing_cycles, run_producer, solid_config_for,
@@ -133,12 +133,12 @@ def test_adding_and_retiring_workers_changes_no_batch_and_builds_none_twice(soli
     # The fixed-count reference: one worker, every batch of epochs 0-9 in one fill.
     fixed = solid_config_for(str(tmp_path / "fixed"), solid_dataset, train={"buffer_size": "100"})
     assert run_producer(fixed, "--once", "--num_workers", "1", epoch_end="10").returncode == 0
-    fixed_folder = utils.load_config(fixed).train.buffer_folder
+    fixed_folder = load_settings(fixed).train.buffer_folder
     reference = {key: batch_bytes(fixed_folder, *key) for key in files.scan_batches(fixed_folder)[0]}
     assert len(reference) == 100
 
     config = auto_config(str(tmp_path / "auto"), solid_dataset)
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     folder = cfg.train.buffer_folder
     proc = subprocess.Popen(with_cores(4, producer_cmd(config, epoch_end="10")), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

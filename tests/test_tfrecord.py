@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
 from data.transforms import images
 from data.sources import index as dataset_index, shards as shard_folder, tfrecord
 from data.sources.index import load_index
@@ -23,7 +24,7 @@ def build(source, out, label_offset, train_shards=3, val_shards=2, box_file=None
                                        str(val_shards), "--num_workers", "1", "--no_progress",
                                        "--jpeg_quality", str(quality)]
                                       + (["--bounding_box_file", str(box_file)] if box_file else []))
-    cfg = utils.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt"))
+    cfg = load_settings(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt"))
     return build_tfrecords.build(args, cfg)
 
 
@@ -139,23 +140,23 @@ def test_label_offset_zero_keeps_folder_labels_and_a_rerun_resumes_per_shard(sou
     build(source, out, label_offset=0, train_shards=2, val_shards=1)
     assert victim.read_bytes() == before  # rebuilt identically
     assert (out / "train-00000-of-00002").stat().st_mtime_ns == other  # complete shards are kept
-    with pytest.raises(utils.UserError, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         build(source, out, label_offset=1, train_shards=2, val_shards=1)
 
 
 def test_missing_info_or_shard_is_a_clear_error_and_describe_records_the_offset(shards, tmp_path):
     copy = tmp_path / "elsewhere"
     shutil.copytree(shards, copy, ignore=shutil.ignore_patterns(shard_folder.INFO_FILE, shard_folder.INDEX_DIR))
-    with pytest.raises(utils.UserError, match="--describe"):
+    with pytest.raises(UserError, match="--describe"):
         dataset_index.load_tfrecord_index(str(copy), "train")
-    with pytest.raises(utils.UserError, match="start at 1, not at --label_offset 0"):
+    with pytest.raises(UserError, match="start at 1, not at --label_offset 0"):
         shard_folder.describe(str(copy), 0, progress=False)
     shard_folder.describe(str(copy), 1, progress=False)
     index = dataset_index.load_tfrecord_index(str(copy), "train")
     assert index.classes[0] == "background" and len(index.classes) == CLASSES + 1
     assert index.fingerprint() == dataset_index.load_tfrecord_index(str(shards), "train").fingerprint()
     (copy / "train-00001-of-00003").unlink()
-    with pytest.raises(utils.UserError, match="train-00001-of-00003 is missing"):
+    with pytest.raises(UserError, match="train-00001-of-00003 is missing"):
         dataset_index.load_tfrecord_index(str(copy), "train")
 
 
@@ -178,7 +179,7 @@ def test_truncated_shard_is_reported(shards, tmp_path):
     shard = tmp_path / "validation-00000-of-00001"
     data = (shards / "validation-00000-of-00002").read_bytes()
     shard.write_bytes(data[:len(data) - 10])
-    with pytest.raises(utils.UserError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         shard_folder.scan_shard(str(shard))
 
 
@@ -188,7 +189,7 @@ def test_info_without_label_offset_is_refused(shards, tmp_path):
     info = json.loads((copy / shard_folder.INFO_FILE).read_text())
     del info["label_offset"]
     (copy / shard_folder.INFO_FILE).write_text(json.dumps(info))
-    with pytest.raises(utils.UserError, match="label_offset"):
+    with pytest.raises(UserError, match="label_offset"):
         dataset_index.load_tfrecord_index(str(copy), "val")
 
 
@@ -220,7 +221,7 @@ def twin_configs(tmp_path, twin, decoder="auto", **images):
                             runtime_preprocessing={**SOLID_CONFIG["runtime_preprocessing"], "decoder": decoder})
         with open(path, "a") as f:
             f.write(f"\n[data]\nsource = {source}\n")
-        configs[name] = utils.load_config(path)
+        configs[name] = load_settings(path)
     return configs
 
 
@@ -235,8 +236,8 @@ def test_producer_batches_from_shards_equal_those_from_the_folder(tmp_path, twin
     configs = twin_configs(tmp_path, twin, decoder, augmentation=augmentation)
     builders, indexes = {}, {}
     for name, cfg in configs.items():
-        indexes[name] = dataset_index.load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", progress=False)
-        builders[name] = BatchBuilder(indexes[name].paths, indexes[name].labels, Recipe.from_config(cfg, 4))
+        indexes[name] = dataset_index.load_source_index(cfg.data.source, cfg.preprocess.ImageNet_folder, "train", progress=False)
+        builders[name] = BatchBuilder(indexes[name].paths, indexes[name].labels, Recipe.from_settings(cfg, 4))
     assert indexes["tfrecord"].classes == ["background"] + indexes["folder"].classes
     assert builders["tfrecord"].recipe.augmentation == augmentation
     plain, odd = 0, 0
@@ -278,7 +279,7 @@ def test_runtime_preprocessing_and_preprocess_val_read_shards(tmp_path, twin):
     assert labels.min() >= 1 and labels.max() <= CLASSES
     stores = {}
     for name, c in configs.items():
-        index = dataset_index.load_source_index(c, c.preprocess_val.ImageNet_folder, "val", progress=False)
+        index = dataset_index.load_source_index(c.data.source, c.preprocess_val.ImageNet_folder, "val", progress=False)
         val_store.build_store(c.preprocess_val.path_to_save, index, 16, 18, num_workers=1, progress=False,
                               say=lambda *a: None)
         stores[name] = val_store.ValStore(c.preprocess_val.path_to_save)

@@ -1,6 +1,6 @@
 """Seed 002's augmentations (data/transforms/tiny_augment.py): where a marker lands, fill modes, draw frequencies."""
+import dataclasses
 import math
-import types
 
 import numpy as np
 import pytest
@@ -140,7 +140,7 @@ def test_random_crop_and_config():
     assert len(corners) > 10
     with pytest.raises(ValueError, match="exceeds"):
         ta.random_crop(img, 65, np.random.default_rng(0))
-    section = types.SimpleNamespace(**{**vars(ta.TinyAugmentConfig()), "rotate": 10.0})
-    assert ta.TinyAugmentConfig.from_config_section(section).rotate == 10.0
+    section = dataclasses.replace(ta.TinyAugmentConfig(), rotate=10.0)  # any dataclass with its fields
+    assert ta.TinyAugmentConfig.from_settings_section(section).rotate == 10.0
     with pytest.raises(ValueError, match="scale_min"):
         ta.TinyAugmentConfig(scale_min=2.0, scale_max=1.0)

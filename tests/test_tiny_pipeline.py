@@ -7,7 +7,7 @@ from PIL import Image
 
 from data.sources.index import load_index
 from tests.helpers import merge_sections, write_config_file
-from utils import UserError
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "configs", "seed002_tiny_imagenet.txt")
@@ -145,14 +145,14 @@ def tiny_set(tmp_path_factory):
 
 
 def test_preset_loads_with_the_seeds_settings():
-    import utils
+    from settings import load_settings
     from engine import schedules
     from model import build_model, model_kwargs
     from model.concat_resnet import count_parameters
-    cfg = utils.load_config(PRESET)
+    cfg = load_settings(PRESET)
     assert (cfg.model.arch, cfg.model.normalization, cfg.train.optimizer) == ("concat_resnet", "batch_norm", "rmsprop")
-    assert cfg.images.augmentation == "tiny" and utils.mu_sigma(cfg) == ((0.0,) * 3, (1.0,) * 3)
-    assert count_parameters(build_model(**model_kwargs(cfg, 200))) == (12_899_200, 12_908_928)
+    assert cfg.images.augmentation == "tiny" and (cfg.mu, cfg.sigma) == ((0.0,) * 3, (1.0,) * 3)
+    assert count_parameters(build_model(**model_kwargs(cfg.with_classes(200, "test")))) == (12_899_200, 12_908_928)
     # One-cycle at its phase boundaries (781 steps per epoch = 100000 // 128, 30 epochs, end 20%).
     s = schedules.from_config(cfg.schedule, steps_per_epoch=781, epoch_end=30)
     n = 781 * 30
@@ -162,7 +162,7 @@ def test_preset_loads_with_the_seeds_settings():
 
 
 def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
-    import utils
+    from settings import load_settings
     from data.buffer.reader import BufferReader
     from data.buffer.protocol import load_manifest
     config = write_preset(str(tmp_path), tiny_set, images={"crop_size": "32", "crop_schedule": "0:16, 1:24, 2:32",
@@ -172,7 +172,7 @@ def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
                "--epoch_end", "3", "--once", "--no_progress")
     manifest = load_manifest(str(tmp_path / "buffer"))
     assert manifest["crop_sizes"] == [[0, 16], [1, 24], [2, 32]] and manifest["num_batches"] == 6
-    reader = BufferReader(utils.load_config(config), 8)
+    reader = BufferReader(load_settings(config), 8)
     reader.check_manifest()
     shapes = {}
     for epoch in range(3):
@@ -183,14 +183,14 @@ def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
     assert shapes == {0: {(8, 16, 16, 3)}, 1: {(8, 24, 24, 3)}, 2: {(8, 32, 32, 3)}}
     assert [reader.crop_size(e) for e in range(4)] == [16, 24, 32, 32]
     with pytest.raises(UserError, match="crop"):  # a trainer configured for other sizes is refused
-        BufferReader(utils.load_config(write_preset(str(tmp_path / "other"), tiny_set, images={
+        BufferReader(load_settings(write_preset(str(tmp_path / "other"), tiny_set, images={
             "crop_size": "32", "crop_schedule": "0:16, 1:32", "eval_resize": "32", "scale_min": "32",
             "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer")})), 8).check_manifest()
 
 
 def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
-    import utils
     import train
+    from settings import load_settings
     from engine.evaluate import check_accuracy
     config = write_preset(str(tmp_path), tiny_set, images={"crop_size": "32", "crop_schedule": "0:24, 1:32",
                                                            "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
@@ -201,7 +201,7 @@ def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
     assert train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
                        "--batch_size", "8"]) == 0
     run_script("preprocess_val.py", "--config", config, "--num_workers", "1")
-    cfg = utils.load_config(config)
+    cfg = load_settings(config)
     results = check_accuracy(cfg, "tiny", 1, 2, views=1, timeout=0, say=lambda *a: None)
     # 12 steps do not teach this set's shapes (its accuracy is near chance, so no floor is stated): what is
     # pinned is that the reported top-1 is the saved model's, scored here one stored image at a time.

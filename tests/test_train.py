@@ -126,7 +126,7 @@ def test_existing_epoch_folders_are_refused_unless_overwrite(reference_run):
 
 def test_epoch_folders_appear_whole_and_auto_start_follows_complete_ones(tmp_path):
     from engine import run_folder
-    from utils import UserError
+    from utils.errors import UserError
     run = str(tmp_path / "run")
     assert run_folder.resolve_epoch_start(run, "auto") == 0
     run_folder.save_epoch(run, 0, fake_parts)

@@ -103,13 +103,13 @@ class OneBatchReader:
 
 
 def _trainer(folder, data, distribute):
-    import utils
+    from settings import load_settings
     from engine.trainer import Trainer
     config = write_train_config(folder, data, train={"distribute": distribute, "deterministic": "false"},
                                 l2={"l2_penalty": str(L2)}, batch_renorm={"sync_replicas": "true"})
     run = os.path.join(folder, "run")
     os.makedirs(run, exist_ok=True)
-    return Trainer(utils.load_config(config), OneBatchReader(), run, BATCH, CLASSES)
+    return Trainer(load_settings(config).with_classes(CLASSES, "test"), OneBatchReader(), run, BATCH)
 
 
 def _variables(trainer):

@@ -13,7 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-import utils
+from settings import load_settings
+from utils.errors import UserError
 from data.buffer import files, protocol
 from data.buffer import reader as buffer_reader
 from data.buffer.builder import BatchBuilder, Recipe
@@ -85,9 +86,9 @@ def test_a_single_machine_manifest_keeps_its_run_id_and_a_slice_is_another_run()
 
 def test_a_worker_position_outside_the_cluster_or_an_uneven_batch_is_one_sentence():
     assert files.worker_rows(64, (3, 4)) == 16
-    with pytest.raises(utils.UserError, match=r"^Worker 2 of 2 is not a position in the cluster; [^.]*\.$"):
+    with pytest.raises(UserError, match=r"^Worker 2 of 2 is not a position in the cluster; [^.]*\.$"):
         files.worker_rows(64, (2, 2))
-    with pytest.raises(utils.UserError, match=r"^--batch_size 30 \(the global batch\) is not divisible by the 4 "):
+    with pytest.raises(UserError, match=r"^--batch_size 30 \(the global batch\) is not divisible by the 4 "):
         files.worker_rows(30, (0, 4))
 
 
@@ -107,13 +108,13 @@ def sliced_buffers(solid_dataset, tmp_path_factory):
 
 
 def test_two_slice_producers_together_write_the_global_batches(sliced_buffers):
-    cfg = utils.load_config(sliced_buffers[0])
+    cfg = load_settings(sliced_buffers[0])
     index = load_index(cfg.preprocess.ImageNet_folder, "train")
-    whole = BatchBuilder(index.paths, index.labels, Recipe.from_config(cfg, SOLID_BATCH))
-    manifests = [protocol.load_manifest(utils.load_config(sliced_buffers[w]).train.buffer_folder) for w in (0, 1)]
+    whole = BatchBuilder(index.paths, index.labels, Recipe.from_settings(cfg, SOLID_BATCH))
+    manifests = [protocol.load_manifest(load_settings(sliced_buffers[w]).train.buffer_folder) for w in (0, 1)]
     assert [m["worker_slice"] for m in manifests] == [[0, 2], [1, 2]]
     assert all(m["batch_size"] == SOLID_BATCH for m in manifests)
-    readers = [buffer_reader.BufferReader(utils.load_config(sliced_buffers[w]), SOLID_BATCH, worker=(w, 2))
+    readers = [buffer_reader.BufferReader(load_settings(sliced_buffers[w]), SOLID_BATCH, worker=(w, 2))
                for w in (0, 1)]
     for b in range(cfg.train.buffer_size):
         parts = [r.read(0, b) for r in readers]
@@ -123,16 +124,16 @@ def test_two_slice_producers_together_write_the_global_batches(sliced_buffers):
 
 def test_a_trainer_whose_tf_config_position_disagrees_with_its_buffer_stops_with_one_sentence(sliced_buffers,
                                                                                                 monkeypatch):
-    cfg = utils.load_config(sliced_buffers[1])
     monkeypatch.setenv("TF_CONFIG", tf_config(0, 2))
-    with pytest.raises(utils.UserError) as err:
+    cfg = load_settings(sliced_buffers[1])  # the settings take this machine's position from TF_CONFIG
+    with pytest.raises(UserError) as err:
         buffer_reader.BufferReader(cfg, SOLID_BATCH).check_manifest()
     text = str(err.value)
     assert "holds the rows of worker 1 of 2 but this trainer needs the rows of worker 0 of 2" in text
     assert "--worker_index=0 --worker_count=2" in text and "\n" not in text and text.count(". ") == 0
     monkeypatch.delenv("TF_CONFIG")
-    with pytest.raises(utils.UserError, match="needs whole global batches \\(one machine\\)"):
-        buffer_reader.BufferReader(cfg, SOLID_BATCH).check_manifest()
+    with pytest.raises(UserError, match="needs whole global batches \\(one machine\\)"):
+        buffer_reader.BufferReader(load_settings(sliced_buffers[1]), SOLID_BATCH).check_manifest()
 
 
 def test_the_producer_takes_its_slice_from_its_flags_or_else_from_tf_config(monkeypatch):
@@ -146,7 +147,7 @@ def test_the_producer_takes_its_slice_from_its_flags_or_else_from_tf_config(monk
     given = runtime_preprocessing.parse_args(args + ["--worker_index", "1", "--worker_count", "2"])
     assert runtime_preprocessing.worker_slice(given) == (1, 2)
     assert runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args)) == (0, 1)
-    with pytest.raises(utils.UserError, match=r"^--worker_index and --worker_count go together; [^.]*\.$"):
+    with pytest.raises(UserError, match=r"^--worker_index and --worker_count go together; [^.]*\.$"):
         runtime_preprocessing.worker_slice(runtime_preprocessing.parse_args(args + ["--worker_index", "1"]))
 
 
@@ -155,7 +156,7 @@ def test_a_worker_index_that_contradicts_tf_config_is_refused_in_one_sentence(mo
     monkeypatch.setenv("TF_CONFIG", tf_config(0, 2))
     args = runtime_preprocessing.parse_args(["--epoch_start", "0", "--epoch_end", "1", "--batch_size", "8",
                                              "--worker_index", "1", "--worker_count", "2"])
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         runtime_preprocessing.worker_slice(args)
     text = str(err.value)
     assert text.startswith("--worker_index=1 --worker_count=2 contradicts TF_CONFIG, which makes this machine "

@@ -38,7 +38,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import utils  # noqa: E402
+from utils.cli import add_config_arg, quiet_tensorflow, run_main, setup_logging  # noqa: E402
+from settings import load_settings  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_path, atomic_write_text, remove_stale_temps  # noqa: E402
+from utils.processes import git_hash  # noqa: E402
 from data.pool import resolve_workers, single_writer  # noqa: E402
 from data.sources import index as dataset_index, shards as shard_folder, synsets, tfrecord  # noqa: E402
 from data.sources.index import load_index  # noqa: E402
@@ -81,7 +85,7 @@ def read_bounding_boxes(path):
                 if len(parts) != 5:
                     raise ValueError
             except ValueError:
-                raise utils.UserError(f"{path} line {line_no} must be 'file,xmin,ymin,xmax,ymax' with numbers in "
+                raise UserError(f"{path} line {line_no} must be 'file,xmin,ymin,xmax,ymax' with numbers in "
                                       f"[0, 1], received '{line.strip()}'.") from None
             if xmin >= xmax or ymin >= ymax:
                 continue  # an empty box covers nothing; Inception's generator drops them too
@@ -106,7 +110,7 @@ def _write_shard(job):
     import tensorflow as tf  # workers only: the parent stays light, so forking it is safe
     skipped = []
     written = 0
-    with utils.atomic_path(final) as tmp:
+    with atomic_path(final) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for path, record in items:
                 try:
@@ -121,13 +125,13 @@ def _write_shard(job):
 
 
 def _worker_init():
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
 
 
 def build_split(out, split, index, num_shards, label_offset, texts, boxes, quality, num_workers, progress=True):
     """Write the missing shards of one split; returns (records written now, SkipList)."""
     if num_shards < 1 or num_shards > 99999:
-        raise utils.UserError(f"the {split} shard count must be in 1..99999, received {num_shards}.")
+        raise UserError(f"the {split} shard count must be in 1..99999, received {num_shards}.")
     plan = plan_shards(len(index), num_shards)
     jobs = []
     for s, positions in enumerate(plan):
@@ -196,13 +200,13 @@ def start_info(out, settings):
     except FileNotFoundError:
         existing = None
     except (OSError, ValueError):
-        raise utils.UserError(f"{path} is not readable JSON; delete it (and the shards) or choose another --out.") \
+        raise UserError(f"{path} is not readable JSON; delete it (and the shards) or choose another --out.") \
             from None
     if existing is None:
         if any(tfrecord.SHARD_NAME.match(n) for n in os.listdir(out)):
-            raise utils.UserError(f"{out} holds shards but no {shard_folder.INFO_FILE}; choose an empty --out, or use "
+            raise UserError(f"{out} holds shards but no {shard_folder.INFO_FILE}; choose an empty --out, or use "
                                   f"--describe to record the label numbering of those shards.")
-        utils.atomic_write_text(path, json.dumps({**settings, "splits": {}}, indent=1) + "\n")
+        atomic_write_text(path, json.dumps({**settings, "splits": {}}, indent=1) + "\n")
         return {**settings, "splits": {}}
     for key, value in settings.items():
         if key in ("shards", "source_fingerprints"):
@@ -212,11 +216,11 @@ def start_info(out, settings):
             continue
         elif existing.get(key) == value:
             continue
-        raise utils.UserError(f"{out} holds shards built with other settings ({key}: {existing.get(key)!r}, now "
+        raise UserError(f"{out} holds shards built with other settings ({key}: {existing.get(key)!r}, now "
                               f"{value!r}); rerun with the same arguments to resume, or choose another --out.")
     for key in ("shards", "source_fingerprints"):
         existing[key] = {**existing.get(key, {}), **settings[key]}
-    utils.atomic_write_text(path, json.dumps(existing, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(existing, indent=1) + "\n")
     return existing
 
 
@@ -224,26 +228,26 @@ def finish_info(out, info, split, num_records, skipped):
     info.setdefault("splits", {})[split] = {
         "prefix": tfrecord.SPLIT_PREFIX[split], "num_shards": info["shards"][split], "num_records": num_records,
         "skipped": skipped}
-    info["git"] = utils.git_hash()
-    utils.atomic_write_text(os.path.join(out, shard_folder.INFO_FILE), json.dumps(info, indent=1) + "\n")
+    info["git"] = git_hash()
+    atomic_write_text(os.path.join(out, shard_folder.INFO_FILE), json.dumps(info, indent=1) + "\n")
 
 
-def build(args, cfg):
-    source = os.path.abspath(args.source or cfg.preprocess.ImageNet_folder)
+def build(args, settings):
+    source = os.path.abspath(args.source or settings.preprocess.ImageNet_folder)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or any(s not in tfrecord.SPLIT_PREFIX for s in splits):
-        raise utils.UserError(f"--splits must list train and/or val, received '{args.splits}'.")
+        raise UserError(f"--splits must list train and/or val, received '{args.splits}'.")
     indexes = {split: load_index(source, split) for split in splits}
     classes = next(iter(indexes.values())).classes
     texts = synsets.find_synset_words(source, args.synset_words)
     boxes = read_bounding_boxes(args.bounding_box_file) if args.bounding_box_file else {}
     shards = {"train": args.train_shards, "val": args.validation_shards}
-    workers = args.num_workers if args.num_workers is not None else cfg.preprocess.num_workers
+    workers = args.num_workers if args.num_workers is not None else settings.preprocess.num_workers
     with single_writer(out, "TFRecord shards"):
-        utils.remove_stale_temps(out)
-        utils.remove_stale_temps(shard_folder.cache_folder(out))
+        remove_stale_temps(out)
+        remove_stale_temps(shard_folder.cache_folder(out))
         info = start_info(out, settings_for(indexes, args.label_offset, shards, args.jpeg_quality,
                                             args.bounding_box_file, splits, texts))
         for split in splits:
@@ -273,27 +277,27 @@ def shard_index_names(index):
 
 def verify(folder, num_workers):
     """Read every record of every shard with TensorFlow (CRC-checked) and compare with the index."""
-    utils.quiet_tensorflow()
+    quiet_tensorflow()
     import tensorflow as tf
     total = 0
     for split in tfrecord.SPLIT_PREFIX:
         try:
             shards = shard_folder.find_shards(folder, split)
-        except utils.UserError:
+        except UserError:
             continue
         for shard in tqdm(shards, desc=f"verifying {tfrecord.SPLIT_PREFIX[split]}", unit="shard"):
             try:
                 count = sum(1 for _ in tf.data.TFRecordDataset(shard))
             except tf.errors.DataLossError as e:
-                raise utils.UserError(f"{shard} is corrupt ({str(e).splitlines()[0]}); delete it and rerun "
+                raise UserError(f"{shard} is corrupt ({str(e).splitlines()[0]}); delete it and rerun "
                                       f"tools/build_tfrecords.py to rebuild it.") from None
             indexed = len(shard_folder.shard_index(shard)["offsets"])
             if count != indexed:
-                raise utils.UserError(f"{shard} holds {count} records but its cached index {indexed}; delete "
+                raise UserError(f"{shard} holds {count} records but its cached index {indexed}; delete "
                                       f"{shard_folder.cache_folder(folder)} and rerun --verify.")
             total += count
     if not total:
-        raise utils.UserError(f"{folder} has no shards to verify.")
+        raise UserError(f"{folder} has no shards to verify.")
     print(f"{folder}: all {total} records pass their CRC checks")
     return 0
 
@@ -301,7 +305,7 @@ def verify(folder, num_workers):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_config_arg(p)
+    add_config_arg(p)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", help="folder to write the shards and dataset_info.json into")
     mode.add_argument("--describe", metavar="FOLDER", help="write dataset_info.json for shards built elsewhere")
@@ -328,7 +332,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    utils.setup_logging()
+    setup_logging()
     if args.describe:
         path, info = shard_folder.describe(args.describe, args.label_offset, num_workers=args.num_workers or 0)
         print(f"{path}: label_offset {info['label_offset']}, {len(info['classes'])} classes, "
@@ -336,8 +340,8 @@ def main(argv=None):
         return 0
     if args.verify:
         return verify(os.path.abspath(args.verify), args.num_workers)
-    return build(args, utils.load_config(args.config))
+    return build(args, load_settings(args.config, stats=False, decoder=False, devices=False))
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -28,11 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from settings import MU_SIGMA_FILE, load_settings  # noqa: E402
+from utils.cli import quiet_tensorflow, run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.files import is_temp_name  # noqa: E402
 from data.buffer.protocol import producer_status  # noqa: E402
 from data.sources import val_store  # noqa: E402
 from data.sources.index import load_index  # noqa: E402
-from engine import evaluate, run_folder  # noqa: E402
+from engine import accuracy_log, run_folder  # noqa: E402
 from tools.launch import die_with_launcher  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "demo.txt")
@@ -89,7 +92,7 @@ class Steps:
         if argv:
             code = run_child(argv)
             if code != 0:
-                raise utils.UserError(f"step {self.done} ({title}) failed with exit code {code}; "
+                raise UserError(f"step {self.done} ({title}) failed with exit code {code}; "
                                       f"see its messages above.")
             result = None
         else:
@@ -104,25 +107,25 @@ def python(script, *args):
     return [sys.executable, os.path.join(ROOT, script), *args]
 
 
-def stats_are_current(cfg):
+def stats_are_current(settings):
     """True when mu_sigma.json exists and was computed on exactly this training set."""
-    path = os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)
+    path = os.path.join(settings.get_mu_sigma.path_to_save, MU_SIGMA_FILE)
     try:
         with open(path) as f:
             stored = json.load(f)
     except (OSError, ValueError):
         return False
-    index = load_index(cfg.preprocess.ImageNet_folder, "train", cfg.train.N)
+    index = load_index(settings.preprocess.ImageNet_folder, "train", settings.train.N)
     return stored.get("dataset_fingerprint") == index.fingerprint() and \
-        stored.get("max_images") == cfg.get_mu_sigma.max_images
+        stored.get("max_images") == settings.get_mu_sigma.max_images
 
 
-def drop_stale_val_store(cfg):
+def drop_stale_val_store(settings):
     """Remove the demo's validation store if it was built from another dataset or other settings.
 
     preprocess_val.py rightly refuses to mix stores; in the demo's own folder the fix is to rebuild.
     """
-    pv, im = cfg.preprocess_val, cfg.images
+    pv, im = settings.preprocess_val, settings.images
     path = pv.path_to_save
     try:
         with open(os.path.join(path, val_store.SETTINGS_FILE)) as f:
@@ -141,15 +144,15 @@ def prune_old_runs(runs_dir, keep):
     """Delete all but the newest `keep` demo-* runs (each is ~100 MB of epoch folders)."""
     if not os.path.isdir(runs_dir):
         return
-    runs = sorted(n for n in os.listdir(runs_dir) if n.startswith("demo-") and not utils.is_temp_name(n))
+    runs = sorted(n for n in os.listdir(runs_dir) if n.startswith("demo-") and not is_temp_name(n))
     for name in runs[:max(0, len(runs) - keep)]:
         shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
         say(f"    removed the old demo run {name}")
 
 
-def producer_choice(cfg):
+def producer_choice(settings):
     """One line: how many workers the producer ran and why, from its last heartbeat (data/buffer/protocol.py)."""
-    record = producer_status(cfg.train.buffer_folder)[1] or {}
+    record = producer_status(settings.train.buffer_folder)[1] or {}
     if "workers" not in record:
         return "    producer: no heartbeat with a worker count was left in the buffer folder"
     workers = record["workers"]
@@ -157,18 +160,18 @@ def producer_choice(cfg):
             f"{record.get('build_rate', 0):,.0f} img/s ({record.get('sizing', '')})")
 
 
-def summary(cfg, run, steps, total_seconds, epochs):
-    run_path = run_folder.run_dir(cfg.train.path_for_saving, run)
-    rows = [r for r in evaluate.read_rows(os.path.join(run_path, evaluate.CSV_NAME)) if r["protocol"] == 10]
-    train_rows = _train_log(os.path.join(run_path, "log.csv"))
+def summary(settings, run, steps, total_seconds, epochs):
+    run_path = run_folder.run_dir(settings.train.path_for_saving, run)
+    rows = [r for r in accuracy_log.read_rows(os.path.join(run_path, accuracy_log.CSV_NAME)) if r["protocol"] == 10]
+    train_rows = _train_log(os.path.join(run_path, run_folder.EPOCH_CSV))
     say("\n==> Results (10 views: 4 corners + centre, each flipped; probabilities averaged)")
     say(f"    {'epoch':>5}  {'train loss':>10}  {'top-1 %':>8}  {'top-5 %':>8}")
     for r in rows:
         loss = train_rows.get(r["epoch"], {}).get("train_loss")
         loss_text = f"{float(loss):10.3f}" if loss else f"{'':>10}"
         say(f"    {r['epoch']:>5}  {loss_text}  {r['top1']:8.2f}  {r['top5']:8.2f}")
-    say(f"    accuracy table: {os.path.join(run_path, evaluate.CSV_NAME)}")
-    say(f"    plot:           {os.path.join(run_path, evaluate.PNG_NAME)}")
+    say(f"    accuracy table: {os.path.join(run_path, accuracy_log.CSV_NAME)}")
+    say(f"    plot:           {os.path.join(run_path, accuracy_log.PNG_NAME)}")
     say("\n==> Time per step")
     for title, seconds in steps.times:
         say(f"    {seconds:7.1f} s  {title}")
@@ -201,42 +204,42 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = (args.epochs, args.batch_size, args.keep_runs, args.classes, args.train_per_class, args.val_per_class)
     if min(sizes) < 1:
-        raise utils.UserError(f"--epochs, --batch_size, --keep_runs, --classes, --train_per_class and "
+        raise UserError(f"--epochs, --batch_size, --keep_runs, --classes, --train_per_class and "
                               f"--val_per_class must be >= 1, received {', '.join(map(str, sizes))}.")
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGHUP, _raise_stopped)
-    utils.quiet_tensorflow()  # inherited by every step: no C++ start-up chatter in the demo's output
+    quiet_tensorflow()  # inherited by every step: no C++ start-up chatter in the demo's output
     start = time.monotonic()
-    cfg = utils.load_config(args.config)
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     config = f"--config={args.config}"
     run = time.strftime("demo-%Y%m%d-%H%M%S")
     steps = Steps(5)
-    say(f"make demo: ResNet-50 (width {cfg.model.width_multiplier:g}) on a generated {args.classes}-class "
+    say(f"make demo: ResNet-50 (width {settings.model.width_multiplier:g}) on a generated {args.classes}-class "
         f"set, {args.epochs} epochs, batch {args.batch_size}, run {run}")
-    steps.run("Demo dataset", python("tools/make_demo_dataset.py", f"--out={cfg.preprocess.ImageNet_folder}",
+    steps.run("Demo dataset", python("tools/make_demo_dataset.py", f"--out={settings.preprocess.ImageNet_folder}",
                                      f"--classes={args.classes}", f"--train_per_class={args.train_per_class}",
                                      f"--val_per_class={args.val_per_class}"))
-    if stats_are_current(cfg):
+    if stats_are_current(settings):
         steps.run("Channel statistics (reused)", func=lambda: say(
-            f"    {os.path.join(cfg.get_mu_sigma.path_to_save, utils.MU_SIGMA_FILE)} matches the dataset"))
+            f"    {os.path.join(settings.get_mu_sigma.path_to_save, MU_SIGMA_FILE)} matches the dataset"))
     else:
         steps.run("Channel statistics", python("get_mu_sigma.py", config))
-    drop_stale_val_store(cfg)
+    drop_stale_val_store(settings)
     steps.run("Validation views", python("preprocess_val.py", config))
-    prune_old_runs(cfg.train.path_for_saving, args.keep_runs - 1)
+    prune_old_runs(settings.train.path_for_saving, args.keep_runs - 1)
     steps.run("Training: producer + trainer", python(
         "tools/launch.py", config, f"--run_folder={run}", "--epoch_start=0", f"--epoch_end={args.epochs}",
         f"--batch_size={args.batch_size}", "--producer_arg=--no_progress", "--producer_arg=--clear_buffer"))
-    say(producer_choice(cfg))
+    say(producer_choice(settings))
     steps.run("Validation accuracy", python("check_accuracy.py", config, f"--run_folder={run}", "--epoch_start=0",
                                             f"--epoch_end={args.epochs}"))
-    summary(cfg, run, steps, time.monotonic() - start, args.epochs)
+    summary(settings, run, steps, time.monotonic() - start, args.epochs)
     return 0
 
 
 def _main():
     try:
-        utils.run_main(main)
+        run_main(main)
     except Stopped:
         print("stopped; the running step was stopped cleanly. Rerun `make demo` to start again.", file=sys.stderr)
         sys.exit(143)

@@ -18,7 +18,7 @@ describes); the launcher adds supervision:
   itself is SIGKILLed (PDEATHSIG), so no worker process is ever left behind;
 - when the trainer fails, the launcher exits non-zero and repeats its error line (a script's
   one-sentence "error: ..." for a mistake the user can fix), else the last lines of its stderr;
-- on Ctrl-C the children stay quiet (utils.UNDER_LAUNCHER_ENV) and the launcher prints the one
+- on Ctrl-C the children stay quiet (utils/cli.py's UNDER_LAUNCHER_ENV) and the launcher prints the one
   'interrupted' line, with --epoch_start=auto once the run has a saved epoch.
 Flags the launcher does not know are passed to train.py unchanged.
 """
@@ -36,13 +36,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+from utils.cli import UNDER_LAUNCHER_ENV, add_config_arg, add_epoch_args, run_main, set_interrupt_advice  # noqa: E402
+from settings import load_settings  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.processes import die_with_parent  # noqa: E402
 from engine import run_folder  # noqa: E402
 
 GRACE_SECONDS = 15.0  # time a child gets to exit after SIGINT before its group is SIGKILLed
 TAIL_LINES = 20  # stderr lines repeated when a process fails
 POLL_SECONDS = 0.2
-USER_ERROR_CODE = 2  # utils.run_main's exit code for a UserError: rerunning the same command cannot help
+USER_ERROR_CODE = 2  # run_main's exit code for a UserError: rerunning the same command cannot help
 
 
 def say(message):
@@ -51,7 +54,7 @@ def say(message):
 
 def die_with_launcher():
     """preexec_fn: the child gets SIGTERM if the launcher dies, even by SIGKILL (Linux only)."""
-    return functools.partial(utils.die_with_parent, signal.SIGTERM, os.getpid())
+    return functools.partial(die_with_parent, signal.SIGTERM, os.getpid())
 
 
 def keeper(argv):
@@ -95,10 +98,10 @@ class Child:
         self.name = name
         self.argv = argv
         self._tail = collections.deque(maxlen=200)
-        self._error = None  # the last "error: ..." line (utils.run_main's UserError sentence)
+        self._error = None  # the last "error: ..." line (utils/cli.py run_main's UserError sentence)
         self._killed = False
         keeper_argv = [sys.executable, os.path.abspath(__file__), "--keeper"] + argv
-        env = dict(os.environ, **{utils.UNDER_LAUNCHER_ENV: "1"})  # the launcher alone prints the Ctrl-C line
+        env = dict(os.environ, **{UNDER_LAUNCHER_ENV: "1"})  # the launcher alone prints the Ctrl-C line
         self.proc = subprocess.Popen(keeper_argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=die_with_launcher())
         self._pump = threading.Thread(target=self._copy_stderr, name=f"{name}-stderr", daemon=True)
@@ -192,7 +195,7 @@ def _raise_stop(signum, frame):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_folder", required=True, help="run name under [train] path_for_saving")
-    utils.add_epoch_args(p, "first epoch: an integer, or 'auto' = after the run's last complete epoch",
+    add_epoch_args(p, "first epoch: an integer, or 'auto' = after the run's last complete epoch",
                          "train up to this epoch, exclusive")
     p.add_argument("--batch_size", required=True, type=int, help="the same for producer and trainer")
     p.add_argument("--max_producer_restarts", type=int, default=5,
@@ -204,7 +207,7 @@ def parse_args(argv=None):
     # Stand-ins for the two scripts, for the launcher's own tests.
     p.add_argument("--producer_script", default=os.path.join(ROOT, "runtime_preprocessing.py"), help=argparse.SUPPRESS)
     p.add_argument("--trainer_script", default=os.path.join(ROOT, "train.py"), help=argparse.SUPPRESS)
-    utils.add_config_arg(p)
+    add_config_arg(p)
     args, passthrough = p.parse_known_args(argv)
     if passthrough and passthrough[0] == "--":
         passthrough = passthrough[1:]
@@ -288,11 +291,11 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args, passthrough = parse_args(argv)
     if args.epoch_end < 1 or args.batch_size < 1 or args.max_producer_restarts < 0:
-        raise utils.UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
+        raise UserError(f"Expected --epoch_end >= 1, --batch_size >= 1 and --max_producer_restarts >= 0, "
                               f"received {args.epoch_end}, {args.batch_size} and {args.max_producer_restarts}.")
-    cfg = utils.load_config(args.config)  # fail in the first second on a bad config, not in two child processes
-    run_path = run_folder.run_dir(cfg.train.path_for_saving, args.run_folder)
-    utils.set_interrupt_advice(lambda: run_folder.resume_advice(run_path, args.epoch_start))
+    settings = load_settings(args.config, stats=False, decoder=False, devices=False)  # fail in the first second on a bad config, not in two child processes
+    run_path = run_folder.run_dir(settings.train.path_for_saving, args.run_folder)
+    set_interrupt_advice(lambda: run_folder.resume_advice(run_path, args.epoch_start))
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, _raise_stop)
     try:
@@ -303,4 +306,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

@@ -32,7 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+from utils.cli import run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.files import atomic_dir, atomic_write_text  # noqa: E402
 from data.pool import imap_progress  # noqa: E402
 
 GENERATOR_VERSION = 3
@@ -249,18 +251,18 @@ def _write_label_files(root, jobs, num_classes, layout):
             if split == "val":
                 stem = os.path.splitext(os.path.basename(rel))[0]
                 lines.append(f"{stem},{wnid(k)} 1 1 40 40")
-        utils.atomic_write_text(os.path.join(root, "LOC_val_solution.csv"), "\n".join(lines) + "\n")
+        atomic_write_text(os.path.join(root, "LOC_val_solution.csv"), "\n".join(lines) + "\n")
     elif layout == "lists":
         for split in ("train", "val"):
             text = "".join(f"{rel} {k}\n" for s, k, j, rel in jobs if s == split)
-            utils.atomic_write_text(os.path.join(root, f"{split}.txt"), text)
-        utils.atomic_write_text(os.path.join(root, "synsets.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
+            atomic_write_text(os.path.join(root, f"{split}.txt"), text)
+        atomic_write_text(os.path.join(root, "synsets.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
     elif layout == "tiny":
-        utils.atomic_write_text(os.path.join(root, "wnids.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
-        utils.atomic_write_text(os.path.join(root, "words.txt"),
+        atomic_write_text(os.path.join(root, "wnids.txt"), "".join(wnid(k) + "\n" for k in range(num_classes)))
+        atomic_write_text(os.path.join(root, "words.txt"),
                                 "".join(f"{wnid(k)}\t{CLASS_NAMES[k % len(CLASS_NAMES)]}\n" for k in range(num_classes)))
         lines = "".join(f"{os.path.basename(rel)}\t{wnid(k)}\t0\t0\t63\t63\n" for s, k, j, rel in jobs if s == "val")
-        utils.atomic_write_text(os.path.join(root, "val", "val_annotations.txt"), lines)
+        atomic_write_text(os.path.join(root, "val", "val_annotations.txt"), lines)
 
 
 def _read_marker(root):
@@ -282,12 +284,12 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
     since the offline scripts rightly refuse outputs of a different dataset.
     """
     if layout not in LAYOUTS:
-        raise utils.UserError(f"layout must be one of {', '.join(LAYOUTS)}, received '{layout}'.")
+        raise UserError(f"layout must be one of {', '.join(LAYOUTS)}, received '{layout}'.")
     if not 1 <= num_classes <= 9999 or train_per_class < 1 or val_per_class < 1:
-        raise utils.UserError(f"need at least 1 class and 1 image per class and split, received {num_classes} classes, "
+        raise UserError(f"need at least 1 class and 1 image per class and split, received {num_classes} classes, "
                               f"{train_per_class} train and {val_per_class} val per class.")
     if not 16 <= min_side <= max_side:
-        raise utils.UserError(f"image sides must satisfy 16 <= min_side <= max_side, received {min_side}, {max_side}.")
+        raise UserError(f"image sides must satisfy 16 <= min_side <= max_side, received {min_side}, {max_side}.")
     args = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed,
                 odd_files=bool(odd_files), layout=layout, min_side=min_side, max_side=max_side)
     marker = {"generator_version": GENERATOR_VERSION, "args": args}
@@ -297,14 +299,14 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
         return existing
     if os.path.exists(root):
         if existing is None and os.listdir(root):
-            raise utils.UserError(f"{root} exists and was not made by make_demo_dataset.py; "
+            raise UserError(f"{root} exists and was not made by make_demo_dataset.py; "
                                   f"choose another --out or delete that folder.")
         shutil.rmtree(root)  # our own set made with other arguments, or an empty folder
     for folder in derived:
         shutil.rmtree(folder, ignore_errors=True)
     jobs = _plan(num_classes, train_per_class, val_per_class, seed, layout)
     odd = _odd_kinds(num_classes, odd_files)
-    with utils.atomic_dir(root) as tmp:
+    with atomic_dir(root) as tmp:
         for rel in sorted({os.path.dirname(rel) for *_, rel in jobs}):
             os.makedirs(os.path.join(tmp, rel), exist_ok=True)
         work = [(tmp, seed, s, k, j, rel, odd.get((s, k, j), "rgb"), min_side, max_side, layout == "tiny")
@@ -314,7 +316,7 @@ def make_dataset(root, num_classes=10, train_per_class=260, val_per_class=40, se
         marker["counts"] = {s: sum(1 for job in jobs if job[0] == s) for s in ("train", "val")}
         marker["odd_files"] = {f"{s}:{wnid(k)}:{j}": kind for (s, k, j), kind in sorted(odd.items())}
         marker["bytes"] = total
-        utils.atomic_write_text(os.path.join(tmp, MARKER), json.dumps(marker, indent=1) + "\n")
+        atomic_write_text(os.path.join(tmp, MARKER), json.dumps(marker, indent=1) + "\n")
     return marker
 
 
@@ -361,4 +363,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    run_main(main)

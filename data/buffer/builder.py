@@ -12,15 +12,13 @@ import os
 
 import numpy as np
 
-import utils
 from data.sources import scale_cache
 from data.sources.index import epoch_permutation
-from data.transforms import images, progressive, tiny_augment
+from data.transforms import images, tiny_augment
 from data.transforms.families import CROP_FAMILIES, USES_SCALE_CACHE
-from data.transforms.jpeg_window import resolve_decoder
 from data.transforms.progressive import crop_for
 from data.transforms.scale_crop import image_draws
-from utils import UserError
+from utils.errors import UserError
 
 
 @dataclasses.dataclass
@@ -43,17 +41,19 @@ class Recipe:
     worker_count: int = 1               # [worker_index * B/worker_count, (worker_index + 1) * B/worker_count)
 
     @classmethod
-    def from_config(cls, cfg, batch_size, cache_scales=(), worker=(0, 1)):
-        mu, sigma = utils.mu_sigma(cfg)
-        rp = cfg.runtime_preprocessing
-        tiny = cfg.images.augmentation == "tiny"
-        return cls(seed=cfg.train.seed, batch_size=int(batch_size), crop=cfg.images.crop_size,
-                   scales=tuple(utils.scales(cfg)), pca_std=cfg.images.pca_std, mu=mu, sigma=sigma,
-                   decoder=resolve_decoder(rp.decoder),
-                   cache_root=cfg.preprocess.path_to_save if cache_scales and not tiny else None,
+    def from_settings(cls, settings, batch_size, cache_scales=(), worker=(0, 1)):
+        """The recipe of resolved settings (mu/sigma and decoder resolved: settings.load_settings' defaults)."""
+        images, decoder = settings.images, settings.runtime_preprocessing.decoder
+        if settings.mu is None or decoder not in ("turbojpeg", "pil"):
+            raise ValueError("Recipe.from_settings needs settings with mu/sigma and the decoder resolved")
+        tiny = images.augmentation == "tiny"
+        return cls(seed=settings.train.seed, batch_size=int(batch_size), crop=images.crop_size,
+                   scales=tuple(settings.scales), pca_std=images.pca_std, mu=settings.mu, sigma=settings.sigma,
+                   decoder=decoder,
+                   cache_root=settings.preprocess.path_to_save if cache_scales and not tiny else None,
                    cached_scales=frozenset(cache_scales) if not tiny else frozenset(),
-                   crop_sizes=progressive.crop_schedule(cfg), augmentation=cfg.images.augmentation,
-                   tiny=tiny_augment.TinyAugmentConfig.from_config_section(cfg.tiny_augment) if tiny else None,
+                   crop_sizes=settings.crop_sizes, augmentation=images.augmentation,
+                   tiny=tiny_augment.TinyAugmentConfig.from_settings_section(settings.tiny_augment) if tiny else None,
                    worker_index=worker[0], worker_count=worker[1])
 
     def crop_for(self, epoch):

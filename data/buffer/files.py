@@ -9,7 +9,8 @@ import re
 
 import numpy as np
 
-import utils
+from utils.errors import UserError
+from utils.files import TMP_PREFIX, atomic_save_npy
 
 DTYPE = "uint8"
 KINDS = ("Y", "L", "X")  # write order; X (images) last marks the batch complete
@@ -35,24 +36,24 @@ def worker_rows(batch_size, worker):
     """B/W, the rows of each global batch that worker (w, W) builds and trains on; UserError if it cannot."""
     index, count = worker
     if count < 1 or not 0 <= index < count:
-        raise utils.UserError(f"Worker {index} of {count} is not a position in the cluster; pass --worker_index "
+        raise UserError(f"Worker {index} of {count} is not a position in the cluster; pass --worker_index "
                               f"from 0 to --worker_count - 1 (or fix TF_CONFIG).")
     if batch_size % count:
-        raise utils.UserError(f"--batch_size {batch_size} (the global batch) is not divisible by the {count} "
+        raise UserError(f"--batch_size {batch_size} (the global batch) is not divisible by the {count} "
                               f"workers; use a multiple of {count} on every machine.")
     return batch_size // count
 
 
 def write_batch(folder, epoch, batch, images, labels, lighting, reuse=None):
     """The batch's three files, X last; `reuse`: a spare (retire_batch) to overwrite with X."""
-    utils.atomic_save_npy(batch_file(folder, "Y", epoch, batch), np.asarray(labels, np.int32))
-    utils.atomic_save_npy(batch_file(folder, "L", epoch, batch), np.asarray(lighting, np.float32))
-    utils.atomic_save_npy(batch_file(folder, "X", epoch, batch), np.asarray(images, np.uint8), reuse=reuse)
+    atomic_save_npy(batch_file(folder, "Y", epoch, batch), np.asarray(labels, np.int32))
+    atomic_save_npy(batch_file(folder, "L", epoch, batch), np.asarray(lighting, np.float32))
+    atomic_save_npy(batch_file(folder, "X", epoch, batch), np.asarray(images, np.uint8), reuse=reuse)
 
 
 def spare_file(folder, number):
     """A consumed X file kept under a temp name for the next batch to overwrite (never read as a batch)."""
-    return os.path.join(folder, f"{utils.TMP_PREFIX}{SPARE}{os.getpid()}-{number}.npy")
+    return os.path.join(folder, f"{TMP_PREFIX}{SPARE}{os.getpid()}-{number}.npy")
 
 
 def retire_batch(folder, epoch, batch, spare):
@@ -125,3 +126,8 @@ def plan_refill(pos, ready, buffer_size, refill_below, end):
     if lead >= refill_below:
         return stale, []
     return stale, [lin for lin in range(pos, window_end) if lin not in ready]
+
+
+def scales_text(sides):
+    """'scale 256' or 'scales 256, 263' for messages about the scales a buffer's batches were cut at."""
+    return f"scale{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))}"

@@ -19,10 +19,11 @@ import time
 
 from tqdm import tqdm
 
-import utils
+from utils.cli import check_epoch_range
+from utils.files import TMP_PREFIX, atomic_write_text, human_bytes, is_temp_name
 from data.buffer.builder import Recipe
 from data.buffer.files import (batch_header_ok, bytes_per_batch, delete_batch, parse_batch_name, plan_refill,
-                               retire_batch, scan_batches, spare_file, worker_rows, SPARE)
+                               retire_batch, scales_text, scan_batches, spare_file, worker_rows, SPARE)
 from data.buffer.protocol import (HEARTBEAT, MANIFEST, PROGRESS, Heartbeat, file_identity, load_manifest,
                                   make_manifest, manifest_differences, producer_status, read_progress)
 from data.buffer.sizing import WorkerSizer, choose_workers, ready_ahead
@@ -30,7 +31,7 @@ from data.buffer.workers import WorkerSet
 from data.sources import scale_cache
 from data.sources.index import load_source_index
 from data.transforms.families import USES_SCALE_CACHE
-from utils import UserError
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 _OWN_FILES = (MANIFEST, HEARTBEAT, SPARE)
@@ -39,21 +40,21 @@ _OWN_FILES = (MANIFEST, HEARTBEAT, SPARE)
 class Producer:
     """runtime_preprocessing.py's engine: keeps up to buffer_size batches ready ahead of the trainer."""
 
-    def __init__(self, cfg, batch_size, epoch_start, epoch_end, clear_buffer=False, num_workers=None,
+    def __init__(self, settings, batch_size, epoch_start, epoch_end, clear_buffer=False, num_workers=None,
                  progress=True, once=False, worker=(0, 1)):
-        self.cfg = cfg
-        self.folder = cfg.train.buffer_folder
+        self.settings = settings
+        self.folder = settings.train.buffer_folder
         self.batch_size = int(batch_size)
         self.auto_start = epoch_start == "auto"
         self.epoch_start = 0 if self.auto_start else int(epoch_start)
         self.epoch_end = int(epoch_end)
         self.clear_buffer, self.once, self.progress = clear_buffer, once, progress
-        rp = cfg.runtime_preprocessing
+        rp = settings.runtime_preprocessing
         self.auto = (threads := num_workers or rp.num_of_threads) == "auto"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.num_workers, self.max_workers, self.sizing = choose_workers(threads, cores, rp.max_workers, once)
         self.sizer, self.timings = None, collections.deque(maxlen=64)  # timings: the heartbeat's build rate
-        self.buffer_size = cfg.train.buffer_size
+        self.buffer_size = settings.train.buffer_size
         self.refill_below = rp.refill_threshold * self.buffer_size
         self.sleep_time = rp.sleep_time
         self.ready = set()   # linear positions of complete batches on disk
@@ -68,7 +69,7 @@ class Producer:
             raise UserError(f"--batch_size must be at least 1, received {self.batch_size}.")
         self.rows = worker_rows(self.batch_size, worker)
         self.worker = tuple(worker)  # (w, W): this machine builds rows [w*B/W, (w+1)*B/W) of each global batch
-        utils.check_epoch_range(self.epoch_start, self.epoch_end)
+        check_epoch_range(self.epoch_start, self.epoch_end)
 
     # -- positions -------------------------------------------------------------
 
@@ -127,27 +128,27 @@ class Producer:
     # -- setup -------------------------------------------------------------------
 
     def setup(self):
-        cfg = self.cfg
+        s = self.settings
         self._make_folder()
         state, record = producer_status(self.folder)
         if state == "running" and record.get("pid") != os.getpid():
             raise UserError(f"Another producer (pid {record.get('pid')} on {record.get('host')}) is filling "
                             f"{self.folder}; stop it first, or point [train] buffer_folder elsewhere.")
-        index = load_source_index(cfg, cfg.preprocess.ImageNet_folder, "train", cfg.train.N, self.max_workers)
+        index = load_source_index(s.data.source, s.preprocess.ImageNet_folder, "train", s.train.N, self.max_workers)
         if len(index) < self.batch_size:
             raise UserError(f"The training set has {len(index)} images, fewer than --batch_size={self.batch_size}.")
         self.num_batches = len(index) // self.batch_size
         self.start_lin, self.end_lin = self.lin(self.epoch_start, 0), self.lin(self.epoch_end, 0)
         cache = []
-        if cfg.runtime_preprocessing.use_scale_cache and cfg.images.augmentation in USES_SCALE_CACHE:
-            cache = sorted(set(scale_cache.complete_scales(cfg.preprocess.path_to_save, index)) & set(utils.scales(cfg)))
-        self.recipe = Recipe.from_config(cfg, self.batch_size, cache, self.worker)
+        if s.runtime_preprocessing.use_scale_cache and s.images.augmentation in USES_SCALE_CACHE:
+            cache = sorted(set(scale_cache.complete_scales(s.preprocess.path_to_save, index)) & set(s.scales))
+        self.recipe = Recipe.from_settings(s, self.batch_size, cache, self.worker)
         self.index = index
         self.manifest = make_manifest(self.recipe, index.fingerprint(), len(index), len(index.classes),
                                       self.epoch_start, self.epoch_end)
         self._check_existing()
         self._adopt_progress()
-        utils.atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
+        atomic_write_text(os.path.join(self.folder, MANIFEST), json.dumps(self.manifest, indent=1) + "\n")
         self._check_free_space()
         cached = self.recipe.cached_scales  # the run's, when a restart keeps them (_keep_run_choices)
         log.info("producer: %d images, %d batches of %d per epoch, epochs %s..%d, %d worker(s) (%s), decoder %s, "
@@ -162,13 +163,13 @@ class Producer:
     def _make_folder(self):
         try:
             os.makedirs(self.folder, exist_ok=True)
-            probe = os.path.join(self.folder, f"{utils.TMP_PREFIX}probe-{os.getpid()}")
+            probe = os.path.join(self.folder, f"{TMP_PREFIX}probe-{os.getpid()}")
             with open(probe, "wb") as f:
                 f.write(b"0" * 4096)
             os.remove(probe)
         except OSError as e:
             raise UserError(f"Cannot write to the buffer folder {self.folder} ({e.strerror or e}); it needs about "
-                            f"{utils.human_bytes(self.buffer_size * bytes_per_batch(self.rows, self.cfg.images.crop_size))}"
+                            f"{human_bytes(self.buffer_size * bytes_per_batch(self.rows, self.settings.images.crop_size))}"
                             f" for {self.buffer_size} batches; fix its permissions or set [train] buffer_folder.") from None
 
     def _check_existing(self):
@@ -213,14 +214,14 @@ class Producer:
         resume is byte-identical only if they stay: decoder = auto keeps the run's decoder when it is
         installed, and a cache that gained scales is read at the run's scales only.
         """
-        r, rp = self.recipe, self.cfg.runtime_preprocessing
-        lost = []
+        r, rp, lost = self.recipe, self.settings.runtime_preprocessing, []
+        decoder_auto = "runtime_preprocessing.decoder" in self.settings.autos  # the config said auto
         decoder = old.get("decoder", r.decoder)
         if decoder != r.decoder:
-            if rp.decoder == "auto" and decoder == "pil" and not self.clear_buffer:
+            if decoder_auto and decoder == "pil" and not self.clear_buffer:
                 r = dataclasses.replace(r, decoder="pil")
             else:
-                fix = (f"set [runtime_preprocessing] decoder = {decoder}" if rp.decoder != "auto" else
+                fix = (f"set [runtime_preprocessing] decoder = {decoder}" if not decoder_auto else
                        "install the turbojpeg wheel (pip install -r requirements.txt)")
                 lost.append((f"decoder {decoder}", f"decoder {r.decoder}", fix))
         cached = old.get("cached_scales")  # absent in manifests written before it was recorded
@@ -235,9 +236,9 @@ class Producer:
                 fix = ("set [runtime_preprocessing] use_scale_cache = true" if not rp.use_scale_cache else
                        f"complete the cache with preprocess.py --shorter_side={','.join(map(str, missing))}"
                        if missing else "pass --clear_buffer")
-                lost.append((f"{_scales(cached)} from the scale cache",
-                             f"{_scales(missing)} decoded afresh" if missing else
-                             f"{_scales(sorted(r.cached_scales))} from the scale cache", fix))
+                lost.append((f"{scales_text(cached)} from the scale cache",
+                             f"{scales_text(missing)} decoded afresh" if missing else
+                             f"{scales_text(sorted(r.cached_scales))} from the scale cache", fix))
         self.recipe = r
         self.manifest.update(decoder=r.decoder, cached_scales=sorted(r.cached_scales))
         return lost
@@ -252,7 +253,7 @@ class Producer:
         """Remove temp files of killed writers: ours, and progress temps too old to be a live trainer's."""
         now = time.time()
         for name in os.listdir(self.folder):
-            stem = name[len(utils.TMP_PREFIX):] if utils.is_temp_name(name) else None
+            stem = name[len(TMP_PREFIX):] if is_temp_name(name) else None
             if not stem:
                 continue
             path = os.path.join(self.folder, name)
@@ -277,8 +278,8 @@ class Producer:
         need = (self.buffer_size - len(self.ready)) * bytes_per_batch(self.rows, self.recipe.crop)
         free = shutil.disk_usage(self.folder).free
         if need > free:
-            raise UserError(f"The buffer folder {self.folder} has {utils.human_bytes(free)} free but {self.buffer_size} "
-                            f"batches need about {utils.human_bytes(need)} more; free space there, lower [train] "
+            raise UserError(f"The buffer folder {self.folder} has {human_bytes(free)} free but {self.buffer_size} "
+                            f"batches need about {human_bytes(need)} more; free space there, lower [train] "
                             f"buffer_size, or point buffer_folder at a larger disk.")
 
     # -- main loop ---------------------------------------------------------------
@@ -298,12 +299,12 @@ class Producer:
         workers = WorkerSet(self.num_workers, self.index.paths, self.index.labels, self.recipe, self.folder)
         final = "stopped"
         try:
-            self.heartbeat = Heartbeat(self.folder, self.cfg.runtime_preprocessing.heartbeat_interval, info)
+            self.heartbeat = Heartbeat(self.folder, self.settings.runtime_preprocessing.heartbeat_interval, info)
             self.heartbeat.start()
             self.bar = self._make_bar()
             self.t0 = time.monotonic()
             if self.auto and not self.once:
-                rp = self.cfg.runtime_preprocessing
+                rp = self.settings.runtime_preprocessing
                 self.sizer = WorkerSizer(self.max_workers, self.rows, self.buffer_size, rp.refill_threshold,
                                          window=rp.sizing_window, workers=self.num_workers, now=self.t0)
             self._loop(workers)
@@ -443,7 +444,3 @@ class Producer:
         rate = self.produced * self.rows / busy if busy > 0 else 0.0
         self.bar.set_postfix_str(f"buffer {len(self.ready)}/{self.buffer_size}, {rate:.0f} img/s", refresh=False)
         self.bar.refresh()
-
-
-def _scales(sides):
-    return f"scale{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))}"

@@ -10,10 +10,10 @@ import socket
 import threading
 import time
 
-import utils
+from utils.files import atomic_write_text
 from data.buffer.files import DTYPE
 from data.transforms.progressive import crop_for
-from utils import UserError
+from utils.errors import UserError
 
 FORMAT_VERSION = 2  # 2: L holds the lighting coefficients, not the shifts
 MANIFEST = "manifest.json"
@@ -45,7 +45,7 @@ def write_progress(folder, epoch, batch):
     path = os.path.join(folder, PROGRESS)
     for attempt in range(3):
         try:
-            utils.atomic_write_text(path, f"{int(epoch)}\n{int(batch)}\n")
+            atomic_write_text(path, f"{int(epoch)}\n{int(batch)}\n")
             return
         except FileNotFoundError:  # our temp file was swept by a starting producer; write again
             if attempt == 2:
@@ -138,7 +138,7 @@ class Heartbeat(threading.Thread):
         with self.lock:
             record = {**self.info, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
                       "interval": self.interval, "state": state}
-            utils.atomic_write_text(self.path, json.dumps(record) + "\n")
+            atomic_write_text(self.path, json.dumps(record) + "\n")
 
     def run(self):
         while not self._stop_event.wait(self.interval):

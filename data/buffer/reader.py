@@ -12,8 +12,7 @@ import numpy as np
 from data.buffer.files import batch_file, expected_shapes, scan_batches, worker_rows
 from data.buffer.protocol import (FORMAT_VERSION, MANIFEST, crop_size_for, load_manifest, producer_status,
                                   write_progress)
-from data.transforms.progressive import crop_schedule
-from utils import UserError, worker_info
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 STATUS_POLL = 0.25  # seconds between a waiting reader's looks at the producer's heartbeat
@@ -31,7 +30,7 @@ class Batch:
 class BufferReader:
     """The trainer's view of the buffer: waits for batches in order, validates them, reports progress.
 
-        reader = BufferReader(cfg, batch_size)
+        reader = BufferReader(settings, batch_size)
         reader.check_manifest(mu, sigma)            # optional; read() checks on first use
         for b in range(start, reader.batches_per_epoch):
             batch = reader.read(epoch, b)           # waits while the producer catches up
@@ -39,15 +38,15 @@ class BufferReader:
             reader.report_progress(epoch, b + 1)    # lets the producer delete and refill
     """
 
-    def __init__(self, cfg, batch_size, worker=None):
-        self.folder = cfg.train.buffer_folder
+    def __init__(self, settings, batch_size, worker=None):
+        self.folder = settings.train.buffer_folder
         self.batch_size = int(batch_size)  # global; this machine reads rows [w*B/W, (w+1)*B/W) of each batch
-        self.worker = tuple(worker or worker_info())  # (w, W), as TF_CONFIG places this trainer
+        self.worker = tuple(worker or settings.worker)  # (w, W), as TF_CONFIG places this trainer
         self.rows = worker_rows(self.batch_size, self.worker)
-        self.sleep_time = max(float(cfg.train.sleep_time), 0.01)
-        self.wait_timeout = float(cfg.train.wait_timeout)
-        self.seed, self.crop = cfg.train.seed, cfg.images.crop_size
-        self.crop_sizes = crop_schedule(cfg)  # a bad [images] crop_schedule stops the trainer here
+        self.sleep_time = max(float(settings.train.sleep_time), 0.01)
+        self.wait_timeout = float(settings.train.wait_timeout)
+        self.seed, self.crop = settings.train.seed, settings.images.crop_size
+        self.crop_sizes = settings.crop_sizes
         self.wait_seconds = 0.0
         self.manifest = None
         self._mu_sigma = (None, None)

@@ -17,7 +17,8 @@ import sys
 import time
 import traceback
 
-import utils
+from utils.errors import UserError
+from utils.processes import die_with_parent
 from data.buffer.builder import BatchBuilder
 from data.buffer.files import write_batch
 
@@ -26,7 +27,7 @@ DEPTH = 2
 
 
 def _worker_main(conn, paths, labels, recipe, folder, parent_pid):
-    utils.die_with_parent(signal.SIGKILL, parent_pid)  # no orphan keeps writing after the producer dies
+    die_with_parent(signal.SIGKILL, parent_pid)  # no orphan keeps writing after the producer dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM handler would wait for Python code
     builder = BatchBuilder(paths, labels, recipe)
@@ -42,7 +43,7 @@ def _worker_main(conn, paths, labels, recipe, folder, parent_pid):
             started = time.perf_counter()
             write_batch(folder, epoch, batch, *builder.build(epoch, batch), reuse=reuse)
             conn.send(("done", epoch, batch, time.perf_counter() - started))  # the sizer's per-worker rate
-        except utils.UserError as e:  # its text travels: the message is what the user needs
+        except UserError as e:  # its text travels: the message is what the user needs
             conn.send(("error", epoch, batch, str(e)))
         except BaseException:
             conn.send(("crash", epoch, batch, traceback.format_exc()))
@@ -107,13 +108,13 @@ class WorkerSet:
         try:
             self.conns[i].send((epoch, batch, reuse))
         except OSError:  # its end of the pipe is closed: it died
-            raise utils.UserError(self._death_message(i)) from None
+            raise UserError(self._death_message(i)) from None
 
     def check_alive(self):
         """Raise the error for a worker that died while idle (a busy one is noticed by collect)."""
         for i, proc in enumerate(self.procs):
             if not proc.is_alive():
-                raise utils.UserError(self._death_message(i))
+                raise UserError(self._death_message(i))
 
     def collect(self, timeout):
         """The (epoch, batch) tasks finished within `timeout` seconds; a worker's error is raised here."""
@@ -123,11 +124,11 @@ class WorkerSet:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                raise utils.UserError(self._death_message(i)) from None
+                raise UserError(self._death_message(i)) from None
             status, epoch, batch = message[:3]
             self.queued[i].remove((epoch, batch))
             if status == "error":
-                raise utils.UserError(message[3])
+                raise UserError(message[3])
             if status == "crash":
                 raise RuntimeError(f"A producer worker failed building epoch {epoch} batch {batch}:\n{message[3]}")
             finished.append((epoch, batch))

@@ -29,8 +29,9 @@ import re
 import numpy as np
 
 from data.pool import imap_progress
+from data.random_streams import epoch_order_rng
 from data.sources import shards, tfrecord
-from utils import UserError
+from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # any case; files are decoded later by content
 SPLITS = ("train", "val")
@@ -381,7 +382,7 @@ def _from_list(root, split):
 
 def epoch_permutation(seed, epoch, n):
     """The order in which epoch `epoch` visits the n training images."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+    return epoch_order_rng(seed, epoch).permutation(int(n))  # data/random_streams.py
 
 
 # ----------------------------------------------------------------------------
@@ -436,8 +437,8 @@ def load_tfrecord_index(folder, split, expected_count=0, num_workers=1, progress
     return index
 
 
-def load_source_index(cfg, root, split, expected_count=0, num_workers=1, progress=True):
-    """One split of `root` read as [data] source says: 'folder' (load_index) or 'tfrecord' (shards)."""
-    if cfg.data.source == "tfrecord":
+def load_source_index(source, root, split, expected_count=0, num_workers=1, progress=True):
+    """One split of `root` read as [data] source says (`source`): 'folder' (load_index) or 'tfrecord' (shards)."""
+    if source == "tfrecord":
         return load_tfrecord_index(root, split, expected_count, num_workers, progress)
     return load_index(root, split, expected_count)

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-import utils
+from utils.errors import UserError
+from utils.files import atomic_save_npy, atomic_write_bytes, atomic_write_text, read_json, remove_stale_temps
 from data.transforms import images
 from data.pool import imap_progress, single_writer
 
@@ -34,7 +35,7 @@ def cached_image_path(cache_root, shorter_side, i):
 
 def cache_is_valid_for(cache_root, index):
     """True if the cache at `cache_root` was made from exactly this training index."""
-    meta = utils.read_json(os.path.join(cache_root, DATASET_FILE))
+    meta = read_json(os.path.join(cache_root, DATASET_FILE))
     return bool(meta) and meta.get("version") == FORMAT_VERSION and meta.get("fingerprint") == index.fingerprint()
 
 
@@ -51,7 +52,7 @@ def complete_scales(cache_root, index):
 
 def unreadable_indices(cache_root, shorter_side):
     """{index position: reason} of the images a complete scale could not include."""
-    meta = utils.read_json(os.path.join(cache_root, str(int(shorter_side)), COMPLETE_FILE)) or {}
+    meta = read_json(os.path.join(cache_root, str(int(shorter_side)), COMPLETE_FILE)) or {}
     return {int(i): reason for i, (_, reason) in meta.get("unreadable", {}).items()}
 
 
@@ -59,22 +60,22 @@ def prepare(cache_root, index):
     """Create the cache root for `index`, or check that an existing one was made from it."""
     meta_path = os.path.join(cache_root, DATASET_FILE)
     fingerprint = index.fingerprint()
-    meta = utils.read_json(meta_path)
+    meta = read_json(meta_path)
     if meta is not None:
         if meta.get("version") != FORMAT_VERSION or meta.get("fingerprint") != fingerprint:
-            raise utils.UserError(
+            raise UserError(
                 f"{cache_root} holds a resize cache made from a different dataset ({meta.get('count')} images "
                 f"from {meta.get('source')}, now {len(index)} from {index.root}); delete that folder or set "
                 f"[preprocess] path_to_save to a new one.")
         return
     if os.path.isfile(os.path.join(cache_root, LABELS_FILE)):
-        raise utils.UserError(f"{cache_root} has {LABELS_FILE} but no {DATASET_FILE}, so it cannot be checked "
+        raise UserError(f"{cache_root} has {LABELS_FILE} but no {DATASET_FILE}, so it cannot be checked "
                               f"against the dataset; delete that folder or choose another path_to_save.")
     os.makedirs(cache_root, exist_ok=True)
-    utils.atomic_save_npy(os.path.join(cache_root, LABELS_FILE), np.asarray(index.labels, np.int64))
+    atomic_save_npy(os.path.join(cache_root, LABELS_FILE), np.asarray(index.labels, np.int64))
     meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint, "count": len(index), "classes": index.classes,
             "layout": index.layout, "source": index.root}
-    utils.atomic_write_text(meta_path, json.dumps(meta) + "\n")  # last: marks the labels as complete
+    atomic_write_text(meta_path, json.dumps(meta) + "\n")  # last: marks the labels as complete
 
 
 def _resize_one(job):
@@ -86,7 +87,7 @@ def _resize_one(job):
         return str(e)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
-    utils.atomic_write_bytes(dst, buf.getvalue())
+    atomic_write_bytes(dst, buf.getvalue())
     return None
 
 
@@ -97,7 +98,7 @@ def build_scale(cache_root, index, shorter_side, num_workers=0, quality=95, prog
     folder = os.path.join(cache_root, str(int(shorter_side)))
     os.makedirs(folder, exist_ok=True)
     with single_writer(folder, f"the S={shorter_side} cache"):
-        utils.remove_stale_temps(folder)  # left by a killed run
+        remove_stale_temps(folder)  # left by a killed run
         done = {entry.name for entry in os.scandir(folder)}
         todo = [(i, p) for i, p in enumerate(index.paths) if f"img_{i}.jpg" not in done]
         known_bad = unreadable_indices(cache_root, shorter_side)
@@ -106,7 +107,7 @@ def build_scale(cache_root, index, shorter_side, num_workers=0, quality=95, prog
         unreadable = _resize_all(cache_root, index, shorter_side, todo, num_workers, quality, progress)
         complete = {"shorter_side": int(shorter_side), "count": len(index), "fingerprint": index.fingerprint(),
                     "jpeg_quality": quality, "unreadable": unreadable}
-        utils.atomic_write_text(os.path.join(folder, COMPLETE_FILE), json.dumps(complete, indent=1) + "\n")
+        atomic_write_text(os.path.join(folder, COMPLETE_FILE), json.dumps(complete, indent=1) + "\n")
     return {"written": len(todo) - len(unreadable), "existing": len(index) - len(todo),
             "unreadable": len(unreadable), "seconds": time.time() - t0}
 

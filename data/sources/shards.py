@@ -25,10 +25,11 @@ import os
 
 import numpy as np
 
-import utils
+from utils.files import atomic_path, atomic_write_text
+from utils.processes import git_hash
 from data.pool import imap_progress
 from data.sources.tfrecord import BACKGROUND, SHARD_NAME, SPLIT_PREFIX, iter_records, parse_example, shard_name
-from utils import UserError
+from utils.errors import UserError
 
 INFO_FILE = "dataset_info.json"
 INFO_FORMAT = "inception_build_imagenet_data"
@@ -93,7 +94,7 @@ def shard_index(shard):
         pass
     index = scan_shard(shard)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    with utils.atomic_path(cache) as tmp:
+    with atomic_path(cache) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, stamp=stamp, **index)
     return index
@@ -208,8 +209,8 @@ def describe(folder, label_offset, num_workers=1, progress=True):
                         f"{label_offset}; check how the shards were built and pass the matching --label_offset.")
     info = {"format": INFO_FORMAT, "format_version": INFO_VERSION, "label_offset": int(label_offset),
             "num_outputs": len(labels) + int(label_offset), "classes": [by_label[k] for k in labels],
-            "created_by": "tools/build_tfrecords.py --describe", "git": utils.git_hash()}
+            "created_by": "tools/build_tfrecords.py --describe", "git": git_hash()}
     path = info_path(folder, for_writing=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    utils.atomic_write_text(path, json.dumps(info, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
     return path, info

@@ -14,6 +14,7 @@ import numpy as np
 
 from data.transforms import images
 from data.pool import imap_progress
+from data.random_streams import subset_rng
 
 
 def image_sums(path):
@@ -37,7 +38,7 @@ def choose_subset(count, max_images, seed):
     """Sorted positions of a seeded random subset of max_images (all positions if 0 or >= count)."""
     if max_images <= 0 or max_images >= count:
         return np.arange(count)
-    return np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
+    return np.sort(subset_rng(seed).choice(count, size=max_images, replace=False))  # data/random_streams.py
 
 
 def mu_sigma_of(paths, num_workers=0, progress=True, skip_list=None):

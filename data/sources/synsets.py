@@ -2,7 +2,7 @@
 import os
 import re
 
-from utils import UserError
+from utils.errors import UserError
 
 SYNSET_WORD_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "imagenet_metadata.txt")
 

@@ -32,7 +32,7 @@ import typing
 
 import numpy as np
 
-from utils import UserError
+from utils.errors import UserError
 
 BACKGROUND = "background"
 SPLIT_PREFIX = {"train": "train", "val": "validation"}

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-import utils
+from utils.errors import UserError
+from utils.files import atomic_path, atomic_save_npy, atomic_write_text, read_json, remove_stale_temps
 from data.transforms import images
 from data.pool import imap_progress, single_writer
 
@@ -98,8 +99,8 @@ def _write_chunk(path, k, index, positions, settings, num_workers, progress):
                 offsets[kind] += arr.nbytes
     for kind in kinds:
         table = np.asarray(rows[kind], np.int64).reshape(-1, 4)
-        utils.atomic_save_npy(_chunk_file(path, k, f"_{kind}.npy"), table)
-    utils.atomic_write_text(_chunk_file(path, k, ".json"), json.dumps({"skipped": skipped}) + "\n")
+        atomic_save_npy(_chunk_file(path, k, f"_{kind}.npy"), table)
+    atomic_write_text(_chunk_file(path, k, ".json"), json.dumps({"skipped": skipped}) + "\n")
     return skipped
 
 
@@ -109,7 +110,7 @@ def _blob_writers(path, k, kinds):
     with contextlib.ExitStack() as stack:
         files = {}
         for kind in kinds:
-            tmp = stack.enter_context(utils.atomic_path(_chunk_file(path, k, f"_{kind}.bin")))
+            tmp = stack.enter_context(atomic_path(_chunk_file(path, k, f"_{kind}.bin")))
             files[kind] = stack.enter_context(open(tmp, "wb"))
         yield files
 
@@ -118,17 +119,17 @@ def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), ch
                 progress=True, say=print):
     """Build (or finish building) the store for `index`; returns the meta dict."""
     if views_50 and min(scales_50) < crop:
-        raise utils.UserError(f"[images] eval_scales_50 must all be >= crop_size ({crop}) for the 50-view set, "
+        raise UserError(f"[images] eval_scales_50 must all be >= crop_size ({crop}) for the 50-view set, "
                               f"received {', '.join(map(str, scales_50))}.")
     settings = settings_for(index, crop, eval_resize, views_50, scales_50, chunk_images)
     os.makedirs(path, exist_ok=True)
     _check_settings(path, settings)
-    meta = utils.read_json(os.path.join(path, META_FILE))
+    meta = read_json(os.path.join(path, META_FILE))
     if meta is not None:
         say(f"{path} is already complete ({meta['images']} images); nothing to do.")
         return meta
     with single_writer(path, "the validation store"):
-        utils.remove_stale_temps(path)  # left by a killed run
+        remove_stale_temps(path)  # left by a killed run
         num_chunks = -(-len(index) // chunk_images)
         skipped = images.SkipList("validation image")
         for k in range(num_chunks):
@@ -142,18 +143,18 @@ def build_store(path, index, crop, eval_resize, views_50=False, scales_50=(), ch
 
 def _check_settings(path, settings):
     settings_path = os.path.join(path, SETTINGS_FILE)
-    existing = utils.read_json(settings_path)
+    existing = read_json(settings_path)
     if existing is None:
         if any(name.startswith("chunk_") or name == META_FILE for name in os.listdir(path)):
-            raise utils.UserError(f"{path} holds validation-store files but no {SETTINGS_FILE}; "
+            raise UserError(f"{path} holds validation-store files but no {SETTINGS_FILE}; "
                                   f"delete that folder or set [preprocess_val] path_to_save to a new one.")
-        utils.atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
+        atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
         return
     changed = [key for key in settings if existing.get(key) != settings[key]]
     if changed:
         key = changed[0]
         shown = lambda v: "a different dataset" if key == "fingerprint" else repr(v)  # noqa: E731
-        raise utils.UserError(f"{path} holds a validation store made with other settings ({key}: "
+        raise UserError(f"{path} holds a validation store made with other settings ({key}: "
                               f"{shown(existing.get(key))}, now {shown(settings[key])}); delete that folder or "
                               f"set [preprocess_val] path_to_save to a new one.")
 
@@ -163,18 +164,18 @@ def _finish(path, index, settings, num_chunks):
     positions = []
     stored_bytes = 0
     for k in range(num_chunks):
-        skipped.extend(utils.read_json(_chunk_file(path, k, ".json"))["skipped"])
+        skipped.extend(read_json(_chunk_file(path, k, ".json"))["skipped"])
         tables = {kind: np.load(_chunk_file(path, k, f"_{kind}.npy"), allow_pickle=False) for kind in settings["kinds"]}
         positions.extend(tables["eval"][:, 0].tolist())
         for kind, table in tables.items():
             stored_bytes += int((table[:, 2] * table[:, 3] * 3).sum()) + table.nbytes
     positions = np.asarray(positions, np.int64)
-    utils.atomic_save_npy(os.path.join(path, POSITIONS_FILE), positions)
-    utils.atomic_save_npy(os.path.join(path, LABELS_FILE), np.asarray(index.labels, np.int64)[positions])
+    atomic_save_npy(os.path.join(path, POSITIONS_FILE), positions)
+    atomic_save_npy(os.path.join(path, LABELS_FILE), np.asarray(index.labels, np.int64)[positions])
     protocols = [1, 10] + ([50] if settings["views_50"] else [])
     meta = dict(settings, images=len(positions), skipped=skipped, protocols=protocols, num_chunks=num_chunks,
                 bytes_per_image=stored_bytes / max(len(positions), 1), view_order=VIEW_ORDER)
-    utils.atomic_write_text(os.path.join(path, META_FILE), json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(os.path.join(path, META_FILE), json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -187,9 +188,9 @@ class ValStore:
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
-        meta = utils.read_json(os.path.join(self.path, META_FILE))
+        meta = read_json(os.path.join(self.path, META_FILE))
         if meta is None or meta.get("version") != FORMAT_VERSION:
-            raise utils.UserError(f"No complete validation store at {self.path}; run preprocess_val.py "
+            raise UserError(f"No complete validation store at {self.path}; run preprocess_val.py "
                                   f"(it resumes if it was interrupted).")
         self.meta = meta
         self.classes = list(meta["classes"])
@@ -203,7 +204,7 @@ class ValStore:
         try:
             self._tables = {kind: self._load_tables(kind, meta["num_chunks"]) for kind in meta["kinds"]}
         except (OSError, ValueError) as e:
-            raise utils.UserError(f"The validation store at {self.path} is damaged ({e}); delete it and rerun "
+            raise UserError(f"The validation store at {self.path} is damaged ({e}); delete it and rerun "
                                   f"preprocess_val.py.") from None
         self._blobs = {}
 
@@ -218,7 +219,7 @@ class ValStore:
             parts.append(np.concatenate([np.full((len(table), 1), k, np.int64), table[:, 1:]], axis=1))
         table = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
         if len(table) != len(self.labels):
-            raise utils.UserError(f"The validation store at {self.path} is inconsistent ({kind} has {len(table)} "
+            raise UserError(f"The validation store at {self.path} is inconsistent ({kind} has {len(table)} "
                                   f"images, labels {len(self.labels)}); delete it and rerun preprocess_val.py.")
         return table  # rows: (chunk, offset, height, width)
 
@@ -241,7 +242,7 @@ class ValStore:
     def views(self, j, protocol):
         """uint8 [V, crop, crop, 3] views of image j for protocol 1, 10 or 50."""
         if protocol not in self.protocols:
-            raise utils.UserError(f"The validation store at {self.path} has no {protocol}-view data (it holds "
+            raise UserError(f"The validation store at {self.path} has no {protocol}-view data (it holds "
                                   f"{', '.join(map(str, self.protocols))}); set [preprocess_val] views_50 = true "
                                   f"and rerun preprocess_val.py.")
         if protocol == 1:

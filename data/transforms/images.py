@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-import utils
+from utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -177,5 +177,5 @@ class SkipList:
     def save(self, path):
         """Write 'path<TAB>reason' lines (atomically); write nothing when there is nothing to report."""
         if self.entries:
-            utils.atomic_write_text(path, self.lines())
+            atomic_write_text(path, self.lines())
         return path if self.entries else None

@@ -25,18 +25,18 @@ Step 4 is not code: the trainer normalises (x/255 - mu)/sigma on the device, and
 mu = mean/255 and sigma = 1/255 that is exactly x - mean (`mean_only_mu_sigma`,
 written out in configs/seed003_recipe.txt).
 
-Random draws: image `position` of epoch `epoch` draws from
-np.random.default_rng([seed, epoch, position, INCEPTION_STREAM]) in a fixed order: the
-flip, then the box sampler's draws; a stream of its own, apart from data/transforms/scale_crop.py's
-draws for the same position (whose PCA lighting coefficients the producer still uses
-when [images] pca_std > 0; the Inception recipe has none). A batch is therefore the same whatever
-the number of workers.
+Random draws: image `position` of epoch `epoch` draws from its own stream (INCEPTION in
+data/random_streams.py, keyed by (seed, epoch, position)) in a fixed order: the flip, then the box
+sampler's draws; apart from data/transforms/scale_crop.py's blake2b draws for the same position
+(whose PCA lighting coefficients the producer still uses when [images] pca_std > 0; the Inception
+recipe has none). A batch is therefore the same whatever the number of workers.
 """
 import io
 import math
 
 import numpy as np
 
+from data.random_streams import INCEPTION_STREAM, keyed_rng
 from data.transforms import images
 from data.transforms.jpeg_window import DECODE_ERRORS, draft_resample, open_plain_jpeg, resample_window
 
@@ -45,7 +45,6 @@ ASPECT_RATIO_RANGE = (0.75, 1.33)
 AREA_RANGE = (0.05, 1.0)
 MAX_ATTEMPTS = 100
 MEAN_RGB = (123.68, 116.78, 103.94)
-INCEPTION_STREAM = 3  # data/transforms/scale_crop.py draws from [seed, epoch, position], data/transforms/tiny_augment.py adds 2
 
 
 def mean_only_mu_sigma(mean_rgb=MEAN_RGB):
@@ -142,7 +141,7 @@ def sample_distorted_bounding_box(rng, width, height, boxes=None, min_object_cov
 # ----------------------------------------------------------------------------
 
 def image_rng(seed, epoch, position):
-    return np.random.default_rng([int(seed), int(epoch), int(position), INCEPTION_STREAM])
+    return keyed_rng(seed, epoch, position, INCEPTION_STREAM)
 
 
 def _open(data, source):

@@ -22,7 +22,7 @@ except ImportError:  # PIL resamples instead (slower, see resample_fast)
 else:
     cv2.setNumThreads(1)  # one producer worker per core: OpenCV's own thread pool would only compete
 
-from utils import UserError
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL raises for truncated or corrupt data

@@ -7,7 +7,7 @@ The producer writes the schedule into the buffer manifest ('crop_sizes', the sam
 [[first_epoch, crop], ...] list), and the trainer reads each epoch's size from there,
 so both always agree. Evaluation is at [images] crop_size, the largest size allowed.
 """
-from utils import ConfigError
+from utils.errors import ConfigError
 
 KEY = "[images] crop_schedule"
 MIN_CROP = 8
@@ -37,10 +37,6 @@ def parse_crop_schedule(text, full_size):
             raise ConfigError(f"{KEY} crops must lie in [{MIN_CROP}, [images] crop_size = {full_size}], "
                               f"received {crop}.")
     return schedule
-
-
-def crop_schedule(cfg):
-    return parse_crop_schedule(cfg.images.crop_schedule, cfg.images.crop_size)
 
 
 def crop_for(schedule, epoch):

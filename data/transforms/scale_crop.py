@@ -3,7 +3,7 @@
 Where each step runs (the one place this is stated):
 
   step (the recipe's order)                      where                          how
-  1. shorter side S from utils.scales(cfg)   producer CPU (this module)     drawn per image
+  1. shorter side S from settings.scales     producer CPU (this module)     drawn per image
   2. resize so the shorter side is S         producer CPU                   only the crop window is resampled
   3. random crop_size x crop_size crop       producer CPU                   window chosen in source coordinates
   5. horizontal flip, p = 0.5                producer CPU                   on the uint8 crop
@@ -47,6 +47,7 @@ import struct
 
 import numpy as np
 
+from data.random_streams import SCALE_CROP_PERSON
 from data.transforms import images
 from data.transforms.jpeg_window import (DECODE_ERRORS, filter_margin, cv2, dct_factor, draft_resample, flip_lr,
                                          get_turbojpeg, open_plain_jpeg, resample_fast, resample_window)
@@ -61,7 +62,6 @@ class Draws:
     alpha: tuple        # 3 lighting coefficients ~ N(0, pca_std^2)
 
 
-_DRAW_PERSON = b"seed001-draws"  # domain separation: no other stream hashes the same key
 
 
 def image_draws(seed, epoch, position, scales, pca_std):
@@ -74,7 +74,7 @@ def image_draws(seed, epoch, position, scales, pca_std):
     is shared between images, so no worker repeats another's draws.
     """
     key = struct.pack("<3q", int(seed), int(epoch), int(position))
-    words = struct.unpack("<8Q", hashlib.blake2b(key, digest_size=64, person=_DRAW_PERSON).digest())
+    words = struct.unpack("<8Q", hashlib.blake2b(key, digest_size=64, person=SCALE_CROP_PERSON).digest())
     u = [(w >> 11) * 2.0 ** -53 for w in words]  # uniform in [0, 1)
     normals = []
     for k in (4, 6):

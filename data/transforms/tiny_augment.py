@@ -24,9 +24,9 @@ Geometry conventions (those of imgaug/skimage): pixel centres at integer coordin
 down; the affine transform acts about the image centre ((w-1)/2, (h-1)/2) and a positive angle turns
 the image clockwise on screen (+x towards +y).
 
-Random draws: every choice for the image at `position` of epoch `epoch` comes from
-np.random.default_rng([seed, epoch, position, TINY_STREAM]) in a fixed order, so batches are
-byte-identical whatever the number of workers (the same contract as data/transforms/scale_crop.py).
+Random draws: every choice for the image at `position` of epoch `epoch` comes from its own stream (TINY in
+data/random_streams.py, keyed by (seed, epoch, position)) in a fixed order, so batches are byte-identical
+whatever the number of workers (the same contract as data/transforms/scale_crop.py).
 """
 import dataclasses
 import math
@@ -34,9 +34,9 @@ import math
 import numpy as np
 from PIL import Image
 
+from data.random_streams import TINY_STREAM, keyed_rng
 from data.transforms import images
 
-TINY_STREAM = 2  # keeps these draws apart from data/transforms/scale_crop.py's stream for the same (seed, epoch, position)
 PAD_MODES = ("constant", "edge", "linear_ramp", "maximum", "mean", "median", "minimum", "reflect", "symmetric",
              "wrap")
 AFFINE_MODES = ("constant", "edge", "symmetric", "reflect", "wrap")
@@ -76,8 +76,8 @@ class TinyAugmentConfig:
                              f"received {self.crop_pad_min}")
 
     @classmethod
-    def from_config_section(cls, section):
-        return cls(**dict(vars(section)))
+    def from_settings_section(cls, section):
+        return cls(**dataclasses.asdict(section))
 
 
 # ----------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def coarse_dropout(img, keep_cells):
 # ----------------------------------------------------------------------------
 
 def image_rng(seed, epoch, position):
-    return np.random.default_rng([int(seed), int(epoch), int(position), TINY_STREAM])
+    return keyed_rng(seed, epoch, position, TINY_STREAM)
 
 
 def _apply(step, img, rng, c):
