@@ -56,7 +56,9 @@ def test_real_run_saves_complete_epochs_and_logs(reference_run):
     assert losses[-1] < losses[0], losses
     for r in rows:
         assert float(r["lr"]) == pytest.approx(0.005)
-        assert 0 <= float(r["wait_fraction"]) <= 1 and float(r["images_per_sec"]) > 0
+        wall, wait = float(r["wall_seconds"]), float(r["wait_seconds"])
+        assert 0 <= wait < wall and float(r["wait_fraction"]) == pytest.approx(wait / wall, rel=1e-3, abs=1e-4)
+        assert float(r["images_per_sec"]) == pytest.approx(STEPS * BATCH / wall, rel=1e-3)
 
     lines = open(os.path.join(run, "batches.log")).read().split("\n")[:-1]
     assert lines == [f"{e} {b}" for e in range(EPOCHS) for b in range(STEPS)]
