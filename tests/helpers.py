@@ -213,16 +213,18 @@ def producer_workers(folder):
     return (protocol.producer_status(folder)[1] or {}).get("workers", 0)
 
 
-def read_in_sizing_cycles(reader, stop, check, folder, cycles, num_batches=10):
+def read_in_sizing_cycles(reader, stop, check, folder, cycles=None, num_batches=10, until=None):
     """Read positions [0, stop) in order (check(epoch, batch, Batch) each, then report): greedily until
     the producer runs more than one worker (an add), then not at all until it is back at one (a retire),
-    `cycles` times, then to the end. Returns the number of adds seen while reading."""
+    `cycles` times (or, given `until`, until until() is true), then to the end. Returns the number of adds
+    seen while cycling."""
     adds = 0
     for lin in range(stop):
         epoch, b = divmod(lin, num_batches)
         check(epoch, b, reader.read(epoch, b))
         reader.report_progress(epoch, b + 1)
-        if adds < cycles and producer_workers(folder) > 1:
+        cycling = not until() if until is not None else adds < cycles
+        if cycling and producer_workers(folder) > 1:
             adds += 1
             assert wait_until(lambda: producer_workers(folder) == 1, timeout=60), "no worker was retired"
     return adds
