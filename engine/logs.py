@@ -5,7 +5,9 @@
   (a rerun with --overwrite, or epochs trained after the checkpoint we resumed from).
   `steps` is the global step count at the end of the epoch; `lr` the rate of the
   epoch's last step; `wait_seconds` the time the training loop stood still waiting
-  for the next batch, `wait_fraction` that over `wall_seconds`.
+  for the next batch, `wait_fraction` that over `wall_seconds`; `skipped_steps` the steps of the
+  epoch skipped for a non-finite loss or gradient (engine/numerics.py), `loss_scale` the float16
+  dynamic loss scale at the epoch's end (empty in other precisions).
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
 - <run>/tensorboard/: scalars every [train] log_every steps and per epoch; with [train]
@@ -26,7 +28,7 @@ CSV_NAME = "log.csv"
 BATCH_LOG_NAME = "batches.log"
 TENSORBOARD_DIR = "tensorboard"
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
-              "wait_fraction", "wall_seconds")
+              "wait_fraction", "wall_seconds", "skipped_steps", "loss_scale")
 WAIT_WARN_FRACTION = 0.05
 
 
