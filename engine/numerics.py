@@ -41,30 +41,36 @@ class SkipTracker:
     def __init__(self, limit):
         self.limit = limit
         self.in_a_row, self.since, self.last_finite_loss, self.epoch_skipped = 0, None, None, 0
+        self.skipped_steps = []  # global step of every skipped step, in order (tests compare workers with it)
+        self.tripped = None
 
     def start_epoch(self):
         self.epoch_skipped = 0
 
     def record(self, first_step, losses, skipped):
-        """Steps first_step, first_step + 1, ... with their mean losses and skipped flags."""
+        """Steps first_step, first_step + 1, ... with their losses and skipped flags."""
         for i, (loss, skip) in enumerate(zip(losses, skipped)):
             if skip:
                 self.since = first_step + i if self.in_a_row == 0 else self.since
                 self.in_a_row += 1
                 self.epoch_skipped += 1
+                self.skipped_steps.append(first_step + i)
+                if self.in_a_row >= self.limit and self.tripped is None:
+                    self.tripped = (self.in_a_row, self.since, self.last_finite_loss)
             else:
                 self.in_a_row, self.last_finite_loss = 0, float(loss)
 
     def check(self, resume_epoch):
         """Raise the stop sentence once `limit` steps in a row were skipped."""
-        if self.in_a_row >= self.limit:
-            raise UserError(self.sentence(f"{self.in_a_row} steps in a row were skipped since global step "
-                                          f"{self.since} because their loss or gradients were not finite "
-                                          f"([train] max_skipped_steps = {self.limit})", resume_epoch))
+        if self.tripped:
+            count, since, last = self.tripped
+            raise UserError(self.sentence(f"{count} steps in a row were skipped since global step {since} "
+                                          f"because their loss or gradients were not finite "
+                                          f"([train] max_skipped_steps = {self.limit})", resume_epoch, last))
 
-    def sentence(self, what, resume_epoch):
-        last = "no finite loss yet" if self.last_finite_loss is None else \
-            f"the last finite loss was {self.last_finite_loss:.4g}"
+    def sentence(self, what, resume_epoch, last_finite_loss=None):
+        loss = self.last_finite_loss if last_finite_loss is None and self.tripped is None else last_finite_loss
+        last = "no finite loss yet" if loss is None else f"the last finite loss was {loss:.4g}"
         resume = (f"resume from epoch folder {resume_epoch} (--epoch_start={resume_epoch + 1})"
                   if resume_epoch is not None else "start again")
         return (f"{what}; {last}: lower the learning rate, set [train] mixed_precision = none, or {resume}.")
