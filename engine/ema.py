@@ -56,11 +56,12 @@ class WeightEMA:
         for v, s in self.weight_pairs:
             s.assign(s * decay + tf.convert_to_tensor(v) * (1.0 - decay))
 
-    def update_statistics(self, step, values):
-        """The EMA step of the moving statistics towards `values` (this replica's, in replica context)."""
+    def update_statistics(self, step, values, finite=True):
+        """The EMA step of the moving statistics towards `values` (this replica's, in replica context);
+        with `finite` False (a boolean tensor: the trainer's decision) nothing changes."""
         decay = self.decay_at(step)
         for (_, s), value in zip(self.statistic_pairs, values):
-            s.assign(s * decay + value * (1.0 - decay))
+            s.assign(tf.where(finite, s * decay + value * (1.0 - decay), s))
 
 
 def from_config(train_section, net, build):

@@ -3,7 +3,11 @@
 One step is one forward pass (the original ran three): logits = net(x, training=True),
 loss = mean softmax cross-entropy from the logits + net.regularization_loss()
 (L2 on conv and dense kernels, which here does reach the gradients), one
-optimizer update, net.train_step += 1. The global step lives in the model
+optimizer update, net.train_step += 1. The update is applied on every replica or on none: the step sums
+the replicas' gradients itself and skips when the sums, the loss or a replica's proposed batch-renorm
+statistics are not finite (engine/numerics.py); a skipped step changes no weight, slot, statistic or EMA
+value and halves the float16 loss scale, but still advances the global step, which counts batches
+consumed: the learning rate, the renorm ramp and epoch boundaries stay tied to the data. The global step lives in the model
 (net.train_step) and drives the batch-renorm ramp and the learning-rate
 schedule; the checkpoint restores it with the weights, moving statistics,
 optimizer slots and loss scale, so a resumed run continues exactly.
@@ -195,9 +199,7 @@ class Trainer:
             for v, value in zip(statistics, kept):
                 v.assign(value)
             if weight_ema is not None:
-                decay = weight_ema.decay_at(net.train_step)
-                for (_, shadow), value in zip(weight_ema.statistic_pairs, kept):
-                    shadow.assign(tf.where(finite, shadow * decay + value * (1.0 - decay), shadow))
+                weight_ema.update_statistics(net.train_step, kept, finite)
 
         @tf.function
         def train_step(images, labels, lighting, lr, *mix):
