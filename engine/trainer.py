@@ -301,8 +301,9 @@ class Trainer:
             prefetch.close()
             bar.close()
         wall = time.perf_counter() - started
-        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / max(totals["images"], 1),
-                "train_top1": totals["hits"] / max(totals["images"], 1), "lr": lr,
+        applied = totals["images"] or float("nan")  # every step skipped: no loss to show, not a loss of 0
+        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / applied,
+                "train_top1": totals["hits"] / applied, "lr": lr,
                 "images_per_sec": totals["all_images"] / wall, "wait_seconds": totals["wait"],
                 "wait_fraction": totals["wait"] / wall, "wall_seconds": wall,
                 "skipped_steps": self.skips.epoch_skipped,
