@@ -107,15 +107,17 @@ def epoch_step(run_path, epoch):
 
 
 def write_tensorboard(run_path, result):
-    """Validation top-1/top-5 (fractions, as the trainer's epoch/train_top1) at the epoch's global step,
+    """Validation top-1/top-5 (fractions, as the trainer's epoch/train_top1) at the epoch's global step
+    (tags val_top1_<protocol>view, with _ema appended for the EMA weights),
     so one `tensorboard --logdir <run>/tensorboard` shows training and validation curves together."""
     from engine import logs
     step = epoch_step(run_path, result.epoch)
+    suffix = "" if result.weights == "raw" else f"_{result.weights}"  # the EMA's curve beside the raw one, not on it
     board = logs.TensorBoard(run_path, subdir=VALIDATION_TB)
     try:
         board.scalars(result.epoch if step is None else step,
-                      {f"val_top1_{result.protocol}view": result.top1 / 100.0,
-                       f"val_top5_{result.protocol}view": result.top5 / 100.0}, "epoch/")
+                      {f"val_top1_{result.protocol}view{suffix}": result.top1 / 100.0,
+                       f"val_top5_{result.protocol}view{suffix}": result.top5 / 100.0}, "epoch/")
     finally:
         board.close()
 

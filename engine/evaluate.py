@@ -59,5 +59,3 @@ def check_accuracy(settings, run, epoch_start, epoch_end, views=10, timeout=None
         results.append(result)
     say(f"Results: {csv_path}  Plot: {png_path}")
     return results
-
-

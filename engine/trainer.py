@@ -3,7 +3,11 @@
 One step is one forward pass (the original ran three): logits = net(x, training=True),
 loss = mean softmax cross-entropy from the logits + net.regularization_loss()
 (L2 on conv and dense kernels, which here does reach the gradients), one
-optimizer update, net.train_step += 1. The global step lives in the model
+optimizer update, net.train_step += 1. The update is applied on every replica or on none: the step sums
+the replicas' gradients itself and skips when the sums, the loss or a replica's proposed batch-renorm
+statistics are not finite (engine/numerics.py); a skipped step changes no weight, slot, statistic or EMA
+value and halves the float16 loss scale, but still advances the global step, which counts batches
+consumed: the learning rate, the renorm ramp and epoch boundaries stay tied to the data. The global step lives in the model
 (net.train_step) and drives the batch-renorm ramp and the learning-rate
 schedule; the checkpoint restores it with the weights, moving statistics,
 optimizer slots and loss scale, so a resumed run continues exactly.
@@ -51,12 +55,14 @@ class Trainer:
     """Builds the strategy, model, optimizer and checkpoint; trains epochs; saves epoch folders."""
 
     def __init__(self, settings, reader, run_path, batch_size, learning_rate=None, epoch_end=None,
-                 overwrite=False, command=""):
+                 overwrite=False, command="", inject=None):
         """`settings`: resolved with devices=True and with_classes() (settings/__init__.py), so every auto and
-        every cross-key check was settled before TensorFlow loaded."""
+        every cross-key check was settled before TensorFlow loaded. `inject`: an engine.numerics.Injection
+        (tests only); None builds none of its ops into the step."""
         if "auto" in (settings.train.mixed_precision, settings.train.distribute) or not settings.model.num_classes:
             raise ValueError("Trainer needs settings resolved with devices=True and with_classes()")
         import tensorflow as tf
+        from engine.numerics import SkipTracker
         self.tf = tf
         self.settings, self.reader, self.run_path = settings, reader, run_path
         train = settings.train
@@ -91,6 +97,9 @@ class Trainer:
                                                   **({"ema": self.ema.net} if self.ema else {}))
         self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(train), kwargs["num_classes"],
                                           train.seed)
+        self.inject = inject
+        self.traces = {"train_step": 0, "forward_backward": 0}  # Python counters, incremented while tracing
+        self.skips = SkipTracker(train.max_skipped_steps)
         self._train_step = self._make_train_step()
         # One replica: the batch goes straight to its device. Several: the global batch stays on the host and
         # each replica's rows are copied to it inside the step (engine/distribute.py split_batch).
@@ -121,23 +130,36 @@ class Trainer:
         return opt
 
     def _make_train_step(self):
+        """The compiled step. Reading order: forward_backward (one replica's loss and gradients, with its
+        batch-renorm updates only proposed), replica_step (the injection hook, the statistics' own
+        finiteness), then in train_step: sum over replicas, decide, apply or skip everywhere."""
         tf, net, opt, strategy = self.tf, self.net, self.optimizer, self.strategy
+        from model.batch_renorm import deferred_statistics, proposed_statistics
         from model.preprocessing import to_model_input
         from model import COMPUTE_DTYPE_OF_POLICY
+        from engine.numerics import all_finite, grow_or_halve
         compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.settings.train.mixed_precision])
         mu, sigma = self.mu, self.sigma
         global_batch, replicas, per_replica = self.batch_size, self.replicas, self.per_replica
         loss_scaling = self.loss_scaling
-        recipe, weight_ema = self.recipe, self.ema
+        recipe, weight_ema, inject = self.recipe, self.ema, self.inject
+        inner = opt.inner_optimizer if loss_scaling else opt  # the SGD/RMSprop that owns the slots
+        variables, statistics = net.trainable_variables, net.statistics()
+        trainer = self
 
         def forward_backward(images, labels, lighting, *mix):  # mix: engine.mixing draws, when mixing is on
-            with tf.GradientTape() as tape:
+            trainer.traces["forward_backward"] += 1  # Python: runs once per trace (per XLA compile with jit)
+            with tf.GradientTape() as tape, deferred_statistics() as proposed:
                 if recipe.active:  # label smoothing and/or mixup/cutmix (engine/mixing.py)
                     x = recipe.model_input(to_model_input, images, lighting, mu, sigma, compute_dtype, *mix)
-                    logits = net(x, training=True)
+                else:
+                    x = to_model_input(images, lighting, mu, sigma, dtype=compute_dtype)
+                if inject is not None:
+                    x = inject.forward(x, net.train_step)
+                logits = net(x, training=True)
+                if recipe.active:
                     per_example = recipe.per_example_loss(labels, tf.cast(logits, tf.float32), *mix)
                 else:
-                    logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)
                     per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
                         labels=labels, logits=tf.cast(logits, tf.float32))
                 cross_entropy = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
@@ -145,31 +167,64 @@ class Trainer:
                 # Gradients are summed over replicas, so each contributes 1/replicas of the L2 term.
                 loss = cross_entropy + l2 / replicas
                 target = opt.scale_loss(loss) if loss_scaling else loss
-            grads = tape.gradient(target, net.trainable_variables)
+            grads = tape.gradient(target, variables)
             hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
                                          tf.float32))
-            return grads, cross_entropy, l2, hits
+            return grads, cross_entropy, l2, hits, proposed_statistics(proposed, statistics)
 
         if self.settings.train.jit_compile:
             forward_backward = tf.function(forward_backward, jit_compile=True)
 
         def replica_step(images, labels, lighting, *mix):
-            grads, cross_entropy, l2, hits = forward_backward(images, labels, lighting, *mix)
-            opt.apply_gradients(zip(grads, net.trainable_variables))
-            return cross_entropy, l2, hits
+            grads, cross_entropy, l2, hits, new_statistics = forward_backward(images, labels, lighting, *mix)
+            if inject is not None:
+                grads = inject.gradients(grads, net.train_step)
+            # A forward overflow can reach this replica's statistics and not its loss: it counts too.
+            bad_statistics = 1.0 - tf.cast(all_finite(new_statistics), tf.float32)
+            return grads, tf.stack([cross_entropy, l2, hits, bad_statistics]), new_statistics
+
+        def apply_update(summed, lr):
+            # Keras' apply() would all-reduce the gradients again (and, with LossScaleOptimizer, decide
+            # from replica 0's unsummed ones): the summed gradients go to each variable's update_step.
+            scale = opt.dynamic_scale if loss_scaling else None
+            for grad, var in zip(summed, variables):
+                strategy.extended.update(
+                    var, lambda v, g: inner.update_step(g / scale if loss_scaling else g, v, lr),
+                    args=(grad,), group=False)
+            inner.iterations.assign_add(1)
+            if weight_ema is not None:
+                weight_ema.update_weights(net.train_step)
+
+        def commit_statistics(finite, new_statistics):  # replica context: this replica's own copies
+            kept = [tf.where(finite, new, v) for v, new in zip(statistics, new_statistics)]
+            for v, value in zip(statistics, kept):
+                v.assign(value)
+            if weight_ema is not None:
+                weight_ema.update_statistics(net.train_step, kept, finite)
 
         @tf.function
         def train_step(images, labels, lighting, lr, *mix):
+            trainer.traces["train_step"] += 1
             opt.learning_rate.assign(lr)
             parts = split_batch(strategy, (images, labels, lighting), per_replica)
-            cross_entropy, l2, hits = strategy.run(replica_step, args=tuple(parts) + mix)
-            if weight_ema is not None:
-                weight_ema.update(net.train_step)
-            net.train_step.assign_add(1)
-            total = tf.distribute.ReduceOp.SUM
-            return (strategy.reduce(total, cross_entropy, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.MEAN, l2, axis=None),
-                    strategy.reduce(total, hits, axis=None))
+            grads, scalars, new_statistics = strategy.run(replica_step, args=tuple(parts) + mix)
+            # One all-reduce of the gradients (identical result on every replica and worker), one of the scalars.
+            summed = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(grads, variables)))
+            cross_entropy, l2_sum, hits, bad_statistics = tf.unstack(
+                strategy.reduce(tf.distribute.ReduceOp.SUM, scalars, axis=None))
+            local = [strategy.experimental_local_results(g)[0] for g in summed]
+            finite = tf.logical_and(all_finite(local + [cross_entropy, l2_sum]), tf.equal(bad_statistics, 0.0))
+            if inject is not None:
+                finite = inject.decide(finite, net.train_step)
+            # No collective in either branch: a worker can never wait for one that another skipped.
+            tf.cond(finite, lambda: apply_update(summed, lr), lambda: None)
+            if loss_scaling:
+                grow_or_halve(opt, finite)
+            strategy.run(commit_statistics, args=(finite, new_statistics))
+            net.train_step.assign_add(1)  # skipped or not: see the module docstring
+            loss_scale = opt.dynamic_scale.value if loss_scaling else tf.constant(0.0)
+            return (cross_entropy, l2_sum / replicas, hits, 1.0 - tf.cast(finite, tf.float32),
+                    tf.convert_to_tensor(loss_scale))
 
         return train_step
 
@@ -225,7 +280,9 @@ class Trainer:
         log_every = self.settings.train.log_every
         step = self.global_step()
         window = _Window()
-        totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
+        totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0, "loss_scale": None, "all_images": 0}
+        self.skips.start_epoch()
+        traces = self.traces["train_step"]
         bar = logs.progress_bar(epoch, num_batches, enabled=self.chief)
         prefetch = batch_prefetcher(reader, epoch, num_batches, place=self.to_device)
         started = time.perf_counter()
@@ -238,6 +295,11 @@ class Trainer:
                 outputs = self._train_step(batch.images, batch.labels, batch.lighting, tf.constant(lr, tf.float32),
                                            *self.recipe.step_args(epoch, b, batch.images.shape))
                 step += 1
+                if self.traces["train_step"] != traces:  # a new crop size (or the first step): one more compile
+                    traces = self.traces["train_step"]
+                    log.info("compiled the training step for crop %d (%d compile(s) so far%s)",
+                             batch.images.shape[1], traces,
+                             f", XLA: {self.traces['forward_backward']}" if self.settings.train.jit_compile else "")
                 self.batch_log.write(epoch, b)
                 reader.report_progress(epoch, b + 1)
                 window.add(outputs, self.batch_size, waited)  # global: outputs are reduced over all workers
@@ -248,10 +310,13 @@ class Trainer:
             prefetch.close()
             bar.close()
         wall = time.perf_counter() - started
-        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / max(totals["images"], 1),
-                "train_top1": totals["hits"] / max(totals["images"], 1), "lr": lr,
-                "images_per_sec": totals["images"] / wall, "wait_seconds": totals["wait"],
-                "wait_fraction": totals["wait"] / wall, "wall_seconds": wall}
+        applied = totals["images"] or float("nan")  # every step skipped: no loss to show, not a loss of 0
+        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / applied,
+                "train_top1": totals["hits"] / applied, "lr": lr,
+                "images_per_sec": totals["all_images"] / wall, "wait_seconds": totals["wait"],
+                "wait_fraction": totals["wait"] / wall, "wall_seconds": wall,
+                "skipped_steps": self.skips.epoch_skipped,
+                "loss_scale": totals["loss_scale"] if self.loss_scaling else ""}
 
     def to_device(self, batch):
         """The batch's arrays as tensors on the training device; runs on the prefetch thread.
@@ -270,19 +335,26 @@ class Trainer:
     def _flush_window(self, window, totals, bar, step, lr):
         # The only host-device sync in the loop: once per log_every steps.
         values = window.drain()
+        self.skips.record(step - values["steps"], values["step_losses"], values["skipped"])
+        self.skips.check(self.last_saved_epoch())
+        totals["loss_scale"] = values["loss_scale"]
         totals["loss"] += values["loss_sum"]
         totals["hits"] += values["hits"]
         totals["images"] += values["images"]
+        totals["all_images"] += values["all_images"]
         totals["wait"] += values["wait"]
-        loss, top1 = values["loss_sum"] / values["images"], values["hits"] / values["images"]
-        img_s = values["images"] / values["seconds"]
+        # Skipped steps' loss and hits are left out: one overflow must not turn the epoch's loss into inf.
+        loss, top1 = values["loss_sum"] / max(values["images"], 1), values["hits"] / max(values["images"], 1)
+        img_s = values["all_images"] / values["seconds"]
         wait = values["wait"] / values["seconds"]
         bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
                         wait=f"{100 * wait:.0f}%", refresh=False)
         rmax, dmax = self._renorm_limits()
         self.tensorboard.scalars(step, {"loss": loss, "l2_loss": values["l2"], "top1": top1, "learning_rate": lr,
                                         "rmax": rmax, "dmax": dmax, "images_per_sec": img_s,
-                                        "buffer_wait_fraction": wait}, "train/")
+                                        "buffer_wait_fraction": wait, "skipped_steps": int(sum(values["skipped"])),
+                                        "loss_scale": values["loss_scale"] if self.loss_scaling else None},
+                                "train/")
 
     def _renorm_limits(self):
         renorm = getattr(self.net, "renorm", None)
@@ -298,23 +370,43 @@ class Trainer:
         summary["bottleneck"], advice = logs.bottleneck(summary["wait_fraction"], producer)
         logs.write_epoch_row(self.run_path, summary)
         self.tensorboard.scalars(summary["steps"], {k: summary[k] for k in (
-            "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction")}, "epoch/")
+            "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction", "skipped_steps")},
+            "epoch/")
+        if self.loss_scaling:
+            self.tensorboard.scalars(summary["steps"], {"loss_scale": summary["loss_scale"]}, "epoch/")
         if producer and "workers" in producer:
             self.tensorboard.scalars(summary["steps"], {"producer_workers": producer["workers"],
                                                         "producer_build_rate": producer.get("build_rate")}, "epoch/")
         self.tensorboard.flush()
-        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, %s",
-                 epoch, summary["train_loss"], summary["train_top1"], summary["lr"], summary["images_per_sec"],
-                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"],
-                 summary["bottleneck"])
+        scale = f", loss scale {summary['loss_scale']:g}" if self.loss_scaling else ""
+        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, "
+                 "skipped %d step(s)%s, %s", epoch, summary["train_loss"], summary["train_top1"], summary["lr"],
+                 summary["images_per_sec"], summary["wait_seconds"], 100 * summary["wait_fraction"],
+                 summary["wall_seconds"], summary["skipped_steps"], scale, summary["bottleneck"])
         if advice:
             log.warning(advice)
 
     # ------------------------------------------------------------------- save
 
+    def last_saved_epoch(self):
+        done = run_folder.complete_epochs(self.run_path)
+        return done[-1] if done else None
+
+    def check_finite(self, epoch):
+        """Refuse to save an epoch with a NaN or infinite variable (the skip rule should make this unreachable)."""
+        from engine.numerics import non_finite_variables
+        everything = list(self.net.variables) + list(self.optimizer.variables) + \
+            (list(self.ema.net.variables) if self.ema else [])
+        bad = non_finite_variables(everything)
+        if bad:
+            raise UserError(self.skips.sentence(
+                f"epoch {epoch} was not saved: {len(bad)} of {len(everything)} variables are not finite "
+                f"(first {bad[0]})", self.last_saved_epoch()))
+
     def save(self, epoch):
         from model import export_saved_model
         from utils.files import atomic_write_text
+        self.check_finite(epoch)
         self.epoch_var.assign(epoch)
 
         def write_parts(folder):
@@ -383,11 +475,14 @@ class _Window:
         self.wait += waited
 
     def drain(self):
-        # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count.
+        # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count, skipped (1/0), scale.
         values = np.array([[float(t) for t in o] for o in self.outputs], dtype=np.float64)
         sizes = np.array(self.sizes, dtype=np.float64)
-        result = {"loss_sum": float((values[:, 0] * sizes).sum()), "l2": float(values[-1, 1]),
-                  "hits": float(values[:, 2].sum()), "images": int(sizes.sum()), "wait": self.wait,
-                  "seconds": max(time.perf_counter() - self.started, 1e-9)}
+        applied = values[:, 3] == 0
+        result = {"loss_sum": float((values[applied, 0] * sizes[applied]).sum()), "l2": float(values[-1, 1]),
+                  "hits": float(values[applied, 2].sum()), "images": int(sizes[applied].sum()), "wait": self.wait,
+                  "seconds": max(time.perf_counter() - self.started, 1e-9), "steps": len(values),
+                  "step_losses": values[:, 0] + values[:, 1], "skipped": values[:, 3].astype(bool),
+                  "loss_scale": float(values[-1, 4]), "all_images": int(sizes.sum())}
         self.__init__()
         return result

@@ -62,6 +62,20 @@ def stop_process(proc, sig=signal.SIGINT, timeout=20):
             proc.wait()
 
 
+def free_ports(n):
+    """n TCP ports free on the loopback interface now (for TF_CONFIG clusters of local workers)."""
+    import socket
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def wait_until(predicate, timeout=20.0, poll=0.02):
     """True as soon as predicate() is, False if it is not within `timeout` seconds."""
     end = time.monotonic() + timeout

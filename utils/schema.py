@@ -71,6 +71,10 @@ SCHEMA = {
         "mix_prob": Key("float", 1.0, lo=0.0, hi=1.0, help="probability that a batch is mixed at all (timm prob)"),
         "switch_prob": Key("float", 0.5, lo=0.0, hi=1.0,
                            help="with both alphas > 0: probability of cutmix instead of mixup (timm switch_prob)"),
+        "max_skipped_steps": Key("int", 50, lo=1,
+                                 help="stop after this many steps in a row were skipped for a non-finite loss or "
+                                      "gradient (a healthy float16 run skips at most ~15 in a row, while its "
+                                      "loss scale falls from 2^15 to 1)"),
         "profile_steps": Key("ints", (), lo=0, help="first, last global step (inclusive, from 0) of a TensorBoard "
                                                     "profiler trace written to <run>/tensorboard/; empty = none"),
     },
