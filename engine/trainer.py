@@ -82,7 +82,10 @@ class Trainer:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.mu, self.sigma = settings.mu, settings.sigma
         self.steps_per_epoch = reader.batches_per_epoch
-        self.schedule = schedules.from_config(settings.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
+        self.accumulation = train.accumulation_steps
+        self.effective_batch = schedules.effective_batch(batch_size, self.accumulation)
+        self.schedule = schedules.from_config(settings.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate,
+                                              self.effective_batch)
         from model import build_model, model_kwargs
         from engine import ema, mixing
         kwargs = model_kwargs(settings)
@@ -156,8 +159,10 @@ class Trainer:
 
     def train(self, epoch_start, epoch_end):
         train = dataclasses.asdict(self.settings.train)
-        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, %s",
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), effective batch %d "
+                 "(%d accumulated), schedule %s, %s",
                  epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
+                 self.effective_batch, self.accumulation,
                  self.schedule.describe(), recipe_line.features(train, self.precision_reason))
         for line in recipe_line.warnings(train, dataclasses.asdict(self.settings.schedule), self.learning_rate,
                                          gpu=bool(self.tf.config.list_physical_devices("GPU"))):
@@ -353,7 +358,8 @@ class Trainer:
         header = [f"# epoch {epoch} of run {self.run_path}, global step {self.global_step()}",
                   f"# git {git_hash()}", f"# command: {self.command}",
                   f"# schedule: {self.schedule.describe()}",
-                  f"# {self.replicas} replica(s), global batch {self.batch_size}",
+                  f"# {self.replicas} replica(s), global batch {self.batch_size}, accumulation_steps "
+                  f"{self.accumulation}, effective batch {self.effective_batch}",
                   f"# mixed_precision {self.settings.train.mixed_precision} ({self.precision_reason})",
                   run_identity.CLASSES_COMMENT.format(self.num_classes)]
         return "\n".join(header) + "\n" + self.settings.resolved_text()
