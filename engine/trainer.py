@@ -193,13 +193,19 @@ class Trainer:
         prefetch = batch_prefetcher(reader, epoch, num_batches, place=self.to_device)
         started = time.perf_counter()
         lr = self.schedule(step)
+        k = self.accumulation
+        self._train_step.reset()  # a group interrupted by a kill or an error is redone from its first batch
         try:
             for _ in range(num_batches):
                 (b, batch), waited = prefetch.get()
-                lr = self.schedule(step)
+                # Groups of k batches start at each epoch's first batch; the last may be shorter.
+                last = b % k == k - 1 or b == num_batches - 1
+                if b % k == 0:
+                    lr = self.schedule(step)  # one rate per update: the one at its first batch
                 self.profiler.at_step(step)
                 outputs = self._train_step(batch.images, batch.labels, batch.lighting, tf.constant(lr, tf.float32),
-                                           *self.recipe.step_args(epoch, b, batch.images.shape))
+                                           *self.recipe.step_args(epoch, b, batch.images.shape),
+                                           last=last, count=b % k + 1)
                 step += 1
                 if self.traces["train_step"] != traces:  # a new crop size (or the first step): one more compile
                     traces = self.traces["train_step"]
@@ -208,9 +214,9 @@ class Trainer:
                              f", XLA: {self.traces['forward_backward']}" if self.settings.train.jit_compile else "")
                 self.batch_log.write(epoch, b)
                 reader.report_progress(epoch, b + 1)
-                window.add(outputs, self.batch_size, waited)  # global: outputs are reduced over all workers
+                window.add(outputs, self.batch_size, waited, last)  # global: reduced over all workers
                 bar.update(1)
-                if window.steps >= log_every or b == num_batches - 1:
+                if last and (window.steps >= log_every or b == num_batches - 1):
                     self._flush_window(window, totals, bar, step, lr)
         finally:
             prefetch.close()
@@ -370,21 +376,28 @@ class _Window:
 
     def __init__(self):
         self.outputs, self.sizes, self.wait = [], [], 0.0
+        self.group_ends = []  # index of each accumulation group's last batch (every batch without accumulation)
         self.started = time.perf_counter()
 
     @property
     def steps(self):
         return len(self.outputs)
 
-    def add(self, outputs, images, waited):
+    def add(self, outputs, images, waited, group_end=True):
         self.outputs.append(outputs)
         self.sizes.append(images)
         self.wait += waited
+        if group_end:
+            self.group_ends.append(len(self.outputs) - 1)
 
     def drain(self):
         # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count, skipped (1/0), scale.
         values = np.array([[float(t) for t in o] for o in self.outputs], dtype=np.float64)
         sizes = np.array(self.sizes, dtype=np.float64)
+        start = 0
+        for end in self.group_ends:  # a skipped group skips every batch in it: their losses are left out too
+            values[start:end + 1, 3] = values[end, 3]
+            start = end + 1
         applied = values[:, 3] == 0
         result = {"loss_sum": float((values[applied, 0] * sizes[applied]).sum()), "l2": float(values[-1, 1]),
                   "hits": float(values[applied, 2].sum()), "images": int(sizes[applied].sum()), "wait": self.wait,
