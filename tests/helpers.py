@@ -20,7 +20,6 @@ from settings import load_settings
 from utils.files import atomic_write_text
 from data.buffer import files as buffer_files, protocol
 from data.buffer.builder import BatchBuilder, Recipe
-from data.buffer.reader import Batch
 from data.sources.index import load_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,37 +421,3 @@ def script_pid(launcher_pid, script):
             if any(os.path.basename(a) == script for a in _cmdline(pid)[1:3]):
                 return pid
     return None
-
-
-class FakeReader:
-    """A fixed set of random batches in place of the buffer."""
-
-    def __init__(self, steps=2, batch=8, crop=32, classes=4):
-        rng = np.random.default_rng(11)
-        self.batches = [Batch(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
-                              labels=rng.integers(0, classes, batch).astype(np.int32),
-                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32), epoch=0, batch=b)
-                        for b in range(steps)]
-
-    @property
-    def batches_per_epoch(self):
-        return len(self.batches)
-
-    def read(self, epoch, b):
-        return self.batches[(epoch + b) % len(self.batches)]
-
-    def report_progress(self, epoch, done):
-        pass
-
-
-def make_trainer(tmp_path, run, reader=None, **train):
-    """An in-process Trainer on one device over a FakeReader (2 batches of 8 unless given), [train] overrides."""
-    from engine.trainer import Trainer  # loads TensorFlow: only in the tests that train
-    folder = tmp_path / run
-    folder.mkdir()
-    config = write_train_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
-    run_path = str(folder / "run")
-    os.makedirs(run_path)
-    reader = reader or FakeReader()
-    return Trainer(load_settings(config).with_classes(4, "test"), reader, run_path,
-                   batch_size=reader.batches[0].images.shape[0])

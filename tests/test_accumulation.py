@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import run_folder
-from tests.helpers import FakeReader, make_trainer
+from tests.fake_trainer import FakeReader, make_trainer
 
 K = 2
 

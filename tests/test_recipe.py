@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from engine import ema, mixing
-from tests.helpers import make_trainer, stop_process, write_train_config
+from tests.fake_trainer import make_trainer
+from tests.helpers import stop_process, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
