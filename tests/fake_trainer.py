@@ -30,7 +30,7 @@ class FakeReader:
         pass
 
 
-def make_trainer(tmp_path, run, reader=None, **train):
+def make_trainer(tmp_path, run, reader=None, inject=None, **train):
     """An in-process Trainer on one device over a FakeReader (2 batches of 8 unless given), [train] overrides."""
     from engine.trainer import Trainer  # loads TensorFlow: only in the tests that train
     folder = tmp_path / run
@@ -40,4 +40,4 @@ def make_trainer(tmp_path, run, reader=None, **train):
     os.makedirs(run_path)
     reader = reader or FakeReader()
     return Trainer(load_settings(config).with_classes(4, "test"), reader, run_path,
-                   batch_size=reader.batches[0].images.shape[0])
+                   batch_size=reader.batches[0].images.shape[0], inject=inject)

@@ -100,3 +100,20 @@ def test_a_run_killed_between_micro_batches_resumes_bit_identically(tmp_path):
     killed.train_epoch(1)
     for a, b in zip(everything(whole), everything(killed)):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_group_and_equals_the_twin_that_skips_it_by_construction(tmp_path):
+    """4 batches, k = 2: +inf in the gradient of batch 2 (the first of group [2, 3]) leaves every variable
+    finite, applies only group [0, 1], counts both batches of the group as skipped, and equals bit for bit the
+    twin whose batch 2 is declared non-finite with nothing non-finite in it."""
+    from engine.numerics import Injection
+    runs = {}
+    for name, inject in (("injected", Injection(gradients={2: 0})), ("twin", Injection(skips=(2,)))):
+        trainer = make_trainer(tmp_path, name, reader=FakeReader(steps=4), inject=inject, accumulation_steps=K)
+        runs[name] = (trainer, trainer.train_epoch(0))
+    (injected, summary), (twin, _) = runs["injected"], runs["twin"]
+    assert int(injected.optimizer.iterations.numpy()) == 1 and summary["skipped_steps"] == 2
+    state = lambda t: list(t.net.variables) + list(t.optimizer.variables)  # noqa: E731
+    assert all(np.all(np.isfinite(v.numpy())) for v in state(injected))
+    for a, b in zip(state(injected), state(twin)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
