@@ -62,6 +62,20 @@ def stop_process(proc, sig=signal.SIGINT, timeout=20):
             proc.wait()
 
 
+def free_ports(n):
+    """n TCP ports free on the loopback interface now (for TF_CONFIG clusters of local workers)."""
+    import socket
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def wait_until(predicate, timeout=20.0, poll=0.02):
     """True as soon as predicate() is, False if it is not within `timeout` seconds."""
     end = time.monotonic() + timeout
@@ -258,7 +272,7 @@ def write_train_config(folder, data_root, **sections):
         # them float rounding differences grow to O(1) within a few steps (see test_distribute.py).
         "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
         "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
-        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
+        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0", "reference_batch": "0"},
     }
     return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 

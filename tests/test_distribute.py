@@ -24,12 +24,11 @@ moments) grow to O(1) within three steps, at any learning rate.
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import (PY, ROOT, csv_rows, make_data, read_checkpoint, start_train_producer, train_cmd,
+from tests.helpers import (PY, ROOT, csv_rows, free_ports, make_data, read_checkpoint, start_train_producer, train_cmd,
                            write_train_config)
 
 
@@ -43,18 +42,6 @@ TWO_CPUS = ("import runpy, sys, tensorflow as tf; "
             "cpu = tf.config.list_physical_devices('CPU')[0]; "
             "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2); "
             "sys.argv = sys.argv[1:]; sys.path.insert(0, '.'); runpy.run_path('train.py', run_name='__main__')")
-
-
-def free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

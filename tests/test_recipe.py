@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data.buffer.reader import Batch
 from engine import ema, mixing
+from tests.fake_trainer import make_trainer
 from tests.helpers import stop_process, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,38 +147,6 @@ def test_device_ema_equals_a_numpy_ema_over_the_same_steps():
 # ----------------------------------------------------------------------------
 # The trainer's step
 # ----------------------------------------------------------------------------
-
-class FakeReader:
-    """A fixed set of random batches in place of the buffer."""
-
-    def __init__(self, steps=2, batch=8, crop=32, classes=4):
-        rng = np.random.default_rng(11)
-        self.batches = [Batch(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
-                              labels=rng.integers(0, classes, batch).astype(np.int32),
-                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32), epoch=0, batch=b)
-                        for b in range(steps)]
-
-    @property
-    def batches_per_epoch(self):
-        return len(self.batches)
-
-    def read(self, epoch, b):
-        return self.batches[(epoch + b) % len(self.batches)]
-
-    def report_progress(self, epoch, done):
-        pass
-
-
-def make_trainer(tmp_path, run, **train):
-    from settings import load_settings
-    from engine.trainer import Trainer
-    folder = tmp_path / run
-    folder.mkdir()
-    config = write_train_config(str(folder), str(tmp_path / "unused"), train={k: str(v) for k, v in train.items()})
-    run_path = str(folder / "run")
-    os.makedirs(run_path)
-    return Trainer(load_settings(config).with_classes(4, "test"), FakeReader(), run_path, batch_size=8)
-
 
 def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_path):
     """Today's step written out (sparse cross-entropy + L2, SGD), against the trainer with the new keys at 0."""
