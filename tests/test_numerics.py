@@ -135,13 +135,13 @@ def test_restoring_a_mid_run_checkpoint_of_an_injected_run_changes_nothing(mirro
 
 
 def test_float32_skips_a_non_finite_step_without_a_loss_scale(mirrored):
-    assert mirrored["float32_skipped"] == [1]  # after epoch 0; epoch 1 adds 4, 5, 6 and stops
+    assert mirrored["float32_skipped"] == [1]  # after epoch 0; epoch 1 skips its first three steps and stops
     assert mirrored["float32_non_finite"] == []
 
 
 def test_max_skipped_steps_in_a_row_stop_the_run_with_what_to_try(mirrored):
     message = mirrored["stop_sentence"]
-    assert message.startswith("3 steps in a row were skipped since global step 4 because their loss or "
+    assert message.startswith(f"3 steps in a row were skipped since global step {STEPS} because their loss or "
                               "gradients were not finite ([train] max_skipped_steps = 3); the last finite loss "
                               "was "), message
     assert message.endswith(": lower the learning rate, set [train] mixed_precision = none, or start again."), \
@@ -281,7 +281,7 @@ def mirrored_main(out, tmp):
     result["statistics_after_resume"] = statistics_gap(injected, resumed)
 
     # float32 on one device: a non-finite step is skipped (epoch 0); three in a row stop the run (epoch 1).
-    single = make_trainer(os.path.join(tmp, "float32"), Injection(gradients={1: 0}, forward={4: 0, 5: 0, 6: 0}),
+    single = make_trainer(os.path.join(tmp, "float32"), Injection(gradients={1: 0}, forward={s: 0 for s in range(STEPS, STEPS + 3)}),
                           mixed_precision="none", distribute="one_device", max_skipped_steps=3)
     single.train_epoch(0)
     result.update(float32_skipped=list(single.skips.skipped_steps), float32_non_finite=non_finite(state(single)))
