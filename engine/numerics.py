@@ -84,30 +84,61 @@ class Injection:
     forward: {global step: replica} adds +inf to that replica's network input (every activation after it,
     the batch statistics and the loss go non-finite); skips: global steps whose update is dropped with
     nothing non-finite in them (the twin a run with injections must equal).
+    steps: None bakes the tables into the trace as constants; a number of global steps keeps them in
+    variables instead (create the Injection before the trainer), so `plan()` changes them between runs
+    of one compiled step: the test's run, its twin and its resume then share one trace (each trace of the
+    2-replica step costs seconds).
     """
 
-    def __init__(self, gradients=None, forward=None, skips=()):
+    def __init__(self, gradients=None, forward=None, skips=(), steps=None):
+        self.steps = steps
+        self.variables = None
+        if steps is not None:
+            empty = np.full(steps, -1, np.int64)
+            self.variables = {name: tf.Variable(empty, trainable=False, name=f"inject_{name}")
+                              for name in ("gradients", "forward", "skips")}
+        self.plan(gradients, forward, skips)
+
+    def plan(self, gradients=None, forward=None, skips=()):
+        """Set the tables (once, or between runs when built with `steps`)."""
         self.gradient_at, self.forward_at = dict(gradients or {}), dict(forward or {})
         self.skips = sorted(skips)
+        if self.variables is not None:
+            for name, table in (("gradients", self.gradient_at), ("forward", self.forward_at),
+                                ("skips", {s: 0 for s in self.skips})):
+                dense = np.full(self.steps, -1, np.int64)
+                for step, replica in table.items():
+                    dense[step] = replica
+                self.variables[name].assign(dense)
 
-    @staticmethod
-    def _hit(table, step):
+    def _lookup(self, name, table, step):
+        """(replica hit at `step` or -1) as an int64 scalar tensor; None when a constant table is empty."""
+        if self.variables is not None:
+            inside = tf.logical_and(step >= 0, step < self.steps)
+            value = tf.gather(tf.convert_to_tensor(self.variables[name]), tf.clip_by_value(step, 0, self.steps - 1))
+            return tf.where(inside, value, tf.constant(-1, tf.int64))
         if not table:
-            return tf.constant(False)
-        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+            return None
         steps = tf.constant(sorted(table), tf.int64)
         replicas = tf.constant([table[s] for s in sorted(table)], tf.int64)
-        return tf.reduce_any(tf.logical_and(tf.equal(steps, step), tf.equal(replicas, replica)))
+        return tf.reduce_max(tf.where(tf.equal(steps, step), replicas, tf.constant(-1, tf.int64)))
+
+    def _hit(self, name, table, step):
+        value = self._lookup(name, table, step)
+        if value is None:
+            return tf.constant(False)
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+        return tf.equal(value, replica)
 
     def forward(self, x, step):
-        return x + tf.cast(tf.where(self._hit(self.forward_at, step), np.inf, 0.0), x.dtype)
+        return x + tf.cast(tf.where(self._hit("forward", self.forward_at, step), np.inf, 0.0), x.dtype)
 
     def gradients(self, grads, step):
-        poison = tf.cast(tf.where(self._hit(self.gradient_at, step), np.inf, 0.0), grads[0].dtype)
+        poison = tf.cast(tf.where(self._hit("gradients", self.gradient_at, step), np.inf, 0.0), grads[0].dtype)
         return [grads[0] + poison] + list(grads[1:])
 
     def decide(self, finite, step):
-        if not self.skips:
+        value = self._lookup("skips", {s: 0 for s in self.skips}, step)
+        if value is None:
             return finite
-        return tf.logical_and(finite, tf.logical_not(tf.reduce_any(tf.equal(tf.constant(self.skips, tf.int64),
-                                                                            step))))
+        return tf.logical_and(finite, tf.less(value, 0))

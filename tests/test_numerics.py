@@ -1,11 +1,11 @@
 """Numeric chaos: non-finite values injected into one replica are skipped on every replica, counted, and leave
 no trace.
 
-A small float16 run (crop 32, width 0.125, EMA on) on 2 logical CPU replicas under MirroredStrategy, with
-+inf put at seeded random global steps into the gradients of a randomly chosen replica (each replica at least
-once: Keras' LossScaleOptimizer looked only at replica 0's own gradients, so an overflow on replica 1 alone
-wrote -inf into the weights) and into the network input of one replica (the forward overflow that used to
-poison every batch-renorm moving statistic). Afterwards:
+A small float16 run (the concatenating ResNet with batch renorm, width 0.0625, crop 16, batch 4, EMA on) on 2
+logical CPU replicas under MirroredStrategy, with +inf put at seeded random global steps into the gradients of a
+randomly chosen replica (each replica at least once: Keras' LossScaleOptimizer looked only at replica 0's own
+gradients, so an overflow on replica 1 alone wrote -inf into the weights) and into the network input of one
+replica (the forward overflow that used to poison every batch-renorm moving statistic). Afterwards:
 - every weight, optimizer slot (and the loss scale), per-replica moving statistic and EMA variable is finite;
 - the skipped steps are exactly the injected ones, and log.csv counts them;
 - the run equals bit for bit its twin in which those steps are skipped by construction (the same hook
@@ -18,9 +18,12 @@ collective) and skip the same steps, the injected ones. And float32: a step with
 too (no loss scale), and max_skipped_steps in a row stop the run with the sentence; an epoch with a
 non-finite variable is never saved.
 
-`make test` runs 3 injections over 8 steps; `make chaos` (CHAOS_LONG=1) >= 20 over 36 steps. CHAOS_SEED
-picks the schedule (default 1). The runs happen in subprocesses (logical devices are set before TensorFlow
-initialises), which write a JSON summary.
+Cost: the run, its twin and its resume are one trainer and one compiled step (the injection tables are
+variables; the twin and the resume restart from checkpoints), the network is the smallest in the project
+with batch renorm (15 renorm layers against ResNet-50's 53: tracing the 2-replica step dominates), and the
+mirrored process and the two workers run side by side. `make test` runs 3 injections over 8 steps;
+`make chaos` (CHAOS_LONG=1) >= 20 over 36 steps. CHAOS_SEED picks the schedule (default 1). The runs happen
+in subprocesses (logical devices are set before TensorFlow initialises), which write a JSON summary.
 """
 import json
 import os
@@ -36,7 +39,11 @@ from tests.helpers import PY, ROOT, free_ports, write_train_config
 LONG = os.environ.get("CHAOS_LONG") == "1"
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
 STEPS, EPOCHS, INJECTIONS = (12, 3, 24) if LONG else (4, 2, 3)
-BATCH, CLASSES, CROP = 8, 4, 32
+# Batch 4 (2 rows per replica) at width 0.0625: a float16 step on the CPU costs 0.13 s of CPU time here, 0.8 s at
+# batch 8 and width 0.125 (float16 convolutions have no fast CPU kernels); tracing the step costs ~10 s either way.
+BATCH, CLASSES, CROP = 4, 4, 16
+NETWORK = {"arch": "concat_resnet", "normalization": "batch_renorm", "width_multiplier": "0.0625",
+           "zero_init_last_gamma": "false"}
 
 
 def schedule(total_steps, count, seed, replicas=2):
@@ -72,20 +79,23 @@ def finish(proc, timeout=900):
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("numerics") / "mirrored.json")
-    finish(run_script(out, "mirrored"))
-    return json.load(open(out))
-
-
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    base = tmp_path_factory.mktemp("workers")
+def start_workers(base):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     outs = [str(base / f"worker{i}.json") for i in range(2)]
     procs = [run_script(outs[i], "worker", env={"TF_CONFIG": json.dumps(
         {"cluster": cluster, "task": {"type": "worker", "index": i}})}) for i in range(2)]
+    return procs, outs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The mirrored process and the two workers, started together (each spends most of its time in one
+    thread: importing TensorFlow and tracing the step) and read once for every test below."""
+    base = tmp_path_factory.mktemp("numerics")
+    out = str(base / "mirrored.json")
+    procs = [run_script(out, "mirrored")]
+    workers, outs = start_workers(base)
+    procs += workers
     try:
         for proc in procs:
             finish(proc, timeout=600)
@@ -94,7 +104,17 @@ def workers(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return [json.load(open(o)) for o in outs]
+    return json.load(open(out)), [json.load(open(o)) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def mirrored(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def workers(runs):
+    return runs[1]
 
 
 def injected_steps(plan):
@@ -110,6 +130,7 @@ def test_the_schedule_injects_into_every_replica_and_the_forward_pass():
 def test_after_injections_on_any_replica_every_variable_is_finite(mirrored):
     assert mirrored["non_finite"] == [], mirrored["non_finite"][:5]
     assert mirrored["checked_variables"] > 100  # weights, slots, loss scale, per-replica statistics, EMA
+    assert mirrored["statistics"] >= 4 * 15  # moving mean and std of 15 renorm layers, 2 replicas, net and EMA
 
 
 def test_the_skipped_steps_are_exactly_the_injected_steps_on_every_replica(mirrored):
@@ -122,6 +143,8 @@ def test_the_skipped_steps_are_exactly_the_injected_steps_on_every_replica(mirro
 
 def test_a_run_with_injections_equals_its_twin_that_skips_the_same_steps_by_construction(mirrored):
     assert mirrored["compared"] > 100
+    assert mirrored["twin_skipped"] == mirrored["skipped"]  # the twin's steps are finite: it skips by decision
+    assert mirrored["traces"] == 1  # run, twin and resume share one compiled step: the tables are variables
     assert mirrored["differs_from_twin"] == []
 
 
@@ -131,17 +154,17 @@ def test_restoring_a_mid_run_checkpoint_of_an_injected_run_changes_nothing(mirro
     # SyncOnRead variables), so a resumed run restarts both replicas from it: the mean then follows the same
     # path up to rounding (the update is linear). Measured: 2e-5 relative at most (near-zero means).
     gap, count = mirrored["statistics_after_resume"]
-    assert count > 100 and gap <= 1e-4, gap
+    assert count >= 2 * 15 and gap <= 1e-4, gap
 
 
 def test_float32_skips_a_non_finite_step_without_a_loss_scale(mirrored):
-    assert mirrored["float32_skipped"] == [1]  # after epoch 0; epoch 1 adds 4, 5, 6 and stops
+    assert mirrored["float32_skipped"] == [1]  # after epoch 0; epoch 1 skips its first three steps and stops
     assert mirrored["float32_non_finite"] == []
 
 
 def test_max_skipped_steps_in_a_row_stop_the_run_with_what_to_try(mirrored):
     message = mirrored["stop_sentence"]
-    assert message.startswith("3 steps in a row were skipped since global step 4 because their loss or "
+    assert message.startswith(f"3 steps in a row were skipped since global step {STEPS} because their loss or "
                               "gradients were not finite ([train] max_skipped_steps = 3); the last finite loss "
                               "was "), message
     assert message.endswith(": lower the learning rate, set [train] mixed_precision = none, or start again."), \
@@ -154,7 +177,6 @@ def test_an_epoch_with_a_non_finite_variable_is_not_saved(mirrored):
     assert mirrored["saved_folders"] == []
 
 
-@pytest.mark.slow
 def test_two_workers_on_loopback_skip_the_same_injected_steps_without_hanging(workers):
     plan = schedule(STEPS * EPOCHS, INJECTIONS, SEED)
     assert workers[0]["skipped"] == workers[1]["skipped"] == injected_steps(plan)
@@ -203,8 +225,8 @@ def make_trainer(folder, inject=None, batch=BATCH, rows=slice(None), steps=STEPS
     from settings import load_settings
     values = {"mixed_precision": "mixed_float16", "distribute": "mirrored", "ema_decay": "0.5",
               "ema_warmup": "true", **{k: str(v) for k, v in train.items()}}
-    config = write_train_config(folder, os.path.join(folder, "unused"), train=values,
-                                model={"width_multiplier": "0.125"})
+    config = write_train_config(folder, os.path.join(folder, "unused"), train=values, model=NETWORK,
+                                images={"crop_size": str(CROP)})
     run = os.path.join(folder, "run")
     os.makedirs(run, exist_ok=True)
     return Trainer(load_settings(config).with_classes(CLASSES, "test"), Reader(steps, rows), run, batch,
@@ -233,55 +255,68 @@ def differing(a, b):
     return sorted(k for k in a if not np.array_equal(a[k], b[k]))
 
 
+def statistics(trainer):
+    """The moving statistics (net and EMA), each read as its replicas' mean: what a checkpoint holds of a
+    per-replica variable, and what a resumed run restarts every replica from."""
+    nets = [trainer.net] + ([trainer.ema.net] if trainer.ema else [])
+    return [v.numpy() for net in nets for v in net.statistics()]
+
+
 def statistics_gap(a, b):
-    """The largest relative difference between two trainers' moving statistics (net and EMA), each read as
-    its replicas' mean: what a checkpoint holds of a per-replica variable, and what a resumed run restarts
-    every replica from."""
-    nets = [(a.net, b.net)] + ([(a.ema.net, b.ema.net)] if a.ema else [])
-    gaps = [float(np.max(np.abs(x.numpy() - y.numpy()) / (np.abs(x.numpy()) + 1e-6)))
-            for p, q in nets for x, y in zip(p.statistics(), q.statistics())]
-    return max(gaps), len(gaps)
+    """The largest relative difference between two lists of moving statistics, and how many there are."""
+    return max(float(np.max(np.abs(x - y) / (np.abs(x) + 1e-6))) for x, y in zip(a, b)), len(a)
 
 
 def mirrored_main(out, tmp):
+    import csv
     from engine import run_folder
-    from engine.numerics import Injection
+    from engine.numerics import Injection, SkipTracker
     from utils.errors import UserError
     plan = schedule(STEPS * EPOCHS, INJECTIONS, SEED)
     result = {}
-    injected = make_trainer(os.path.join(tmp, "injected"), Injection(plan["gradients"], plan["forward"]))
-    prefix = run_folder.checkpoint_prefix(os.path.join(tmp, "epoch0"))
-    summaries = []
+    inject = Injection(steps=STEPS * EPOCHS)  # variables: the twin and the resume reuse the compiled step
+    trainer = make_trainer(os.path.join(tmp, "injected"), inject)
+    start, epoch0 = (run_folder.checkpoint_prefix(os.path.join(tmp, name)) for name in ("start", "epoch0"))
+    trainer.checkpoint.write(start)
+    limit = trainer.skips.limit
+
+    def rerun(prefix, first_epoch, **tables):
+        """Restore `prefix`, set the tables, train first_epoch .. EPOCHS - 1 without a log row."""
+        trainer.checkpoint.read(prefix).assert_consumed()
+        inject.plan(**tables)
+        trainer.skips = SkipTracker(limit)
+        for epoch in range(first_epoch, EPOCHS):
+            trainer.train_epoch(epoch)
+        return state(trainer)
+
+    inject.plan(plan["gradients"], plan["forward"])
     for epoch in range(EPOCHS):
-        summaries.append(injected.train_epoch(epoch))
-        injected.finish_epoch(epoch, summaries[-1])
+        summary = trainer.train_epoch(epoch)
+        trainer.finish_epoch(epoch, summary)
         if epoch == 0:
-            injected.epoch_var.assign(0)
-            injected.checkpoint.write(prefix)
-    final = state(injected)
-    result.update(non_finite=non_finite(final), checked_variables=len(final), skipped=injected.skips.skipped_steps,
-                  loss_scale=float(injected.optimizer.dynamic_scale.numpy()))
-    import csv
-    with open(os.path.join(injected.run_path, "log.csv")) as f:
+            trainer.epoch_var.assign(0)
+            trainer.checkpoint.write(epoch0)
+    final, final_statistics = state(trainer), statistics(trainer)
+    result.update(non_finite=non_finite(final), checked_variables=len(final),
+                  statistics=sum("/moving_" in k for k in final), skipped=trainer.skips.skipped_steps,
+                  loss_scale=float(trainer.optimizer.dynamic_scale.numpy()))
+    with open(os.path.join(trainer.run_path, "log.csv")) as f:
         result["csv_skipped"] = [int(r["skipped_steps"]) for r in csv.DictReader(f)]
 
-    twin = make_trainer(os.path.join(tmp, "twin"), Injection(skips=injected_steps(plan)))
-    for epoch in range(EPOCHS):
-        twin.train_epoch(epoch)
-    result.update(compared=len(final), differs_from_twin=differing(final, state(twin)))
+    twin = rerun(start, 0, skips=injected_steps(plan))
+    result.update(compared=len(final), differs_from_twin=differing(final, twin),
+                  twin_skipped=trainer.skips.skipped_steps)
 
-    resumed = make_trainer(os.path.join(tmp, "resumed"), Injection(plan["gradients"], plan["forward"]))
-    resumed.restore(prefix, expected_epoch=0)
-    for epoch in range(1, EPOCHS):
-        resumed.train_epoch(epoch)
-    after_resume = state(resumed)
-    statistics = {k for k in final if "/moving_" in k}
-    result["differs_after_resume"] = differing({k: final[k] for k in final if k not in statistics},
-                                               {k: after_resume[k] for k in final if k not in statistics})
-    result["statistics_after_resume"] = statistics_gap(injected, resumed)
+    after_resume = rerun(epoch0, 1, gradients=plan["gradients"], forward=plan["forward"])
+    moving = {k for k in final if "/moving_" in k}
+    result["differs_after_resume"] = differing({k: final[k] for k in final if k not in moving},
+                                               {k: after_resume[k] for k in final if k not in moving})
+    result["statistics_after_resume"] = statistics_gap(final_statistics, statistics(trainer))
+    result["traces"] = trainer.traces["train_step"]
 
     # float32 on one device: a non-finite step is skipped (epoch 0); three in a row stop the run (epoch 1).
-    single = make_trainer(os.path.join(tmp, "float32"), Injection(gradients={1: 0}, forward={4: 0, 5: 0, 6: 0}),
+    single = make_trainer(os.path.join(tmp, "float32"),
+                          Injection(gradients={1: 0}, forward={s: 0 for s in range(STEPS, STEPS + 3)}),
                           mixed_precision="none", distribute="one_device", max_skipped_steps=3)
     single.train_epoch(0)
     result.update(float32_skipped=list(single.skips.skipped_steps), float32_non_finite=non_finite(state(single)))
