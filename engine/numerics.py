@@ -70,7 +70,7 @@ class SkipTracker:
                                           f"([train] max_skipped_steps = {self.limit})", resume_epoch, last))
 
     def sentence(self, what, resume_epoch, last_finite_loss=None):
-        loss = self.last_finite_loss if last_finite_loss is None and self.tripped is None else last_finite_loss
+        loss = self.last_finite_loss if last_finite_loss is None else last_finite_loss
         last = "no finite loss yet" if loss is None else f"the last finite loss was {loss:.4g}"
         resume = (f"resume from epoch folder {resume_epoch} (--epoch_start={resume_epoch + 1})"
                   if resume_epoch is not None else "start again")

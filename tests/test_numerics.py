@@ -174,6 +174,7 @@ def test_max_skipped_steps_in_a_row_stop_the_run_with_what_to_try(mirrored):
 def test_an_epoch_with_a_non_finite_variable_is_not_saved(mirrored):
     assert mirrored["save_refused"].startswith("epoch 1 was not saved: 1 of ")
     assert "not finite (first " in mirrored["save_refused"] and "lower the learning rate" in mirrored["save_refused"]
+    assert "; the last finite loss was " in mirrored["save_refused"]  # epoch 0 had finite steps
     assert mirrored["saved_folders"] == []
 
 
