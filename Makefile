@@ -24,7 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 chaos: $(STAMP)
-	CHAOS_LONG=1 $(PY) -m pytest -q -s tests/test_chaos.py
+	CHAOS_LONG=1 $(PY) -m pytest -q -s tests/test_chaos.py tests/test_numerics.py
 
 clean:
 	rm -rf demo_data demo_runs

@@ -1,6 +1,7 @@
 """Validation accuracy of a run's saved epochs (top-1 and top-5), waiting for epochs still training.
 
     python check_accuracy.py --run_folder=mytestrun --epoch_start=0 --epoch_end=30 [--views 10|1|50] [--weights ema]
+        [--crop C]
 
 Each image's views (from preprocess_val.py) go through the epoch's SavedModel; the softmax
 probabilities are averaged over the views and ranked. Results print as the seed's
@@ -24,6 +25,10 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="raw", choices=("raw", "ema"),
                    help="raw = <epoch>/saved_model (default); ema = <epoch>/saved_model_ema, the moving average "
                         "of the weights ([train] ema_decay > 0); accuracy.csv keeps the two apart")
+    p.add_argument("--crop", type=int, default=None,
+                   help="side of the views in pixels (default [images] crop_size, as the validation store was built), up to the validation store's "
+                        "eval_resize: evaluating above the training crop is how FFCV and torchvision report "
+                        "their figures (FixRes); accuracy.csv keeps each crop's rows apart")
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after waiting this many seconds for a missing epoch (default: wait forever)")
     p.add_argument("--batch_images", type=int, default=None,
@@ -32,6 +37,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_images is not None and args.batch_images < 1:
         p.error(f"--batch_images must be >= 1, received {args.batch_images}")
+    if args.crop is not None and args.crop < 1:
+        p.error(f"--crop must be >= 1, received {args.crop}")
     if args.timeout is not None and args.timeout < 0:
         p.error(f"--timeout must be >= 0, received {args.timeout}")
     return args
@@ -44,7 +51,7 @@ def main(argv=None):
     settings = load_settings(args.config, stats=False, decoder=False, devices=False)
     from engine.evaluate import check_accuracy  # TensorFlow loads only once arguments and config are checked
     check_accuracy(settings, args.run_folder, args.epoch_start, args.epoch_end, views=args.views,
-                   timeout=args.timeout, batch_images=args.batch_images, weights=args.weights)
+                   timeout=args.timeout, batch_images=args.batch_images, weights=args.weights, crop=args.crop)
     return 0
 
 

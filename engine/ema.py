@@ -11,6 +11,11 @@ as timm's ModelEmaV2 and torchvision's ExponentialMovingAverage do. The copy is 
 (`WeightEMA.net`), so it goes into the checkpoint (key 'ema': a resumed run continues the same
 average) and exports with the same SavedModel signatures (saved_model_ema/). Its own train_step
 stays 0: inference does not read it.
+
+Under tf.distribute the trainer updates the two halves where they live: the weights (mirrored,
+identical on every replica) in cross-replica context after the optimizer step, the moving
+statistics (one copy per replica) in each replica's context from that replica's own committed
+statistics, so a step costs no cross-replica read per statistic. Both only on a finite step.
 """
 import tensorflow as tf
 
@@ -28,6 +33,8 @@ class WeightEMA:
         self.pairs = list(zip(source, target))
         for v, s in self.pairs:
             s.assign(v)
+        trainable = len(net.trainable_variables)
+        self.weight_pairs, self.statistic_pairs = self.pairs[:trainable], self.pairs[trainable:]
 
     def decay_at(self, step):
         """The decay of the update made after global step `step` (float32 scalar tensor)."""
@@ -38,10 +45,23 @@ class WeightEMA:
         return tf.minimum(decay, (1.0 + t) / (10.0 + t))
 
     def update(self, step):
-        """One EMA step; call after the optimizer update, with the global step before it is incremented."""
+        """One EMA step of weights and statistics (one device); call after the optimizer update, with the
+        global step before it is incremented."""
+        self.update_weights(step)
+        self.update_statistics(step, [tf.convert_to_tensor(v) for v, _ in self.statistic_pairs])
+
+    def update_weights(self, step):
+        """The EMA step of the trainable weights (cross-replica context under a strategy)."""
         decay = self.decay_at(step)
-        for v, s in self.pairs:
+        for v, s in self.weight_pairs:
             s.assign(s * decay + tf.convert_to_tensor(v) * (1.0 - decay))
+
+    def update_statistics(self, step, values, finite=True):
+        """The EMA step of the moving statistics towards `values` (this replica's, in replica context);
+        with `finite` False (a boolean tensor: the trainer's decision) nothing changes."""
+        decay = self.decay_at(step)
+        for (_, s), value in zip(self.statistic_pairs, values):
+            s.assign(tf.where(finite, s * decay + value * (1.0 - decay), s))
 
 
 def from_config(train_section, net, build):

@@ -5,7 +5,9 @@
   (a rerun with --overwrite, or epochs trained after the checkpoint we resumed from).
   `steps` is the global step count at the end of the epoch; `lr` the rate of the
   epoch's last step; `wait_seconds` the time the training loop stood still waiting
-  for the next batch, `wait_fraction` that over `wall_seconds`, `bottleneck` what held the
+  for the next batch, `wait_fraction` that over `wall_seconds`; `skipped_steps` the steps of the
+  epoch skipped for a non-finite loss or gradient (engine/numerics.py), `loss_scale` the float16
+  dynamic loss scale at the epoch's end (empty in other precisions); `bottleneck` what held the
   epoch back (bottleneck(): compute-bound, or input-bound at or below the producer's core limit).
 - <run>/batches.log: "epoch batch" for every optimizer step, appended and flushed
   per line, so after a kill it shows exactly which batches were trained on.
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from engine.run_folder import BATCH_LOG as BATCH_LOG_NAME, EPOCH_CSV as CSV_NAME, TENSORBOARD_DIR
 from utils.files import atomic_write_csv, disk_full_error
 CSV_FIELDS = ("epoch", "steps", "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds",
-              "wait_fraction", "wall_seconds", "bottleneck")
+              "wait_fraction", "wall_seconds", "skipped_steps", "loss_scale", "bottleneck")
 WAIT_WARN_FRACTION = 0.05
 
 

@@ -28,15 +28,18 @@ def plot_accuracy(rows, png_path, title="Validation accuracy"):
     fig = Figure(figsize=(7.5, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    crops = {r.get("crop") for r in rows}
+
     def series_of(r):
-        return r.get("weights", "raw") != "raw", int(r["protocol"])  # raw series first
+        return r.get("weights", "raw") != "raw", int(r["protocol"]), r.get("crop") or 0  # raw series first
 
     protocols = sorted({series_of(r) for r in rows})
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
     for colour, series in zip(colours, protocols):
         mine = sorted((r for r in rows if series_of(r) == series), key=lambda r: int(r["epoch"]))
         epochs = [int(r["epoch"]) for r in mine]
-        name = protocol_name(series[1]) + (", EMA" if series[0] else "")
+        name = protocol_name(series[1]) + (", EMA" if series[0] else "") + \
+            (f", {series[2]} px" if len(crops) > 1 else "")  # each crop its own curve
         ax.plot(epochs, [float(r["top5"]) for r in mine], "-o", color=colour, markersize=3, label=f"Top 5, {name}")
         ax.plot(epochs, [float(r["top1"]) for r in mine], "--s", color=colour, markersize=3, label=f"Top 1, {name}")
     ax.set_xlabel("epoch (saved folder number)")

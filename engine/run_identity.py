@@ -26,7 +26,9 @@ IDENTITY = (
     ("model", "arch"), ("model", "width_multiplier"), ("model", "variant"), ("model", "stride_on"),
     ("model", "normalization"), ("model", "num_classes"),
     ("train", "mixed_precision"), ("train", "optimizer"), ("train", "ema_decay"),  # ema_decay: on/off only
-    # ("train", "accumulation_steps"),  # issue 22: its accumulators live in the checkpoint
+    # accumulation_steps: the effective batch the run's rate (reference_batch), loss scale and EMA were set for;
+    # its accumulator is not in the checkpoint (empty at every epoch boundary), but a change is another recipe.
+    ("train", "accumulation_steps"),
 )
 # Settings that do not change what is trained: never compared.
 OPERATIONAL = {

@@ -28,6 +28,11 @@ Schedules ([schedule] type):
   version interpolates to max_lr for any scale and equals it at 0.1.
 - warmup (composes with any of the above): the rate is multiplied by
   start + (1 - start) * step / warmup_steps until warmup_steps.
+
+Rates that follow the batch ([schedule] reference_batch R > 0): base_lr is the rate at a global batch of R
+and every rate of the schedule, warm-up included, is multiplied by effective batch / R (Goyal et al. 2017's
+linear rule), the effective batch being --batch_size x [train] accumulation_steps. `derivation` says how.
+With accumulation the step counts buffer batches; the trainer reads the rate at each update's first batch.
 """
 import math
 
@@ -103,7 +108,8 @@ class Schedule:
     """A resolved schedule: call it with a global step (int or array) for the rate."""
 
     def __init__(self, kind, base_lr, boundaries=(), factors=(), total_steps=0, final_factor=0.0,
-                 end_percentage=0.2, scale_percentage=0.1, warmup_steps=0, warmup_start_factor=0.0):
+                 end_percentage=0.2, scale_percentage=0.1, warmup_steps=0, warmup_start_factor=0.0,
+                 derivation=""):
         if kind not in TYPES:
             raise UserError(f"[schedule] type must be one of {', '.join(TYPES)}, received '{kind}'.")
         self.kind, self.base_lr = kind, float(base_lr)
@@ -111,6 +117,7 @@ class Schedule:
         self.total_steps, self.final_factor = int(total_steps), float(final_factor)
         self.end_percentage, self.scale_percentage = float(end_percentage), float(scale_percentage)
         self.warmup_steps, self.warmup_start_factor = int(warmup_steps), float(warmup_start_factor)
+        self.derivation = derivation  # how base_lr was obtained, when not as written
 
     def value(self, step, xp=np):
         if self.kind == "constant":
@@ -137,6 +144,8 @@ class Schedule:
             text += f" total_steps={self.total_steps}"
         if self.warmup_steps:
             text += f" warmup_steps={self.warmup_steps}"
+        if self.derivation:
+            text += f" ({self.derivation})"
         return text
 
     def keras(self):
@@ -162,12 +171,28 @@ def _keras_schedule_class():
     return KerasSchedule
 
 
-def from_config(section, steps_per_epoch, epoch_end, learning_rate=None):
+def effective_rate(base_lr, reference_batch, effective_batch):
+    """(rate, derivation): base_lr scaled linearly from reference_batch to effective_batch; as written
+    (derivation "") when reference_batch is 0 or the effective batch is not known."""
+    if not reference_batch or not effective_batch:
+        return float(base_lr), ""
+    rate = base_lr * effective_batch / reference_batch
+    return rate, (f"effective base_lr {rate:g} = base_lr {base_lr:g} x effective batch {effective_batch} / "
+                  f"reference_batch {reference_batch}")
+
+
+def effective_batch(batch_size, accumulation_steps):
+    """The batch one optimizer update averages over: the global batch times the accumulated micro-batches."""
+    return batch_size * accumulation_steps
+
+
+def from_config(section, steps_per_epoch, epoch_end, learning_rate=None, effective_batch=None):
     """Build the Schedule from the [schedule] config section.
 
     `learning_rate` (train.py --learning_rate) keeps the seed's meaning: a constant
-    rate for this invocation, ignoring [schedule]. `epoch_end` is the schedule's
-    length when [schedule] total_epochs is 0; keep it fixed across resumes then.
+    rate for this invocation, ignoring [schedule] (and reference_batch). `epoch_end` is the schedule's
+    length when [schedule] total_epochs is 0; keep it fixed across resumes then. `effective_batch`
+    (global batch x accumulation steps) scales base_lr when [schedule] reference_batch is set.
     """
     if learning_rate is not None:
         if not learning_rate > 0:
@@ -188,6 +213,14 @@ def from_config(section, steps_per_epoch, epoch_end, learning_rate=None):
     total_steps = int(round(total_epochs * steps_per_epoch))
     if s.type in ("cosine", "onecycle", "linear") and total_steps <= 0:
         raise UserError(f"[schedule] type {s.type} needs a length: set total_epochs > 0 or --epoch_end > 0.")
-    return Schedule(s.type, s.base_lr, boundaries, factors, total_steps, s.final_factor,
+    base_lr, derivation = effective_rate(s.base_lr, s.reference_batch, effective_batch)
+    return Schedule(s.type, base_lr, boundaries, factors, total_steps, s.final_factor,
                     s.onecycle_end_percentage, s.onecycle_scale_percentage,
-                    int(round(s.warmup_epochs * steps_per_epoch)), s.warmup_start_factor)
+                    int(round(s.warmup_epochs * steps_per_epoch)), s.warmup_start_factor, derivation)
+
+
+def from_settings(settings, steps_per_epoch, epoch_end, learning_rate=None):
+    """The run's Schedule: from_config with the effective batch of the resolved settings (--batch_size x
+    [train] accumulation_steps)."""
+    batch = effective_batch(settings.batch_size, settings.train.accumulation_steps) if settings.batch_size else None
+    return from_config(settings.schedule, steps_per_epoch, epoch_end, learning_rate, batch)

@@ -53,6 +53,7 @@ class EpochResult:
     images: int
     seconds: float
     weights: str = "raw"
+    crop: int = None  # the views' side in pixels (None: the store's)
 
     @property
     def images_per_second(self):
@@ -111,14 +112,17 @@ def check_protocol(store, protocol):
                         f"rerun preprocess_val.py, or use --views 10.")
 
 
-def evaluate_epoch(predict, store, protocol, epoch, batch_images=None, show_progress=True):
-    """Evaluate one model on the whole store with one protocol; returns EpochResult."""
+def evaluate_epoch(predict, store, protocol, epoch, batch_images=None, show_progress=True, crop=None):
+    """Evaluate one model on the whole store with one protocol, its views `crop` pixels square (default: the
+    store's crop; up to its eval_resize: training at low resolution and testing higher is the FixRes effect);
+    returns EpochResult."""
     check_protocol(store, protocol)
     n = images_per_call(protocol, batch_images)
     bar = _progress_bar(len(store), f"epoch {epoch}, {protocol} views") if show_progress else None
     start = time.perf_counter()
     try:
-        hits1, hits5, images = score(predict, store.iter_batches(protocol, n), num_classes=len(store.classes),
+        batches = store.iter_batches(protocol, n, crop=crop) if crop else store.iter_batches(protocol, n)
+        hits1, hits5, images = score(predict, batches, num_classes=len(store.classes),
                                      progress=bar.update if bar else None)
     finally:
         if bar:
@@ -128,7 +132,7 @@ def evaluate_epoch(predict, store, protocol, epoch, batch_images=None, show_prog
         raise UserError(f"The validation store at {getattr(store, 'path', '?')} holds no images; "
                         f"rerun preprocess_val.py.")
     return EpochResult(epoch=epoch, protocol=protocol, top1=100.0 * hits1 / images, top5=100.0 * hits5 / images,
-                       images=images, seconds=seconds)
+                       images=images, seconds=seconds, crop=crop or getattr(store, "crop", None))
 
 
 def _progress_bar(total, desc):

@@ -3,7 +3,11 @@
 One step is one forward pass (the original ran three): logits = net(x, training=True),
 loss = mean softmax cross-entropy from the logits + net.regularization_loss()
 (L2 on conv and dense kernels, which here does reach the gradients), one
-optimizer update, net.train_step += 1. The global step lives in the model
+optimizer update, net.train_step += 1. The update is applied on every replica or on none: the step sums
+the replicas' gradients itself and skips when the sums, the loss or a replica's proposed batch-renorm
+statistics are not finite (engine/numerics.py); a skipped step changes no weight, slot, statistic or EMA
+value and halves the float16 loss scale, but still advances the global step, which counts batches
+consumed: the learning rate, the renorm ramp and epoch boundaries stay tied to the data. The global step lives in the model
 (net.train_step) and drives the batch-renorm ramp and the learning-rate
 schedule; the checkpoint restores it with the weights, moving statistics,
 optimizer slots and loss scale, so a resumed run continues exactly.
@@ -25,8 +29,8 @@ import time
 
 import numpy as np
 
-from engine import logs, recipe_line, run_folder, run_identity, schedules
-from engine.distribute import check_divisible, is_chief, make_strategy, split_batch
+from engine import logs, recipe_line, run_folder, run_identity, schedules, train_step
+from engine.distribute import check_divisible, is_chief, make_strategy
 from engine.prefetch import Prefetcher
 from utils.errors import UserError
 from utils.files import disk_full_error, human_bytes
@@ -51,12 +55,14 @@ class Trainer:
     """Builds the strategy, model, optimizer and checkpoint; trains epochs; saves epoch folders."""
 
     def __init__(self, settings, reader, run_path, batch_size, learning_rate=None, epoch_end=None,
-                 overwrite=False, command=""):
+                 overwrite=False, command="", inject=None):
         """`settings`: resolved with devices=True and with_classes() (settings/__init__.py), so every auto and
-        every cross-key check was settled before TensorFlow loaded."""
+        every cross-key check was settled before TensorFlow loaded. `inject`: an engine.numerics.Injection
+        (tests only); None builds none of its ops into the step."""
         if "auto" in (settings.train.mixed_precision, settings.train.distribute) or not settings.model.num_classes:
             raise ValueError("Trainer needs settings resolved with devices=True and with_classes()")
         import tensorflow as tf
+        from engine.numerics import SkipTracker
         self.tf = tf
         self.settings, self.reader, self.run_path = settings, reader, run_path
         train = settings.train
@@ -76,7 +82,10 @@ class Trainer:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.mu, self.sigma = settings.mu, settings.sigma
         self.steps_per_epoch = reader.batches_per_epoch
-        self.schedule = schedules.from_config(settings.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate)
+        self.accumulation = train.accumulation_steps
+        self.effective_batch = schedules.effective_batch(batch_size, self.accumulation)
+        self.schedule = schedules.from_config(settings.schedule, self.steps_per_epoch, epoch_end or 0, learning_rate,
+                                              self.effective_batch)
         from model import build_model, model_kwargs
         from engine import ema, mixing
         kwargs = model_kwargs(settings)
@@ -91,7 +100,10 @@ class Trainer:
                                                   **({"ema": self.ema.net} if self.ema else {}))
         self.recipe = mixing.DeviceRecipe(mixing.MixConfig.from_config(train), kwargs["num_classes"],
                                           train.seed)
-        self._train_step = self._make_train_step()
+        self.inject = inject
+        self.traces = {"train_step": 0, "forward_backward": 0}  # Python counters, incremented while tracing
+        self.skips = SkipTracker(train.max_skipped_steps)
+        self._train_step = train_step.build(self)
         # One replica: the batch goes straight to its device. Several: the global batch stays on the host and
         # each replica's rows are copied to it inside the step (engine/distribute.py split_batch).
         self.input_device = self.strategy.extended.worker_devices[0] if self.replicas == 1 else "/cpu:0"
@@ -120,59 +132,6 @@ class Trainer:
             opt = keras.optimizers.LossScaleOptimizer(opt)
         return opt
 
-    def _make_train_step(self):
-        tf, net, opt, strategy = self.tf, self.net, self.optimizer, self.strategy
-        from model.preprocessing import to_model_input
-        from model import COMPUTE_DTYPE_OF_POLICY
-        compute_dtype = getattr(tf, COMPUTE_DTYPE_OF_POLICY[self.settings.train.mixed_precision])
-        mu, sigma = self.mu, self.sigma
-        global_batch, replicas, per_replica = self.batch_size, self.replicas, self.per_replica
-        loss_scaling = self.loss_scaling
-        recipe, weight_ema = self.recipe, self.ema
-
-        def forward_backward(images, labels, lighting, *mix):  # mix: engine.mixing draws, when mixing is on
-            with tf.GradientTape() as tape:
-                if recipe.active:  # label smoothing and/or mixup/cutmix (engine/mixing.py)
-                    x = recipe.model_input(to_model_input, images, lighting, mu, sigma, compute_dtype, *mix)
-                    logits = net(x, training=True)
-                    per_example = recipe.per_example_loss(labels, tf.cast(logits, tf.float32), *mix)
-                else:
-                    logits = net(to_model_input(images, lighting, mu, sigma, dtype=compute_dtype), training=True)
-                    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        labels=labels, logits=tf.cast(logits, tf.float32))
-                cross_entropy = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                l2 = net.regularization_loss()
-                # Gradients are summed over replicas, so each contributes 1/replicas of the L2 term.
-                loss = cross_entropy + l2 / replicas
-                target = opt.scale_loss(loss) if loss_scaling else loss
-            grads = tape.gradient(target, net.trainable_variables)
-            hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
-                                         tf.float32))
-            return grads, cross_entropy, l2, hits
-
-        if self.settings.train.jit_compile:
-            forward_backward = tf.function(forward_backward, jit_compile=True)
-
-        def replica_step(images, labels, lighting, *mix):
-            grads, cross_entropy, l2, hits = forward_backward(images, labels, lighting, *mix)
-            opt.apply_gradients(zip(grads, net.trainable_variables))
-            return cross_entropy, l2, hits
-
-        @tf.function
-        def train_step(images, labels, lighting, lr, *mix):
-            opt.learning_rate.assign(lr)
-            parts = split_batch(strategy, (images, labels, lighting), per_replica)
-            cross_entropy, l2, hits = strategy.run(replica_step, args=tuple(parts) + mix)
-            if weight_ema is not None:
-                weight_ema.update(net.train_step)
-            net.train_step.assign_add(1)
-            total = tf.distribute.ReduceOp.SUM
-            return (strategy.reduce(total, cross_entropy, axis=None),
-                    strategy.reduce(tf.distribute.ReduceOp.MEAN, l2, axis=None),
-                    strategy.reduce(total, hits, axis=None))
-
-        return train_step
-
     # ----------------------------------------------------------------- resume
 
     def restore(self, prefix, expected_epoch):
@@ -200,8 +159,10 @@ class Trainer:
 
     def train(self, epoch_start, epoch_end):
         train = dataclasses.asdict(self.settings.train)
-        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), schedule %s, %s",
+        log.info("training epochs %d..%d: %d steps per epoch, global batch %d on %d replica(s), effective batch %d "
+                 "(%d accumulated), schedule %s, %s",
                  epoch_start, epoch_end - 1, self.steps_per_epoch, self.batch_size, self.replicas,
+                 self.effective_batch, self.accumulation,
                  self.schedule.describe(), recipe_line.features(train, self.precision_reason))
         for line in recipe_line.warnings(train, dataclasses.asdict(self.settings.schedule), self.learning_rate,
                                          gpu=bool(self.tf.config.list_physical_devices("GPU"))):
@@ -225,33 +186,49 @@ class Trainer:
         log_every = self.settings.train.log_every
         step = self.global_step()
         window = _Window()
-        totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0}
+        totals = {"loss": 0.0, "hits": 0.0, "images": 0, "wait": 0.0, "loss_scale": None, "all_images": 0}
+        self.skips.start_epoch()
+        traces = self.traces["train_step"]
         bar = logs.progress_bar(epoch, num_batches, enabled=self.chief)
         prefetch = batch_prefetcher(reader, epoch, num_batches, place=self.to_device)
         started = time.perf_counter()
         lr = self.schedule(step)
+        k = self.accumulation
+        self._train_step.reset()  # a group interrupted by a kill or an error is redone from its first batch
         try:
             for _ in range(num_batches):
                 (b, batch), waited = prefetch.get()
-                lr = self.schedule(step)
+                # Groups of k batches start at each epoch's first batch; the last may be shorter.
+                last = b % k == k - 1 or b == num_batches - 1
+                if b % k == 0:
+                    lr = self.schedule(step)  # one rate per update: the one at its first batch
                 self.profiler.at_step(step)
                 outputs = self._train_step(batch.images, batch.labels, batch.lighting, tf.constant(lr, tf.float32),
-                                           *self.recipe.step_args(epoch, b, batch.images.shape))
+                                           *self.recipe.step_args(epoch, b, batch.images.shape),
+                                           last=last, count=b % k + 1)
                 step += 1
+                if self.traces["train_step"] != traces:  # a new crop size (or the first step): one more compile
+                    traces = self.traces["train_step"]
+                    log.info("compiled the training step for crop %d (%d compile(s) so far%s)",
+                             batch.images.shape[1], traces,
+                             f", XLA: {self.traces['forward_backward']}" if self.settings.train.jit_compile else "")
                 self.batch_log.write(epoch, b)
                 reader.report_progress(epoch, b + 1)
-                window.add(outputs, self.batch_size, waited)  # global: outputs are reduced over all workers
+                window.add(outputs, self.batch_size, waited, last)  # global: reduced over all workers
                 bar.update(1)
-                if window.steps >= log_every or b == num_batches - 1:
+                if last and (window.steps >= log_every or b == num_batches - 1):
                     self._flush_window(window, totals, bar, step, lr)
         finally:
             prefetch.close()
             bar.close()
         wall = time.perf_counter() - started
-        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / max(totals["images"], 1),
-                "train_top1": totals["hits"] / max(totals["images"], 1), "lr": lr,
-                "images_per_sec": totals["images"] / wall, "wait_seconds": totals["wait"],
-                "wait_fraction": totals["wait"] / wall, "wall_seconds": wall}
+        applied = totals["images"] or float("nan")  # every step skipped: no loss to show, not a loss of 0
+        return {"epoch": epoch, "steps": step, "train_loss": totals["loss"] / applied,
+                "train_top1": totals["hits"] / applied, "lr": lr,
+                "images_per_sec": totals["all_images"] / wall, "wait_seconds": totals["wait"],
+                "wait_fraction": totals["wait"] / wall, "wall_seconds": wall,
+                "skipped_steps": self.skips.epoch_skipped,
+                "loss_scale": totals["loss_scale"] if self.loss_scaling else ""}
 
     def to_device(self, batch):
         """The batch's arrays as tensors on the training device; runs on the prefetch thread.
@@ -270,19 +247,26 @@ class Trainer:
     def _flush_window(self, window, totals, bar, step, lr):
         # The only host-device sync in the loop: once per log_every steps.
         values = window.drain()
+        self.skips.record(step - values["steps"], values["step_losses"], values["skipped"])
+        self.skips.check(self.last_saved_epoch())
+        totals["loss_scale"] = values["loss_scale"]
         totals["loss"] += values["loss_sum"]
         totals["hits"] += values["hits"]
         totals["images"] += values["images"]
+        totals["all_images"] += values["all_images"]
         totals["wait"] += values["wait"]
-        loss, top1 = values["loss_sum"] / values["images"], values["hits"] / values["images"]
-        img_s = values["images"] / values["seconds"]
+        # Skipped steps' loss and hits are left out: one overflow must not turn the epoch's loss into inf.
+        loss, top1 = values["loss_sum"] / max(values["images"], 1), values["hits"] / max(values["images"], 1)
+        img_s = values["all_images"] / values["seconds"]
         wait = values["wait"] / values["seconds"]
         bar.set_postfix(loss=f"{loss:.3f}", top1=f"{top1:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
                         wait=f"{100 * wait:.0f}%", refresh=False)
         rmax, dmax = self._renorm_limits()
         self.tensorboard.scalars(step, {"loss": loss, "l2_loss": values["l2"], "top1": top1, "learning_rate": lr,
                                         "rmax": rmax, "dmax": dmax, "images_per_sec": img_s,
-                                        "buffer_wait_fraction": wait}, "train/")
+                                        "buffer_wait_fraction": wait, "skipped_steps": int(sum(values["skipped"])),
+                                        "loss_scale": values["loss_scale"] if self.loss_scaling else None},
+                                "train/")
 
     def _renorm_limits(self):
         renorm = getattr(self.net, "renorm", None)
@@ -298,23 +282,43 @@ class Trainer:
         summary["bottleneck"], advice = logs.bottleneck(summary["wait_fraction"], producer)
         logs.write_epoch_row(self.run_path, summary)
         self.tensorboard.scalars(summary["steps"], {k: summary[k] for k in (
-            "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction")}, "epoch/")
+            "train_loss", "train_top1", "lr", "images_per_sec", "wait_seconds", "wait_fraction", "skipped_steps")},
+            "epoch/")
+        if self.loss_scaling:
+            self.tensorboard.scalars(summary["steps"], {"loss_scale": summary["loss_scale"]}, "epoch/")
         if producer and "workers" in producer:
             self.tensorboard.scalars(summary["steps"], {"producer_workers": producer["workers"],
                                                         "producer_build_rate": producer.get("build_rate")}, "epoch/")
         self.tensorboard.flush()
-        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, %s",
-                 epoch, summary["train_loss"], summary["train_top1"], summary["lr"], summary["images_per_sec"],
-                 summary["wait_seconds"], 100 * summary["wait_fraction"], summary["wall_seconds"],
-                 summary["bottleneck"])
+        scale = f", loss scale {summary['loss_scale']:g}" if self.loss_scaling else ""
+        log.info("epoch %d: loss %.4f, top-1 %.4f, lr %.3g, %.1f img/s, waited %.1f s (%.1f%%), %.1f s, "
+                 "skipped %d step(s)%s, %s", epoch, summary["train_loss"], summary["train_top1"], summary["lr"],
+                 summary["images_per_sec"], summary["wait_seconds"], 100 * summary["wait_fraction"],
+                 summary["wall_seconds"], summary["skipped_steps"], scale, summary["bottleneck"])
         if advice:
             log.warning(advice)
 
     # ------------------------------------------------------------------- save
 
+    def last_saved_epoch(self):
+        done = run_folder.complete_epochs(self.run_path)
+        return done[-1] if done else None
+
+    def check_finite(self, epoch):
+        """Refuse to save an epoch with a NaN or infinite variable (the skip rule should make this unreachable)."""
+        from engine.numerics import non_finite_variables
+        everything = list(self.net.variables) + list(self.optimizer.variables) + \
+            (list(self.ema.net.variables) if self.ema else [])
+        bad = non_finite_variables(everything)
+        if bad:
+            raise UserError(self.skips.sentence(
+                f"epoch {epoch} was not saved: {len(bad)} of {len(everything)} variables are not finite "
+                f"(first {bad[0]})", self.last_saved_epoch()))
+
     def save(self, epoch):
         from model import export_saved_model
         from utils.files import atomic_write_text
+        self.check_finite(epoch)
         self.epoch_var.assign(epoch)
 
         def write_parts(folder):
@@ -360,7 +364,8 @@ class Trainer:
         header = [f"# epoch {epoch} of run {self.run_path}, global step {self.global_step()}",
                   f"# git {git_hash()}", f"# command: {self.command}",
                   f"# schedule: {self.schedule.describe()}",
-                  f"# {self.replicas} replica(s), global batch {self.batch_size}",
+                  f"# {self.replicas} replica(s), global batch {self.batch_size}, accumulation_steps "
+                  f"{self.accumulation}, effective batch {self.effective_batch}",
                   f"# mixed_precision {self.settings.train.mixed_precision} ({self.precision_reason})",
                   run_identity.CLASSES_COMMENT.format(self.num_classes)]
         return "\n".join(header) + "\n" + self.settings.resolved_text()
@@ -371,23 +376,33 @@ class _Window:
 
     def __init__(self):
         self.outputs, self.sizes, self.wait = [], [], 0.0
+        self.group_ends = []  # index of each accumulation group's last batch (every batch without accumulation)
         self.started = time.perf_counter()
 
     @property
     def steps(self):
         return len(self.outputs)
 
-    def add(self, outputs, images, waited):
+    def add(self, outputs, images, waited, group_end=True):
         self.outputs.append(outputs)
         self.sizes.append(images)
         self.wait += waited
+        if group_end:
+            self.group_ends.append(len(self.outputs) - 1)
 
     def drain(self):
-        # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count.
+        # Per step: mean cross-entropy over the global batch, L2 term, correct top-1 count, skipped (1/0), scale.
         values = np.array([[float(t) for t in o] for o in self.outputs], dtype=np.float64)
         sizes = np.array(self.sizes, dtype=np.float64)
-        result = {"loss_sum": float((values[:, 0] * sizes).sum()), "l2": float(values[-1, 1]),
-                  "hits": float(values[:, 2].sum()), "images": int(sizes.sum()), "wait": self.wait,
-                  "seconds": max(time.perf_counter() - self.started, 1e-9)}
+        start = 0
+        for end in self.group_ends:  # a skipped group skips every batch in it: their losses are left out too
+            values[start:end + 1, 3] = values[end, 3]
+            start = end + 1
+        applied = values[:, 3] == 0
+        result = {"loss_sum": float((values[applied, 0] * sizes[applied]).sum()), "l2": float(values[-1, 1]),
+                  "hits": float(values[applied, 2].sum()), "images": int(sizes[applied].sum()), "wait": self.wait,
+                  "seconds": max(time.perf_counter() - self.started, 1e-9), "steps": len(values),
+                  "step_losses": values[:, 0] + values[:, 1], "skipped": values[:, 3].astype(bool),
+                  "loss_scale": float(values[-1, 4]), "all_images": int(sizes.sum())}
         self.__init__()
         return result

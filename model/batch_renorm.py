@@ -7,7 +7,9 @@ Training, per channel, with batch statistics mu_B and sigma_B = sqrt(var_B + eps
     y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
 
 then the moving mean mu and moving std sigma take one EMA step towards mu_B
-and sigma_B. Inference: y = gamma * (x - mu) / sigma + beta. Epsilon is added
+and sigma_B. Inside `deferred_statistics()` (the trainer's step) that step is only
+proposed, not assigned: the trainer commits it after deciding whether the whole step
+is finite (engine/trainer.py), so an overflowing batch never reaches the statistics. Inference: y = gamma * (x - mu) / sigma + beta. Epsilon is added
 once, inside sigma_B, so the moving std already contains it (the original code
 added it a second time).
 
@@ -18,7 +20,9 @@ saved and restored with it.
 
 Statistics are always computed in float32, whatever the compute dtype.
 """
+import contextlib
 import dataclasses
+import threading
 
 import tensorflow as tf
 
@@ -73,6 +77,35 @@ def _ramp(step, start, reach, low, high):
     else:
         fraction = tf.clip_by_value((step - start) / float(reach - start), 0.0, 1.0)
     return low + (high - low) * fraction
+
+
+_DEFERRED = threading.local()  # MirroredStrategy traces each replica's step on its own thread
+
+
+@contextlib.contextmanager
+def deferred_statistics():
+    """Within this block (on this thread) training calls propose their moving-statistic updates instead of
+    assigning them; yields {variable.ref(): proposed value}, to commit with `commit_statistics`."""
+    previous = getattr(_DEFERRED, "updates", None)
+    _DEFERRED.updates = {}
+    try:
+        yield _DEFERRED.updates
+    finally:
+        _DEFERRED.updates = previous
+
+
+def assign_statistic(variable, value):
+    """variable.assign(value), or inside `deferred_statistics()` only propose it."""
+    updates = getattr(_DEFERRED, "updates", None)
+    if updates is None:
+        variable.assign(value)
+    else:
+        updates[variable.ref()] = value
+
+
+def proposed_statistics(updates, statistics):
+    """The proposed value of each variable in `statistics` (its current value if no layer proposed one)."""
+    return [updates[v.ref()] if v.ref() in updates else tf.convert_to_tensor(v) for v in statistics]
 
 
 class BatchRenorm(tf.Module):
@@ -140,8 +173,10 @@ class BatchRenorm(tf.Module):
 
     def _update_moving_statistics(self, mean, std):
         m = self.config.momentum
-        self.moving_mean.assign(self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m))
-        self.moving_std.assign(self.moving_std * m + tf.stop_gradient(std) * (1.0 - m))
+        new_mean = self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m)
+        new_std = self.moving_std * m + tf.stop_gradient(std) * (1.0 - m)
+        assign_statistic(self.moving_mean, new_mean)
+        assign_statistic(self.moving_std, new_std)
 
 
 def _affine(x, scale, offset):

@@ -31,7 +31,7 @@ import math
 
 import tensorflow as tf
 
-from model.batch_renorm import BatchRenorm
+from model.batch_renorm import BatchRenorm, assign_statistic
 from model.layers import Conv2D, Initializer
 
 Stage = collections.namedtuple("Stage", "width convs pool")
@@ -71,8 +71,8 @@ class BatchNorm(tf.Module):
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, self.gamma, self.beta, epsilon=self.epsilon,
                                                              is_training=True)
         m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m))
-        self.moving_variance.assign(self.moving_variance * m + tf.stop_gradient(variance) * (1.0 - m))
+        assign_statistic(self.moving_mean, self.moving_mean * m + tf.stop_gradient(mean) * (1.0 - m))
+        assign_statistic(self.moving_variance, self.moving_variance * m + tf.stop_gradient(variance) * (1.0 - m))
         return y
 
     def statistics(self):

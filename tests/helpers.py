@@ -1,8 +1,8 @@
 """Helpers shared by the test modules (test modules never import each other).
 
 Sections: config files; child processes; the solid-colour dataset and buffer (producer and reader tests);
-the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests); in-process
-Trainers on fixed batches (recipe and precision tests)."""
+the small generated dataset and train.py runs (trainer, chaos, distribution, disk-full tests); an in-process
+Trainer's checkpoint state (precision tests)."""
 import collections
 import configparser
 import json
@@ -60,6 +60,20 @@ def stop_process(proc, sig=signal.SIGINT, timeout=20):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def free_ports(n):
+    """n TCP ports free on the loopback interface now (for TF_CONFIG clusters of local workers)."""
+    import socket
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def wait_until(predicate, timeout=20.0, poll=0.02):
@@ -213,16 +227,18 @@ def producer_workers(folder):
     return (protocol.producer_status(folder)[1] or {}).get("workers", 0)
 
 
-def read_in_sizing_cycles(reader, stop, check, folder, cycles, num_batches=10):
+def read_in_sizing_cycles(reader, stop, check, folder, cycles=None, num_batches=10, until=None):
     """Read positions [0, stop) in order (check(epoch, batch, Batch) each, then report): greedily until
     the producer runs more than one worker (an add), then not at all until it is back at one (a retire),
-    `cycles` times, then to the end. Returns the number of adds seen while reading."""
+    `cycles` times (or, given `until`, until until() is true), then to the end. Returns the number of adds
+    seen while cycling."""
     adds = 0
     for lin in range(stop):
         epoch, b = divmod(lin, num_batches)
         check(epoch, b, reader.read(epoch, b))
         reader.report_progress(epoch, b + 1)
-        if adds < cycles and producer_workers(folder) > 1:
+        cycling = not until() if until is not None else adds < cycles
+        if cycling and producer_workers(folder) > 1:
             adds += 1
             assert wait_until(lambda: producer_workers(folder) == 1, timeout=60), "no worker was retired"
     return adds
@@ -256,7 +272,7 @@ def write_train_config(folder, data_root, **sections):
         # them float rounding differences grow to O(1) within a few steps (see test_distribute.py).
         "model": {"width_multiplier": "0.0625", "zero_init_last_gamma": "true"},
         "utils": {**{f"mu_{c}": "0.5" for c in range(3)}, **{f"sigma_{c}": "0.25" for c in range(3)}},
-        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"},
+        "schedule": {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0", "reference_batch": "0"},
     }
     return write_config_file(folder, os.path.join(ROOT, "configs", "demo.txt"), merge_sections(values, sections))
 
@@ -395,44 +411,8 @@ def script_pid(launcher_pid, script):
 
 
 # ----------------------------------------------------------------------------
-# In-process Trainers on fixed batches: the step and resume, without a producer or train.py
+# In-process Trainers (tests/fake_trainer.py builds them): their checkpoint's state
 # ----------------------------------------------------------------------------
-
-class FakeReader:
-    """A fixed set of random batches in place of the buffer."""
-
-    def __init__(self, steps=2, batch=8, crop=32, classes=4):
-        from data.buffer.reader import Batch
-        rng = np.random.default_rng(11)
-        self.batches = [Batch(images=rng.integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8),
-                              labels=rng.integers(0, classes, batch).astype(np.int32),
-                              lighting=rng.normal(0, 0.1, (batch, 3)).astype(np.float32), epoch=0, batch=b)
-                        for b in range(steps)]
-
-    @property
-    def batches_per_epoch(self):
-        return len(self.batches)
-
-    def read(self, epoch, b):
-        return self.batches[(epoch + b) % len(self.batches)]
-
-    def report_progress(self, epoch, done):
-        pass
-
-
-def make_trainer(tmp_path, run, steps=2, **train):
-    """A Trainer of write_train_config's network (with `train` overrides) on FakeReader(steps) batches of 8,
-    its run folder <tmp_path>/<run>/run."""
-    from settings import load_settings
-    from engine.trainer import Trainer
-    folder = os.path.join(str(tmp_path), run)
-    os.makedirs(folder)
-    config = write_train_config(folder, os.path.join(str(tmp_path), "unused"),
-                                train={k: str(v) for k, v in train.items()})
-    run_path = os.path.join(folder, "run")
-    os.makedirs(run_path)
-    return Trainer(load_settings(config).with_classes(4, "test"), FakeReader(steps), run_path, batch_size=8)
-
 
 def checkpoint_state(trainer, path):
     """Every variable of the trainer's checkpoint (weights, statistics, optimizer slots, loss scale, epoch),

@@ -26,12 +26,11 @@ moments) grow to O(1) within three steps, at any learning rate.
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import (ROOT, csv_rows, read_checkpoint, start_train_producer, train_cmd,
+from tests.helpers import (ROOT, csv_rows, free_ports, read_checkpoint, start_train_producer, train_cmd,
                            write_train_config)
 
 
@@ -39,16 +38,6 @@ STEPS = 8
 TOTAL_TOLERANCE, VARIABLE_TOLERANCE, FLOOR = 0.01, 0.05, 1e-5
 SCHEDULE = {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"}
 
-def free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

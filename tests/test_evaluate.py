@@ -18,41 +18,10 @@ from PIL import Image
 from engine import accuracy_log, evaluate, model_wait, scoring
 from engine.prefetch import prefetch
 from engine.scoring import EpochResult
+from tests.eval_helpers import (C, CROP, EVAL_RESIZE, coded_dataset, table_model_dir,  # noqa: F401 (fixtures)
+                                table, write_eval_config)
 from tests.helpers import wait_until
 from utils.errors import UserError
-
-C = 3  # classes of the table model
-
-
-class TableModel(tf.Module):
-    def __init__(self, table):
-        super().__init__()
-        self.table = tf.constant(table, tf.float32)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-    def serve(self, images):
-        logits = tf.gather(self.table, tf.cast(images[:, 0, 0, 0], tf.int32))
-        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
-
-
-def _table():
-    table = np.zeros((256, C), np.float32)
-    table[1] = [2.0, 0.0, 0.0]    # mildly sure of class 0
-    table[2] = [0.0, 30.0, 0.0]   # extremely sure of class 1
-    table[3] = [0.0, 0.0, 5.0]    # sure of class 2
-    return table
-
-
-def export_table_model(path):
-    model = TableModel(_table())
-    tf.saved_model.save(model, path, signatures={"serving_default": model.serve})
-
-
-@pytest.fixture(scope="module")
-def table_model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("table") / "saved_model")
-    export_table_model(path)
-    return path
 
 
 class FakeStore:
@@ -108,8 +77,8 @@ def test_average_views_groups_each_images_views():
 def test_probabilities_are_averaged_not_logits(table_model_dir):
     # Nine views mildly favour class 0, one view is extremely sure of class 1.
     codes = [[1] * 9 + [2]]
-    table = _table()
-    assert np.argmax(table[codes[0]].mean(axis=0)) == 1  # averaging logits would pick class 1
+    logits = table()
+    assert np.argmax(logits[codes[0]].mean(axis=0)) == 1  # averaging logits would pick class 1
     predictor = model_wait.SavedModelPredictor(tf.saved_model.load(table_model_dir))
     store = FakeStore({10: coded_views(codes)}, labels=[0])
     result = scoring.evaluate_epoch(predictor, store, 10, epoch=0, show_progress=False)
@@ -124,7 +93,7 @@ def test_batches_cover_every_image_once_in_any_batch_size(table_model_dir):
     labels = rng.integers(0, C, size=23)
     predictor = model_wait.SavedModelPredictor(tf.saved_model.load(table_model_dir))
     store = FakeStore({10: coded_views(codes)}, labels)
-    probs = tf.nn.softmax(_table()[codes]).numpy().mean(axis=1)
+    probs = tf.nn.softmax(table()[codes]).numpy().mean(axis=1)
     expected = scoring.topk_hits(probs, labels, ks=(1,))[1]
     for batch in (1, 5, 23, 100):
         result = scoring.evaluate_epoch(predictor, store, 10, epoch=0, batch_images=batch, show_progress=False)
@@ -265,7 +234,7 @@ def test_rerunning_an_epoch_replaces_its_csv_row(tmp_path):
     rows = accuracy_log.read_rows(os.path.join(run, "accuracy.csv"))
     assert [(r["protocol"], r["epoch"], r["top1"]) for r in rows] == [(1, 1, 45.0), (10, 0, 40.0), (10, 1, 55.5)]
     with open(os.path.join(run, "accuracy.csv")) as f:
-        assert f.readline().strip() == "epoch,protocol,top1,top5,images,weights"
+        assert f.readline().strip() == "epoch,protocol,top1,top5,images,weights,crop"
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     assert accuracy_log.first_missing_epoch(run, 10, 5) == 2
     assert accuracy_log.first_missing_epoch(run, 1, 5) == 0
@@ -300,31 +269,6 @@ def test_result_line_keeps_the_seeds_format():
 # With the real validation store (preprocess_val's format) and a real exported model
 # ----------------------------------------------------------------------------
 
-CROP, EVAL_RESIZE = 16, 20
-
-
-def _coordinate_image(h, w):
-    """Red = 8*row, green = 8*column: every pixel says where it came from."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([yy * 8, xx * 8, np.full_like(yy, 50)], axis=-1).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def coded_dataset(tmp_path_factory):
-    """A 3-class folders dataset whose 2 val images already have shorter side EVAL_RESIZE (no resampling)."""
-    from data.sources.index import load_index
-    root = tmp_path_factory.mktemp("coded")
-    images = {"n00000001": _coordinate_image(EVAL_RESIZE, 28), "n00000002": _coordinate_image(30, EVAL_RESIZE)}
-    for k in range(3):
-        wnid = f"n{k:08d}"
-        (root / "train" / wnid).mkdir(parents=True)
-        Image.fromarray(_coordinate_image(24, 24)).save(root / "train" / wnid / "a.png")
-        if wnid in images:
-            (root / "val" / wnid).mkdir(parents=True)
-            Image.fromarray(images[wnid]).save(root / "val" / wnid / "v.png")  # PNG: lossless
-    return load_index(str(root), "val"), images
-
-
 def _hand_views(arr):
     h, w = arr.shape[:2]
     b, r = h - CROP, w - CROP
@@ -357,23 +301,13 @@ def test_the_10_views_reaching_the_model_are_the_corner_and_centre_crops_and_fli
     np.testing.assert_array_equal(seen[0][10:20], expected[0])  # scale 20 = the stored eval_resize image
 
 
-def _write_config(tmp_path, store):
-    text = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt")).read()
-    text = text.replace("path_to_save = ../demo_data/val_views", f"path_to_save = {store}")
-    text = text.replace("path_for_saving = ../demo_runs", f"path_for_saving = {tmp_path / 'runs'}")
-    text = text.replace("N = 0\n", "N = 5\n", 1)  # [preprocess_val] N: the store holds 2 -> a warning
-    path = tmp_path / "eval.txt"
-    path.write_text(text)
-    return str(path)
-
-
 def test_check_accuracy_names_a_run_folder_that_does_not_exist_at_once(coded_dataset, tmp_path):
     import subprocess
     import sys
     from data.sources.val_store import build_store
     index, _ = coded_dataset
     build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, num_workers=1, progress=False, say=lambda m: None)
-    config = _write_config(tmp_path, tmp_path / "store")
+    config = write_eval_config(tmp_path, tmp_path / "store")
     (tmp_path / "runs" / "myrun").mkdir(parents=True)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, os.path.join(root, "check_accuracy.py"), "--run_folder=nosuchrun",
@@ -395,7 +329,7 @@ def test_check_accuracy_cli_on_a_tiny_exported_model(coded_dataset, tmp_path, ta
     from model import build_model, export_saved_model
     index, _ = coded_dataset
     build_store(str(tmp_path / "store"), index, CROP, EVAL_RESIZE, num_workers=1, progress=False, say=lambda m: None)
-    config = _write_config(tmp_path, tmp_path / "store")
+    config = write_eval_config(tmp_path, tmp_path / "store")
     run = tmp_path / "runs" / "tiny"
     net = build_model(width_multiplier=0.0625, num_classes=3)
     export_saved_model(net, str(run / "0" / "saved_model"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from engine import ema, mixing
-from tests.helpers import make_trainer, stop_process, write_train_config
+from tests.fake_trainer import make_trainer
+from tests.helpers import stop_process, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -176,6 +177,99 @@ def test_with_every_feature_off_the_step_is_byte_for_byte_the_plain_step(tmp_pat
     trainer.train_epoch(0)
     for ours, plain in zip(trainer.net.variables, net.variables):
         np.testing.assert_array_equal(ours.numpy(), plain.numpy(), err_msg=ours.name)
+
+
+RECIPE = dict(label_smoothing=0.1, mixup_alpha=0.4, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5)
+
+
+def timm_draw(seed, epoch, batch, height, width):
+    """timm's batch-mode Mixup draws written out from the batch's own generator (seed, epoch, batch, the
+    mixing stream): ('mixup' or 'cutmix', lambda, box or None). The cutmix box comes from the Beta draw
+    (timm's rand_bbox, then correct_lam), so a box that only matched the lambda it reports would differ."""
+    from data.random_streams import MIXING_STREAM
+    rng = np.random.default_rng([seed, epoch, batch, MIXING_STREAM])
+    assert rng.random() < RECIPE["mix_prob"]
+    cut = rng.random() < RECIPE["switch_prob"]
+    alpha = RECIPE["cutmix_alpha"] if cut else RECIPE["mixup_alpha"]
+    beta = rng.beta(alpha, alpha)
+    if not cut:
+        return "mixup", beta, None
+    ratio = np.sqrt(1.0 - beta)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = rng.integers(0, height), rng.integers(0, width)
+    yl, yh = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height)
+    xl, xh = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)
+    return "cutmix", 1.0 - (yh - yl) * (xh - xl) / (height * width), (yl, yh, xl, xh)
+
+
+def reference_loss_and_gradients(net, x, labels, kind, lam, box, smoothing=RECIPE["label_smoothing"]):
+    """The recipe's loss written in NumPy and plain TensorFlow: the input mixed with its reversed batch, the
+    smoothed one-hot targets mixed by lambda, mean cross-entropy of log_softmax; gradients by a tape over the
+    network's own forward (its statistic updates held back, so the real step starts from the same state)."""
+    from model.batch_renorm import deferred_statistics
+    mixed = x.copy()
+    if kind == "mixup":
+        mixed = lam * x + (1.0 - lam) * x[::-1]
+    elif kind == "cutmix":
+        yl, yh, xl, xh = box
+        mixed[:, yl:yh, xl:xh] = x[::-1, yl:yh, xl:xh]
+    onehot = np.eye(K_STEP)[labels]
+    smooth = onehot * (1.0 - smoothing) + smoothing / K_STEP
+    targets = (lam * smooth + (1.0 - lam) * smooth[::-1]).astype(np.float32)
+    with tf.GradientTape() as tape, deferred_statistics():
+        logits = net(tf.constant(mixed.astype(np.float32)), training=True)
+        loss = tf.reduce_mean(-tf.reduce_sum(targets * tf.nn.log_softmax(logits), axis=-1))
+    return float(loss), [g.numpy() for g in tape.gradient(loss, net.trainable_variables)]
+
+
+K_STEP = 4
+STEP_TOLERANCE = 2e-5  # of the largest gradient entry; measured 2.4e-6 (cutmix), 1.7e-6 (mixup): float32 rounding
+
+
+def test_the_recipe_step_equals_an_independent_reference_from_the_same_draws(tmp_path):
+    """One real train step with label smoothing, mixup or cutmix (one batch each), SGD without momentum at
+    lr 1: the weights move by minus the reference gradient, and the step reports the reference loss."""
+    from engine.trainer import Trainer
+    from model.preprocessing import to_model_input
+    config = write_train_config(
+        str(tmp_path), str(tmp_path / "unused"),
+        train={**{k: str(v) for k, v in RECIPE.items()}, "ema_decay": "0", "sgd_momentum": "0"},
+        model={"arch": "concat_resnet", "normalization": "batch_norm", "width_multiplier": "0.0625",
+               "zero_init_last_gamma": "false"},
+        l2={"l2_penalty": "0"})
+    from settings import load_settings
+    from tests.helpers import FakeReader
+    reader = FakeReader(steps=1, batch=8, crop=16, classes=K_STEP)
+    os.makedirs(tmp_path / "run")
+    trainer = Trainer(load_settings(config).with_classes(K_STEP, "test"), reader, str(tmp_path / "run"), 8)
+    seed, variables = trainer.settings.train.seed, trainer.net.trainable_variables
+    draws = {}
+    for b in range(200):  # epoch 0's first mixup batch and first cutmix batch that mix well (Beta(0.4) is
+        kind, lam, box = timm_draw(seed, 0, b, 16, 16)  # mostly near 0 or 1)
+        if 0.2 < lam < 0.8:
+            draws.setdefault(kind, (b, lam, box))
+    assert set(draws) == {"mixup", "cutmix"}
+    batch = reader.read(0, 0)
+    x = to_model_input(batch.images, batch.lighting, trainer.mu, trainer.sigma).numpy()
+    for kind, (b, lam, box) in sorted(draws.items()):
+        args = trainer.recipe.step_args(0, b, batch.images.shape)  # what train_epoch passes for batch b
+        assert float(args[0]) == pytest.approx(lam, abs=1e-6)
+        if box is not None:
+            assert args[2].numpy().tolist() == list(box)
+        loss, grads = reference_loss_and_gradients(trainer.net, x, batch.labels, kind, lam, box)
+        ignored, ignored_grads = reference_loss_and_gradients(trainer.net, x, batch.labels, "none", 1.0, None)
+        before = [v.numpy() for v in variables]
+        outputs = trainer._train_step(batch.images, batch.labels, batch.lighting, tf.constant(1.0), *args)
+        moved = [b - v.numpy() for b, v in zip(before, variables)]  # lr 1, no momentum: the gradient
+        scale = max(float(np.max(np.abs(g))) for g in grads)
+        error = max(float(np.max(np.abs(m - g))) for m, g in zip(moved, grads)) / scale
+        ignoring = max(float(np.max(np.abs(g - h))) for g, h in zip(grads, ignored_grads)) / scale
+        print(f"{kind}: lambda {lam:.4f}, loss {loss:.6f} vs step {float(outputs[0]):.6f}, gradient error "
+              f"{error:.2e} of the largest entry; a step ignoring the draws would be {ignoring:.2e} away")
+        assert float(outputs[0]) == pytest.approx(loss, rel=1e-5), kind
+        assert error <= STEP_TOLERANCE, (kind, error)
+        # The checks can fail: a step that ignored the draws is far outside both tolerances.
+        assert ignoring > 100 * STEP_TOLERANCE and abs(ignored - loss) > 10 * 1e-5 * loss, kind
 
 
 def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):

@@ -72,6 +72,13 @@ def test_switching_the_ema_on_or_off_is_refused_naming_ema_decay_and_the_runs_va
         run_identity.check_resume(run, 1, this_config(tmp_path, ema_decay=new), NO_GPU, 4)
 
 
+def test_a_run_resumed_with_another_accumulation_steps_is_refused_naming_the_key(tmp_path):
+    run = demo_record(tmp_path, accumulation_steps=2)
+    with pytest.raises(UserError, match=r"\[train\] accumulation_steps = 2"):
+        run_identity.check_resume(run, 1, this_config(tmp_path, accumulation_steps=1), NO_GPU, 4)
+    run_identity.check_resume(run, 1, this_config(tmp_path, accumulation_steps=2), NO_GPU, 4)  # the same: fine
+
+
 def test_a_new_ema_decay_learning_rate_or_smoothing_is_accepted_with_one_line_from_the_resumed_epoch(tmp_path):
     run = demo_record(tmp_path, command="python train.py --learning_rate 1e-2", ema_decay=0.9)
     new = this_config(tmp_path, ema_decay=0.99, label_smoothing=0.1, log_every=7, buffer_folder="/elsewhere")
@@ -123,7 +130,7 @@ def test_keys_without_effect_are_named_once_and_defaults_are_not():
     assert recipe_line.warnings(*demo_sections(mixup_alpha=0.2, switch_prob=0.3)) == [
         "ignored in these settings: [train] switch_prob = 0.3 (it chooses between mixup and cutmix, and only one "
         "alpha is > 0)."]
-    assert "[schedule] type = cosine, base_lr = 0.2, warmup_epochs = 1.0 (--learning_rate 0.01 sets a constant " \
+    assert "[schedule] type = cosine, base_lr = 0.2, reference_batch = 64, warmup_epochs = 1.0 (--learning_rate 0.01 sets a constant " \
            "rate)" in recipe_line.warnings(*demo_sections(), learning_rate=0.01)[0]
 
 

@@ -116,3 +116,42 @@ def test_linear_holds_base_lr_through_the_warmup_then_falls_in_a_straight_line()
     steps = np.arange(0, 121)
     expected = np.interp(steps, [0, 20, 100], [0.1, 0.4, 0.04])
     np.testing.assert_allclose([s(k) for k in steps], expected, rtol=1e-12)
+
+
+def preset_schedule(preset, batch_size, accumulation_steps=1, learning_rate=None):
+    """The preset's schedule as train.py builds it, at this batch and accumulation (no TensorFlow)."""
+    import dataclasses
+    import os
+    from settings import load_settings
+    from tests.helpers import ROOT
+    settings = load_settings(os.path.join(ROOT, preset), stats=False, decoder=False, devices=False,
+                             batch_size=batch_size)
+    settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train,
+                                                                       accumulation_steps=accumulation_steps))
+    return schedules.from_settings(settings, steps_per_epoch=100, epoch_end=16, learning_rate=learning_rate)
+
+
+@pytest.mark.parametrize("preset", ["config.txt", "configs/fast_recipe.txt", "configs/seed003_recipe.txt",
+                                    "configs/demo.txt"])
+def test_every_preset_rate_follows_the_effective_batch_128_512_and_128_x4(preset):
+    at_128, at_512, at_128x4 = (preset_schedule(preset, 128), preset_schedule(preset, 512),
+                                preset_schedule(preset, 128, accumulation_steps=4))
+    assert at_512.base_lr == pytest.approx(4 * at_128.base_lr, rel=1e-12)
+    assert at_128x4.base_lr == at_512.base_lr
+    steps = np.arange(0, 1600, 37)  # warm-up included: every rate of the schedule scales
+    np.testing.assert_allclose(at_512.value(steps), 4 * at_128.value(steps), rtol=1e-12)
+    assert "effective batch 512 / reference_batch" in at_128x4.describe()
+
+
+def test_fast_recipe_states_its_reference_batch_and_gives_0_1_at_256():
+    s = preset_schedule("configs/fast_recipe.txt", 256)
+    assert s.base_lr == pytest.approx(0.1) and "reference_batch 256" in s.describe()
+
+
+def test_learning_rate_flag_is_a_constant_as_written_whatever_the_batch():
+    assert preset_schedule("configs/fast_recipe.txt", 512, learning_rate=0.003)(0) == pytest.approx(0.003)
+
+
+def test_reference_batch_0_uses_base_lr_as_written():
+    s = schedules.from_config(section(base_lr=0.3), 10, 3, effective_batch=1024)
+    assert s(0) == pytest.approx(0.3) and "reference_batch" not in s.describe()

@@ -187,6 +187,9 @@ def _check_cross_keys(cfg):
     if cfg.model.arch == "resnet50" and cfg.model.normalization != "batch_renorm":
         raise ConfigError(f"{cfg.path}: [model] normalization = batch_norm is for arch = concat_resnet; resnet50 uses "
                           f"batch renorm (set [batch_renorm] rmax_max = 1 and dmax_max = 0 for batch-norm behaviour).")
+    if cfg.train.ema_decay >= 1 and not cfg.train.ema_warmup:
+        raise ConfigError(f"{cfg.path}: [train] ema_decay = 1 without ema_warmup keeps the initial weights forever; "
+                          f"use a decay below 1 (e.g. 0.9999), or set ema_warmup = true.")
     steps = cfg.train.profile_steps
     if steps and (len(steps) != 2 or steps[0] > steps[1]):
         raise ConfigError(f"{cfg.path}: [train] profile_steps must be two global steps 'first, last' (inclusive) "

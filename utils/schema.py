@@ -71,6 +71,13 @@ SCHEMA = {
         "mix_prob": Key("float", 1.0, lo=0.0, hi=1.0, help="probability that a batch is mixed at all (timm prob)"),
         "switch_prob": Key("float", 0.5, lo=0.0, hi=1.0,
                            help="with both alphas > 0: probability of cutmix instead of mixup (timm switch_prob)"),
+        "max_skipped_steps": Key("int", 50, lo=1,
+                                 help="stop after this many steps in a row were skipped for a non-finite loss or "
+                                      "gradient (a healthy float16 run skips at most ~15 in a row, while its "
+                                      "loss scale falls from 2^15 to 1)"),
+        "accumulation_steps": Key("int", 1, lo=1,
+                                  help="one optimizer update per this many buffer batches (their gradients' mean); "
+                                       "effective batch = --batch_size x this; 1 = off"),
         "profile_steps": Key("ints", (), lo=0, help="first, last global step (inclusive, from 0) of a TensorBoard "
                                                     "profiler trace written to <run>/tensorboard/; empty = none"),
     },
@@ -78,6 +85,9 @@ SCHEMA = {
         "type": Key("choice", "constant", choices=("constant", "step", "cosine", "onecycle", "linear"),
                     help="learning-rate schedule; train.py --learning_rate overrides it with a constant"),
         "base_lr": Key("float", 0.01, lo=0.0, help="initial rate (peak rate for onecycle)"),
+        "reference_batch": Key("int", 0, lo=0,
+                               help="the global batch base_lr is meant for: the rate (warm-up included) scales "
+                                    "linearly to the effective batch (Goyal et al. 2017); 0 = base_lr as written"),
         "boundaries": Key("floats", (), lo=0.0, help="step type: where the rate drops, in boundaries_unit"),
         "boundaries_unit": Key("choice", "epochs", choices=("epochs", "steps"),
                                help="epochs: the drop starts with that epoch; steps: piecewise_constant, after that step"),

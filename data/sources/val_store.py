@@ -239,28 +239,41 @@ class ValStore:
         k, offset, h, w = self._tables[kind][j].tolist()
         return self._blob(kind, k)[offset:offset + h * w * 3].reshape(h, w, 3)
 
-    def views(self, j, protocol):
-        """uint8 [V, crop, crop, 3] views of image j for protocol 1, 10 or 50."""
+    def check_crop(self, protocol, crop):
+        """Refuse a crop the stored images cannot give: above eval_resize (1 and 10 views) or the smallest of
+        the 50-view scales."""
+        largest = min(self.scales_50) if protocol == 50 else self.eval_resize
+        if not 1 <= crop <= largest:
+            what = "the smallest [images] eval_scales_50" if protocol == 50 else "the stored eval_resize"
+            raise UserError(f"--crop must be between 1 and {largest} ({what} of {self.path}) for {protocol} "
+                            f"view(s), received {crop}; use a smaller --crop or rebuild the store with "
+                            f"preprocess_val.py at a larger eval_resize.")
+
+    def views(self, j, protocol, crop=None):
+        """uint8 [V, crop, crop, 3] views of image j for protocol 1, 10 or 50 (crop: the store's unless given)."""
+        crop = crop or self.crop
         if protocol not in self.protocols:
             raise UserError(f"The validation store at {self.path} has no {protocol}-view data (it holds "
                                   f"{', '.join(map(str, self.protocols))}); set [preprocess_val] views_50 = true "
                                   f"and rerun preprocess_val.py.")
         if protocol == 1:
-            return images.center_crop(self.image(j), self.crop)[None]
+            return images.center_crop(self.image(j), crop)[None]
         if protocol == 10:
-            return images.eval_views(self.image(j), self.crop)
-        return images.views_at_scales(Image.fromarray(np.asarray(self.image(j, "src"))), self.scales_50, self.crop)
+            return images.eval_views(self.image(j), crop)
+        return images.views_at_scales(Image.fromarray(np.asarray(self.image(j, "src"))), self.scales_50, crop)
 
-    def iter_batches(self, protocol, images_per_batch, threads=None):
+    def iter_batches(self, protocol, images_per_batch, threads=None, crop=None):
         """Yield (views uint8 [n, V, crop, crop, 3], labels int64 [n]) over the whole store, in order."""
+        if crop is not None:
+            self.check_crop(protocol, crop)
         self.views(0, protocol) if len(self) else None  # fail early on a missing protocol
         threads = threads or (min(4, os.cpu_count() or 1) if protocol == 50 else 1)
         pool = ThreadPoolExecutor(threads) if threads > 1 else None  # PIL resizes release the GIL
         try:
             for start in range(0, len(self), images_per_batch):
                 js = range(start, min(start + images_per_batch, len(self)))
-                views = list(pool.map(self.views, js, [protocol] * len(js))) if pool else \
-                    [self.views(j, protocol) for j in js]
+                views = list(pool.map(self.views, js, [protocol] * len(js), [crop] * len(js))) if pool else \
+                    [self.views(j, protocol, crop) for j in js]
                 yield np.stack(views), self.labels[start:start + len(js)]
         finally:
             if pool:
