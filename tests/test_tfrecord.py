@@ -24,7 +24,8 @@ def build(source, out, label_offset, train_shards=3, val_shards=2, box_file=None
                                        str(val_shards), "--num_workers", "1", "--no_progress",
                                        "--jpeg_quality", str(quality)]
                                       + (["--bounding_box_file", str(box_file)] if box_file else []))
-    cfg = load_settings(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt"))
+    demo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.txt")
+    cfg = load_settings(demo, stats=False, decoder=False, devices=False)  # as tools/build_tfrecords.py loads it
     return build_tfrecords.build(args, cfg)
 
 
