@@ -8,6 +8,7 @@ byte for byte with a fixed-count producer's.
 """
 import subprocess
 
+import numpy as np
 import pytest
 
 from settings import load_settings
@@ -125,10 +126,6 @@ def auto_config(folder, dataset, buffer_size="6"):
                             runtime_preprocessing={"num_of_threads": "auto", "sizing_window": "0.1"})
 
 
-def batch_bytes(folder, epoch, batch):
-    return tuple(open(files.batch_file(folder, kind, epoch, batch), "rb").read() for kind in files.KINDS)
-
-
 EPOCHS = 30
 BATCHES = 10 * EPOCHS  # the solid dataset gives 10 batches per epoch
 
@@ -140,7 +137,7 @@ def test_adding_and_retiring_workers_changes_no_batch_and_builds_none_twice(soli
     fixed = solid_config_for(str(tmp_path / "fixed"), solid_dataset, train={"buffer_size": str(BATCHES)})
     assert run_producer(fixed, "--once", "--num_workers", "1", epoch_end=str(EPOCHS)).returncode == 0
     fixed_folder = load_settings(fixed).train.buffer_folder
-    reference = {key: batch_bytes(fixed_folder, *key) for key in files.scan_batches(fixed_folder)[0]}
+    reference = files.scan_batches(fixed_folder)[0]
     assert len(reference) == BATCHES
 
     config = auto_config(str(tmp_path / "auto"), solid_dataset)
@@ -149,15 +146,22 @@ def test_adding_and_retiring_workers_changes_no_batch_and_builds_none_twice(soli
     proc = subprocess.Popen(with_cores(4, producer_cmd(config, epoch_end=str(EPOCHS))), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
-    def check(epoch, b, batch):  # the file as the reader found it, against the fixed-count producer's
-        assert batch_bytes(folder, epoch, b) == reference[(epoch, b)]
+    seen = {}
+
+    def keep(epoch, b, batch):  # compared after reading: a check inside the loop slows the reader down to
+        seen[(epoch, b)] = batch  # a worker's pace, and then it never starves the producer into an add
     try:
-        adds = read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), BATCHES, check, folder,
+        adds = read_in_sizing_cycles(buffer_reader.BufferReader(cfg, SOLID_BATCH), BATCHES, keep, folder,
                                      cycles=2)
         assert proc.wait(30) == 0
         log = proc.stderr.read()
     finally:
         stop_process(proc)
     assert adds == 2, log
+    assert sorted(seen) == sorted(reference)
+    for key, batch in seen.items():  # the arrays as the reader found them, against the fixed-count producer's
+        expected = [np.load(files.batch_file(fixed_folder, kind, *key)) for kind in ("X", "Y", "L")]
+        for got, want in zip((batch.images, batch.labels, batch.lighting), expected):
+            assert got.dtype == want.dtype and np.array_equal(got, want), key
     assert "workers: 1 -> 2: trainer takes" in log and "workers: 2 -> 1: trainer takes" in log, log
     assert f"produced {BATCHES} batches" in log, log  # none built twice
