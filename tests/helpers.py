@@ -5,6 +5,7 @@ the small generated dataset and train.py runs (trainer, chaos, distribution, dis
 Trainer's checkpoint state (precision tests)."""
 import collections
 import configparser
+import contextlib
 import json
 import os
 import signal
@@ -74,6 +75,21 @@ def free_ports(n):
     for s in socks:
         s.close()
     return ports
+
+
+@contextlib.contextmanager
+def without_op_determinism():
+    """TF op determinism off inside, then as it was: it is process-wide and has no public switch off, and an
+    in-process Trainer built earlier with deterministic = true leaves it on, which makes XLA refuse the
+    max-pool gradient."""
+    from tensorflow.python.framework import config as tf_config
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    try:
+        yield
+    finally:
+        if was:
+            tf_config.enable_op_determinism()
 
 
 def wait_until(predicate, timeout=20.0, poll=0.02):

@@ -1,11 +1,10 @@
 """Fault injection over the whole pipeline, the way storage and database projects test themselves.
 
-The chaos test runs the demo-scale pipeline (tools/launch.py with runtime_preprocessing.py and
-train.py, and check_accuracy.py alongside) on a tiny generated solid_dataset and SIGKILLs the producer,
-the trainer and the evaluator at seeded random moments. Each comes back as a user would bring it
-back: the launcher restarts a dead producer itself (--epoch_start=auto); a killed trainer ends the
-launcher, which is started again with --epoch_start=auto; a killed evaluator is started again with
---epoch_start=auto. Afterwards, against an uninterrupted twin run ([train] deterministic = true):
+The chaos test runs the demo-scale pipeline (tools/launch.py with runtime_preprocessing.py and train.py, and
+check_accuracy.py alongside) on a tiny generated solid_dataset and SIGKILLs the producer, the trainer and the
+evaluator at seeded random moments. Each comes back as a user would bring it back, with --epoch_start=auto: the
+launcher restarts a dead producer itself; a killed trainer ends the launcher, which is started again; a killed
+evaluator is started again. Afterwards, against an uninterrupted twin run ([train] deterministic = true):
 - every epoch folder is complete and its SavedModel loads and runs;
 - batches.log, read as the trainer's timeline (surviving_batches), trained each batch of every
   epoch exactly once and in order;
@@ -17,10 +16,9 @@ launcher, which is started again with --epoch_start=auto; a killed evaluator is 
 A producer with num_of_threads = auto is also SIGKILLed while it adds and while it retires a worker
 (2 kills in `make test`, 8 in `make chaos`), with the same checks on the batches the trainer reads.
 
-`make test` runs the short version (4 kills, one of each kind at least); `make chaos`
-(CHAOS_LONG=1) the long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill
-is printed and logged to <tmp>/chaos.log with what the victim was doing.
-The start-order tests (the buffer protocol alone) are in test_start_order.py.
+`make test` runs the short version (4 kills, one of each kind at least); `make chaos` (CHAOS_LONG=1) the
+long one (>= 20 kills). CHAOS_SEED picks the schedule (default 1); every kill is printed and logged to
+<tmp>/chaos.log with what the victim was doing. The start-order tests are in test_start_order.py.
 """
 import collections
 import os

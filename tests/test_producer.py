@@ -122,11 +122,11 @@ def test_refill_rule_and_deletion_of_consumed(solid_dataset, tmp_path):
         # lead 5 >= 4.8: delete batch 0, no refill (that the rule builds nothing then is plan_refill's, pinned
         # in tests/test_buffer.py; a wrong refill here would start in the same loop pass as the deletion).
         protocol.write_progress(folder, 0, 1)
-        assert wait_until(lambda: ready() == [(0, b) for b in range(1, 6)])
+        assert wait_until(lambda: ready() == [(0, b) for b in range(1, 6)]), ready()
         protocol.write_progress(folder, 0, 2)  # lead 4 < 4.8: refill up to 2 + 6
-        assert wait_until(lambda: ready() == [(0, b) for b in range(2, 8)])
+        assert wait_until(lambda: ready() == [(0, b) for b in range(2, 8)]), ready()
         protocol.write_progress(folder, 0, 8)  # across the epoch boundary
-        assert wait_until(lambda: ready() == [(0, 8), (0, 9), (1, 0), (1, 1), (1, 2), (1, 3)])
+        assert wait_until(lambda: ready() == [(0, 8), (0, 9), (1, 0), (1, 1), (1, 2), (1, 3)]), ready()
         assert p.poll() is None
     finally:
         p.kill()

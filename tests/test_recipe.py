@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from engine import ema, mixing
-from tests.fake_trainer import make_trainer
+from tests.fake_trainer import FakeReader, make_trainer
 from tests.helpers import stop_process, write_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,7 +238,6 @@ def test_the_recipe_step_equals_an_independent_reference_from_the_same_draws(tmp
                "zero_init_last_gamma": "false"},
         l2={"l2_penalty": "0"})
     from settings import load_settings
-    from tests.helpers import FakeReader
     reader = FakeReader(steps=1, batch=8, crop=16, classes=K_STEP)
     os.makedirs(tmp_path / "run")
     trainer = Trainer(load_settings(config).with_classes(K_STEP, "test"), reader, str(tmp_path / "run"), 8)
