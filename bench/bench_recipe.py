@@ -1,6 +1,6 @@
 """What each recipe feature costs per training step: steps/s with and without it, side by side.
 
-The trainer's own step (engine/trainer.py, the tf.function train.py runs) on the demo-size network
+The trainer's own step (engine/train_step.py, the tf.function train.py runs) on the demo-size network
 (configs/demo.txt: ResNet-50 at width 0.25, 64 px crops, batch 64), on fixed synthetic batches, for:
   plain       every feature off (today's step)
   smoothing   [train] label_smoothing = 0.1

@@ -1,6 +1,6 @@
 """Non-finite steps: the one finiteness decision, the loss scale, the skipped-step count and the stop sentence.
 
-The trainer (engine/trainer.py) sums every replica's gradients itself, then decides `finite` from the
+The compiled step (engine/train_step.py) sums every replica's gradients itself, then decides `finite` from the
 summed gradients, the summed loss and a summed flag for each replica's proposed batch-renorm statistics.
 All-reduced values are the same on every replica and every worker, so all take the same branch: the
 step is applied everywhere or nowhere, and no collective sits inside either branch (no worker can
