@@ -24,6 +24,7 @@ from utils.errors import UserError
 # Settings whose change makes the checkpoint another network or optimizer: refused on resume.
 IDENTITY = (
     ("model", "arch"), ("model", "width_multiplier"), ("model", "variant"), ("model", "stride_on"),
+    ("model", "stage_blocks"),
     ("model", "normalization"), ("model", "num_classes"),
     ("train", "mixed_precision"), ("train", "optimizer"), ("train", "ema_decay"),  # ema_decay: on/off only
     # accumulation_steps: the effective batch the run's rate (reference_batch), loss scale and EMA were set for;

@@ -23,7 +23,7 @@ ARCHS = tuple(STAGES) + ("concat_resnet",)
 
 def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant="standard", stride_on="auto",
                 zero_init_last_gamma=False, renorm=None, l2_penalty=0.0, compute_dtype="float32", seed=0,
-                normalization="batch_renorm"):
+                normalization="batch_renorm", stage_blocks=()):
     """Build a ResNet (a tf.Module) with batch renormalization, or the Tiny ImageNet recipe's concatenating ResNet.
 
     Args:
@@ -41,6 +41,7 @@ def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant
             statistics stay float32, logits are float32.
         seed: initialisation seed.
         normalization: 'batch_renorm', or for concat_resnet also 'batch_norm' (the Tiny ImageNet recipe's).
+        stage_blocks: blocks in each stage of resnet50 (4 counts); empty = the arch's (3, 4, 6, 3).
     """
     _check_choice("arch", arch, ARCHS)
     _check_choice("normalization", normalization, NORMALIZATIONS)
@@ -56,19 +57,23 @@ def build_model(arch="resnet50", num_classes=1000, width_multiplier=1.0, variant
     elif isinstance(renorm, dict):
         renorm = RenormConfig(**renorm)
     if arch == "concat_resnet":
-        if variant != "standard" or stride_on != "auto" or zero_init_last_gamma:
-            raise ValueError(f"variant, stride_on and zero_init_last_gamma apply to resnet50 only, received "
-                             f"{variant!r}, {stride_on!r}, {zero_init_last_gamma!r} for concat_resnet")
+        if variant != "standard" or stride_on != "auto" or zero_init_last_gamma or stage_blocks:
+            raise ValueError(f"variant, stride_on, zero_init_last_gamma and stage_blocks apply to resnet50 only, "
+                             f"received {variant!r}, {stride_on!r}, {zero_init_last_gamma!r}, {stage_blocks!r} "
+                             f"for concat_resnet")
         return ConcatResNet(num_classes=num_classes, width_multiplier=float(width_multiplier),
                             normalization=normalization, renorm=renorm, l2_penalty=l2_penalty,
                             compute_dtype=compute_dtype, seed=seed)
     if normalization != "batch_renorm":
         raise ValueError(f"resnet50 uses batch renorm (rmax_max = 1, dmax_max = 0 make it batch norm), received "
                          f"normalization={normalization!r}")
+    stage_blocks = tuple(stage_blocks)
+    if stage_blocks and (len(stage_blocks) != len(STAGES[arch]) or min(stage_blocks) < 1):
+        raise ValueError(f"stage_blocks must be {len(STAGES[arch])} positive counts, received {stage_blocks!r}")
     return ResNet(arch=arch, num_classes=num_classes, width_multiplier=float(width_multiplier), variant=variant,
                   stride_on=DEFAULT_STRIDE_ON[variant] if stride_on == "auto" else stride_on,
                   zero_init_last_gamma=bool(zero_init_last_gamma), renorm=renorm, l2_penalty=l2_penalty,
-                  compute_dtype=compute_dtype, seed=seed)
+                  compute_dtype=compute_dtype, seed=seed, stage_blocks=stage_blocks)
 
 
 def _check_choice(name, value, choices):
@@ -96,4 +101,4 @@ def model_kwargs(settings):
                 variant=m.variant, stride_on=m.stride_on, zero_init_last_gamma=m.zero_init_last_gamma,
                 renorm=dataclasses.asdict(RenormConfig.from_settings_section(settings.batch_renorm)),
                 l2_penalty=settings.l2.l2_penalty, compute_dtype=COMPUTE_DTYPE_OF_POLICY[train.mixed_precision],
-                seed=train.seed, normalization=m.normalization)
+                seed=train.seed, normalization=m.normalization, stage_blocks=list(m.stage_blocks))

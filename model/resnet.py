@@ -101,7 +101,7 @@ class ResNet(tf.Module):
     """
 
     def __init__(self, *, arch, num_classes, width_multiplier, variant, stride_on, zero_init_last_gamma,
-                 renorm, l2_penalty, compute_dtype, seed):
+                 renorm, l2_penalty, compute_dtype, seed, stage_blocks=()):
         super().__init__(name=arch)
         init = Initializer(seed)
         self.renorm = renorm
@@ -116,9 +116,10 @@ class ResNet(tf.Module):
         self.blocks = {}
         self.block_order = []
         channels = stem_width
-        for stage_index, stage in enumerate(STAGES[arch]):
+        blocks = stage_blocks or tuple(stage.blocks for stage in STAGES[arch])
+        for stage_index, (stage, stage_depth) in enumerate(zip(STAGES[arch], blocks)):
             width = scaled(stage.width, width_multiplier)
-            for block_index in range(stage.blocks):
+            for block_index in range(stage_depth):
                 prefix = f"conv{stage_index + 2}_block{block_index + 1}"
                 stride = 2 if block_index == 0 and stage_index > 0 else 1
                 self.blocks[prefix] = Bottleneck(prefix, channels, width, stride, variant=variant,

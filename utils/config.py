@@ -187,6 +187,11 @@ def _check_cross_keys(cfg):
     if cfg.model.arch == "resnet50" and cfg.model.normalization != "batch_renorm":
         raise ConfigError(f"{cfg.path}: [model] normalization = batch_norm is for arch = concat_resnet; resnet50 uses "
                           f"batch renorm (set [batch_renorm] rmax_max = 1 and dmax_max = 0 for batch-norm behaviour).")
+    blocks = cfg.model.stage_blocks
+    if blocks and (cfg.model.arch != "resnet50" or len(blocks) != 4):
+        raise ConfigError(f"{cfg.path}: [model] stage_blocks sets resnet50's 4 stages, received "
+                          f"'{', '.join(map(str, blocks))}' for arch = {cfg.model.arch}; give 4 counts "
+                          f"(e.g. 3, 4, 6, 3) with arch = resnet50, or leave it empty.")
     if cfg.train.ema_decay >= 1 and not cfg.train.ema_warmup:
         raise ConfigError(f"{cfg.path}: [train] ema_decay = 1 without ema_warmup keeps the initial weights forever; "
                           f"use a decay below 1 (e.g. 0.9999), or set ema_warmup = true.")

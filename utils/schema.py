@@ -162,6 +162,10 @@ SCHEMA = {
                        help="standard He et al. ResNet-50, or the original author's (ELU, parameter-free shortcuts, conv biases)"),
         "stride_on": Key("choice", "auto", choices=("auto", "3x3", "1x1"),
                          help="3x3 = ResNet v1.5, 1x1 = v1; auto = 3x3 for standard, 1x1 for original"),
+        "stage_blocks": Key("ints", (), lo=1,
+                            help="resnet50: bottleneck blocks in each of the 4 stages; empty = 3, 4, 6, 3 (ResNet-50); "
+                                 "3, 4, 23, 3 is ResNet-101. The test suite uses 1, 1, 1, 1: every kind of layer, "
+                                 "compiled in half the time"),
         "zero_init_last_gamma": Key("bool", False, help="start the last batch renorm gamma of each block at 0"),
         "normalization": Key("choice", "batch_renorm", choices=("batch_renorm", "batch_norm"),
                              help="concat_resnet: batch_norm (the Tiny ImageNet recipe; momentum 0.99, epsilon 1e-3) or batch_renorm "
