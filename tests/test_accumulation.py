@@ -3,6 +3,9 @@ the mean of the k micro-batch gradients; a run killed mid-group resumes bit-iden
 micro-batch skips its whole group.
 
 In-process trainers on one device (crop 32, width 0.0625, batch 8), the way tests/test_recipe.py builds them.
+Every test trains epochs of 3 batches at k = 2: the groups [0, 1] and the short [2]. One trainer, built and
+traced once for the module, serves the tests that need the real step; each starts it from its initial state
+(a trainer and its step's traces cost ~10 s of CPU, their epochs ~0.1 s).
 """
 import numpy as np
 import pytest
@@ -12,23 +15,56 @@ from engine import run_folder
 from tests.fake_trainer import FakeReader, make_trainer
 
 K = 2
+STEPS = 3
+GROUPS = ((0, 1), (2,))
 
 
-def test_the_accumulated_update_equals_one_update_with_the_mean_of_the_micro_batch_gradients(tmp_path):
+class KillableReader(FakeReader):
+    """FakeReader that raises once right after batch `kill[1]` of epoch `kill[0]` was trained (mid-group)."""
+    kill = None
+
+    def report_progress(self, epoch, done):
+        if self.kill is not None and (epoch, done) == (self.kill[0], self.kill[1] + 1):
+            self.kill = None
+            raise KeyboardInterrupt("killed mid-accumulation")
+
+
+def initial_checkpoint(trainer, folder):
+    """The trainer's state before any step (epoch -1), written to `folder`: restore() starts a test from it."""
+    prefix = run_folder.checkpoint_prefix(str(folder))
+    trainer.checkpoint.write(prefix)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def accumulating(tmp_path_factory):
+    """(trainer, its initial checkpoint): k = 2 with the EMA on, no injection hooks in its step."""
+    tmp = tmp_path_factory.mktemp("accumulation")
+    trainer = make_trainer(tmp, "shared", reader=KillableReader(steps=STEPS), accumulation_steps=K,
+                           ema_decay=0.5, ema_warmup="true")
+    return trainer, initial_checkpoint(trainer, tmp / "initial")
+
+
+def from_the_start(accumulating):
+    trainer, initial = accumulating
+    trainer.reader.kill = None
+    trainer.restore(initial, expected_epoch=-1)
+    return trainer
+
+
+def test_the_accumulated_update_equals_one_update_with_the_mean_of_the_micro_batch_gradients(accumulating):
     """Reference: the same network and SGD, each micro-batch's gradient computed one by one (its batch-renorm
     statistics updated by its own forward, as the trainer commits them per micro-batch), then one
-    apply_gradients of their mean."""
+    apply_gradients of their mean per group: / 2 for [0, 1], / 1 for the short [2]."""
     import keras
     from model import build_model, model_kwargs
     from model.preprocessing import to_model_input
-    reader = FakeReader(steps=K)
-    trainer = make_trainer(tmp_path, "accumulated", reader=reader, accumulation_steps=K)
+    trainer = from_the_start(accumulating)
     keras.utils.set_random_seed(trainer.settings.train.seed)
     net = build_model(**model_kwargs(trainer.settings))
-    for ours, theirs in zip(trainer.net.variables, net.variables):
+    for ours, theirs in zip(trainer.net.variables, net.variables):  # the restore gave the initial state back
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
-    lr = trainer.schedule(0)
-    opt = keras.optimizers.SGD(learning_rate=lr, momentum=trainer.settings.train.sgd_momentum)
+    opt = keras.optimizers.SGD(learning_rate=trainer.schedule(0), momentum=trainer.settings.train.sgd_momentum)
     opt.build(net.trainable_variables)
 
     @tf.function
@@ -40,21 +76,24 @@ def test_the_accumulated_update_equals_one_update_with_the_mean_of_the_micro_bat
         net.train_step.assign_add(1)
         return tape.gradient(loss, net.trainable_variables)
 
-    micro = [gradients(tf.constant(b.images), tf.constant(b.labels), tf.constant(b.lighting))
-             for b in (reader.read(0, i) for i in range(K))]
-    mean = [tf.add_n(list(g)) / K for g in zip(*micro)]
-    opt.apply_gradients(zip(mean, net.trainable_variables))
+    for group in GROUPS:
+        opt.learning_rate = trainer.schedule(group[0])  # one rate per update: the one at its first batch
+        micro = [gradients(tf.constant(b.images), tf.constant(b.labels), tf.constant(b.lighting))
+                 for b in (trainer.reader.read(0, i) for i in group)]
+        mean = [tf.add_n(list(g)) / len(group) for g in zip(*micro)]
+        opt.apply_gradients(zip(mean, net.trainable_variables))
     before = [v.numpy() for v in trainer.net.trainable_variables]
     trainer.train_epoch(0)
-    assert int(trainer.optimizer.iterations.numpy()) == 1 and trainer.global_step() == K
+    assert int(trainer.optimizer.iterations.numpy()) == len(GROUPS) and trainer.global_step() == STEPS
+    assert trainer.traces["train_step"] == 2  # accumulate and apply once each: the short group's count is a tensor
     worst = 0.0
     for ours, theirs in zip(trainer.net.variables, net.variables):
         a, b = ours.numpy(), theirs.numpy()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=ours.name)
         worst = max(worst, float(np.abs(a - b).max()))
     moved = sum(not np.array_equal(v.numpy(), s) for v, s in zip(trainer.net.trainable_variables, before))
-    assert moved > len(before) // 2  # the update happened
-    print(f"largest difference from the one-by-one mean: {worst:.3g}")
+    assert moved > len(before) // 2  # the updates happened
+    print(f"largest difference from the one-by-one means: {worst:.3g}")
     sums = trainer._train_step.sums
     assert len(sums) == len(trainer.net.trainable_variables)
     assert all(float(tf.reduce_max(tf.abs(s))) == 0.0 for s in sums)  # emptied after the update
@@ -65,55 +104,47 @@ def everything(trainer):
     return list(trainer.net.variables) + list(trainer.optimizer.variables) + list(trainer.ema.net.variables)
 
 
-class KilledReader(FakeReader):
-    """FakeReader that raises right after batch `kill_at` of epoch `kill_epoch` was trained (mid-group)."""
-
-    def __init__(self, kill_epoch, kill_at, **kw):
-        super().__init__(**kw)
-        self.kill_epoch, self.kill_at = kill_epoch, kill_at
-
-    def report_progress(self, epoch, done):
-        if (epoch, done) == (self.kill_epoch, self.kill_at + 1):
-            self.kill_epoch = None  # once
-            raise KeyboardInterrupt("killed mid-accumulation")
-
-
-def test_a_run_killed_between_micro_batches_resumes_bit_identically(tmp_path):
-    """3 batches per epoch, k = 2: groups [0, 1] and the short [2]. The twin is killed after batch 0 of
-    epoch 1 (the first micro-batch of a group, its gradient in the accumulator), restores epoch 0's
-    checkpoint into the same trainer (its accumulator not empty: stricter than a new process) and
+def test_a_run_killed_between_micro_batches_resumes_bit_identically(accumulating, tmp_path):
+    """The run trains epochs 0 and 1 uninterrupted, then its twin restores epoch 0's checkpoint into the same
+    trainer, is killed after batch 0 of epoch 1 (the first micro-batch of a group, its gradient in the
+    accumulator), restores the checkpoint again (its accumulator not empty: stricter than a new process) and
     retrains epoch 1."""
-    features = dict(accumulation_steps=K, ema_decay=0.5, ema_warmup="true")
-    whole = make_trainer(tmp_path, "whole", reader=FakeReader(steps=3), **features)
-    whole.train_epoch(0)
+    trainer = from_the_start(accumulating)
+    trainer.train_epoch(0)
     prefix = run_folder.checkpoint_prefix(str(tmp_path / "epoch0"))
-    whole.epoch_var.assign(0)
-    whole.checkpoint.write(prefix)
-    whole.train_epoch(1)
-    assert int(whole.optimizer.iterations.numpy()) == 4 and whole.global_step() == 6  # 2 updates per epoch
-    killed = make_trainer(tmp_path, "killed", reader=KilledReader(1, 0, steps=3), **features)
-    killed.restore(prefix, expected_epoch=0)
+    trainer.epoch_var.assign(0)
+    trainer.checkpoint.write(prefix)
+    trainer.train_epoch(1)
+    assert int(trainer.optimizer.iterations.numpy()) == 4 and trainer.global_step() == 6  # 2 updates per epoch
+    whole = [(v.name, v.numpy()) for v in everything(trainer)]
+    trainer.restore(prefix, expected_epoch=0)
+    trainer.reader.kill = (1, 0)
     with pytest.raises(KeyboardInterrupt):
-        killed.train_epoch(1)
-    assert any(float(tf.reduce_max(tf.abs(s))) > 0 for s in killed._train_step.sums)  # killed mid-group
-    killed.restore(prefix, expected_epoch=0)
-    killed.train_epoch(1)
-    for a, b in zip(everything(whole), everything(killed)):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+        trainer.train_epoch(1)
+    assert any(float(tf.reduce_max(tf.abs(s))) > 0 for s in trainer._train_step.sums)  # killed mid-group
+    trainer.restore(prefix, expected_epoch=0)
+    trainer.train_epoch(1)
+    for (name, a), b in zip(whole, everything(trainer)):
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=name)
 
 
 def test_a_non_finite_micro_batch_skips_its_whole_group_and_equals_the_twin_that_skips_it_by_construction(tmp_path):
-    """4 batches, k = 2: +inf in the gradient of batch 2 (the first of group [2, 3]) leaves every variable
-    finite, applies only group [0, 1], counts both batches of the group as skipped, and equals bit for bit the
-    twin whose batch 2 is declared non-finite with nothing non-finite in it."""
+    """+inf in the gradient of batch 0 (the first of group [0, 1]) leaves every variable finite, skips that
+    group, counts both its batches as skipped, applies the group [2] after it (the accumulator was emptied of
+    the +inf), and equals bit for bit the twin whose batch 0 is declared non-finite with nothing non-finite in
+    it. One trainer runs both: its injection tables are variables the twin re-plans."""
     from engine.numerics import Injection
-    runs = {}
-    for name, inject in (("injected", Injection(gradients={2: 0})), ("twin", Injection(skips=(2,)))):
-        trainer = make_trainer(tmp_path, name, reader=FakeReader(steps=4), inject=inject, accumulation_steps=K)
-        runs[name] = (trainer, trainer.train_epoch(0))
-    (injected, summary), (twin, _) = runs["injected"], runs["twin"]
-    assert int(injected.optimizer.iterations.numpy()) == 1 and summary["skipped_steps"] == 2
+    inject = Injection(steps=STEPS)
+    trainer = make_trainer(tmp_path, "injected", reader=FakeReader(steps=STEPS), inject=inject, accumulation_steps=K)
+    initial = initial_checkpoint(trainer, tmp_path / "initial")
     state = lambda t: list(t.net.variables) + list(t.optimizer.variables)  # noqa: E731
-    assert all(np.all(np.isfinite(v.numpy())) for v in state(injected))
-    for a, b in zip(state(injected), state(twin)):
-        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    inject.plan(gradients={0: 0})
+    summary = trainer.train_epoch(0)
+    assert int(trainer.optimizer.iterations.numpy()) == 1 and summary["skipped_steps"] == 2
+    assert all(np.all(np.isfinite(v.numpy())) for v in state(trainer))
+    injected = [(v.name, v.numpy()) for v in state(trainer)]
+    trainer.restore(initial, expected_epoch=-1)
+    inject.plan(skips=(0,))
+    assert trainer.train_epoch(0)["skipped_steps"] == 2
+    for (name, a), b in zip(injected, state(trainer)):
+        np.testing.assert_array_equal(a, b.numpy(), err_msg=name)
