@@ -5,7 +5,7 @@ micro-batch skips its whole group.
 In-process trainers on one device (crop 32, width 0.0625, batch 8), the way tests/test_recipe.py builds them.
 Every test trains epochs of 3 batches at k = 2: the groups [0, 1] and the short [2]. One trainer, built and
 traced once for the module, serves the tests that need the real step; each starts it from its initial state
-(a trainer and its step's traces cost ~10 s of CPU, their epochs ~0.1 s).
+(a trainer and its first epoch's two traces cost ~6 s of CPU, each later epoch ~0.1 s).
 """
 import numpy as np
 import pytest

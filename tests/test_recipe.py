@@ -275,7 +275,8 @@ def test_the_recipe_step_equals_an_independent_reference_from_the_same_draws(tmp
 def test_a_resumed_runs_ema_equals_the_uninterrupted_ones(tmp_path):
     """The run trains epochs 0 and 1; its resumed twin restores epoch 0's checkpoint into the same trainer
     (whose EMA, weights and slots have moved on by an epoch: any of them missing from the checkpoint shows)
-    and retrains epoch 1. One trainer: a second one cost its own trace (~10 s of the test's 25)."""
+    and retrains epoch 1. One trainer: a second one paid its own trace, half of the test's time
+    (measured 12-25 s with two, 6-11 s with one)."""
     from engine import run_folder
     features = dict(label_smoothing=0.1, ema_decay=0.5, ema_warmup="true", mixup_alpha=0.4, cutmix_alpha=1.0)
     trainer = make_trainer(tmp_path, "whole", **features)
