@@ -182,10 +182,14 @@ def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
             assert (batch.lighting == 0).all()  # no PCA lighting in seed 002
     assert shapes == {0: {(8, 16, 16, 3)}, 1: {(8, 24, 24, 3)}, 2: {(8, 32, 32, 3)}}
     assert [reader.crop_size(e) for e in range(4)] == [16, 24, 32, 32]
-    with pytest.raises(UserError, match="crop"):  # a trainer configured for other sizes is refused
+    # A trainer configured for other sizes is refused (wait_timeout 0: with no producer running it would
+    # otherwise wait the preset's 30 s for one that rewrites the manifest).
+    with pytest.raises(UserError, match=r"holds crops \[\[0, 16\], \[1, 24\], \[2, 32\]\] .* but this config has "
+                                        r"\[\[0, 16\], \[1, 32\]\]"):
         BufferReader(load_settings(write_preset(str(tmp_path / "other"), tiny_set, images={
             "crop_size": "32", "crop_schedule": "0:16, 1:32", "eval_resize": "32", "scale_min": "32",
-            "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer")})), 8).check_manifest()
+            "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer"), "wait_timeout": "0"})),
+            8).check_manifest()
 
 
 def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
