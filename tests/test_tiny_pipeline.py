@@ -127,12 +127,19 @@ def write_preset(folder, data_root, **sections):
 
 
 def run_script(script, *args):
+    return finish(start_script(script, *args))
+
+
+def start_script(script, *args):
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +207,15 @@ def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
                                                            "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
                           train={"buffer_size": "12"}, model={"width_multiplier": "0.0625"},
                           schedule={"total_epochs": "2", "base_lr": "0.003"})
-    run_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start", "0",
-               "--epoch_end", "2", "--once", "--no_progress")
-    assert train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
-                       "--batch_size", "8"]) == 0
-    run_script("preprocess_val.py", "--config", config, "--num_workers", "1")
+    # The producer and the validation set's writer run while the trainer builds and traces (it waits for batches).
+    producer = start_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start",
+                            "0", "--epoch_end", "2", "--once", "--no_progress")
+    val = start_script("preprocess_val.py", "--config", config, "--num_workers", "1")
+    code = train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
+                       "--batch_size", "8"])
+    finish(producer)
+    finish(val)
+    assert code == 0
     cfg = load_settings(config)
     results = check_accuracy(cfg, "tiny", 1, 2, views=1, timeout=0, say=lambda *a: None)
     # 12 steps do not teach this set's shapes (its accuracy is near chance, so no floor is stated): what is
