@@ -135,6 +135,15 @@ def test_reader_waits_reads_in_order_and_reports(buffer_setup):
     assert protocol.read_progress(folder) == (1, 0)  # the end of an epoch is the start of the next
 
 
+def test_a_new_reader_removes_the_progress_temp_of_a_killed_trainer(buffer_setup):
+    cfg, folder = buffer_setup
+    left = os.path.join(folder, f".tmp-{protocol.PROGRESS}-4242-a1b2c3")  # utils.files.temp_name's form
+    with open(left, "w") as f:
+        f.write("0\n3\n")
+    buffer_reader.BufferReader(cfg, 4)
+    assert os.listdir(folder) == [protocol.MANIFEST]  # the temp only: the producer sweeps it a minute later
+
+
 def test_reader_refuses_foreign_batch_files(buffer_setup):
     cfg, folder = buffer_setup
     images, labels, lighting = fake_batch(crop=20)

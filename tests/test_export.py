@@ -30,11 +30,13 @@ print(json.dumps({"mu": loaded.mu.numpy().tolist(), "sigma": loaded.sigma.numpy(
 
 
 def test_saved_model_round_trip_without_project_code(tmp_path):
-    net = build_model(num_classes=5, width_multiplier=0.25, renorm=dict(momentum=0.0))
-    net(random_images([4, 64, 64, 3]), training=True)  # moving statistics = this batch's: sane logits
+    # One block per stage at width 0.0625 keeps every kind of layer and variable; its export took 1.4 s here
+    # against 5.7 s for the full depth at width 0.25 (64 px).
+    net = build_model(num_classes=5, width_multiplier=0.0625, renorm=dict(momentum=0.0), stage_blocks=(1, 1, 1, 1))
+    net(random_images([4, 32, 32, 3]), training=True)  # moving statistics = this batch's: sane logits
     mu, sigma = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
     export_saved_model(net, str(tmp_path / "saved"), mu, sigma)
-    images = np.random.RandomState(0).randint(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
+    images = np.random.RandomState(0).randint(0, 256, size=(3, 32, 32, 3)).astype(np.uint8)
     normalized = ((images / 255.0 - np.array(mu)) / np.array(sigma)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     np.save(tmp_path / "normalized.npy", normalized)

@@ -127,12 +127,19 @@ def write_preset(folder, data_root, **sections):
 
 
 def run_script(script, *args):
+    return finish(start_script(script, *args))
+
+
+def start_script(script, *args):
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +189,14 @@ def test_progressive_crop_sizes_in_produced_batches(tmp_path, tiny_set):
             assert (batch.lighting == 0).all()  # no PCA lighting in seed 002
     assert shapes == {0: {(8, 16, 16, 3)}, 1: {(8, 24, 24, 3)}, 2: {(8, 32, 32, 3)}}
     assert [reader.crop_size(e) for e in range(4)] == [16, 24, 32, 32]
-    with pytest.raises(UserError, match="crop"):  # a trainer configured for other sizes is refused
+    # A trainer configured for other sizes is refused (wait_timeout 0: with no producer running it would
+    # otherwise wait the preset's 30 s for one that rewrites the manifest).
+    with pytest.raises(UserError, match=r"holds crops \[\[0, 16\], \[1, 24\], \[2, 32\]\] .* but this config has "
+                                        r"\[\[0, 16\], \[1, 32\]\]"):
         BufferReader(load_settings(write_preset(str(tmp_path / "other"), tiny_set, images={
             "crop_size": "32", "crop_schedule": "0:16, 1:32", "eval_resize": "32", "scale_min": "32",
-            "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer")})), 8).check_manifest()
+            "scale_max": "32"}, train={"buffer_folder": str(tmp_path / "buffer"), "wait_timeout": "0"})),
+            8).check_manifest()
 
 
 def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
@@ -196,11 +207,15 @@ def test_short_end_to_end_run_of_the_reduced_preset(tmp_path, tiny_set):
                                                            "eval_resize": "32", "scale_min": "32", "scale_max": "32"},
                           train={"buffer_size": "12"}, model={"width_multiplier": "0.0625"},
                           schedule={"total_epochs": "2", "base_lr": "0.003"})
-    run_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start", "0",
-               "--epoch_end", "2", "--once", "--no_progress")
-    assert train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
-                       "--batch_size", "8"]) == 0
-    run_script("preprocess_val.py", "--config", config, "--num_workers", "1")
+    # The producer and the validation set's writer run while the trainer builds and traces (it waits for batches).
+    producer = start_script("runtime_preprocessing.py", "--config", config, "--batch_size", "8", "--epoch_start",
+                            "0", "--epoch_end", "2", "--once", "--no_progress")
+    val = start_script("preprocess_val.py", "--config", config, "--num_workers", "1")
+    code = train.main(["--config", config, "--run_folder", "tiny", "--epoch_start", "0", "--epoch_end", "2",
+                       "--batch_size", "8"])
+    finish(producer)
+    finish(val)
+    assert code == 0
     cfg = load_settings(config)
     results = check_accuracy(cfg, "tiny", 1, 2, views=1, timeout=0, say=lambda *a: None)
     # 12 steps do not teach this set's shapes (its accuracy is near chance, so no floor is stated): what is

@@ -10,9 +10,10 @@ import time
 import numpy as np
 
 from data.buffer.files import batch_file, expected_shapes, scan_batches, worker_rows
-from data.buffer.protocol import (FORMAT_VERSION, MANIFEST, crop_size_for, load_manifest, producer_status,
-                                  write_progress)
+from data.buffer.protocol import (FORMAT_VERSION, MANIFEST, PROGRESS, crop_size_for, load_manifest,
+                                  producer_status, write_progress)
 from utils.errors import UserError
+from utils.files import remove_stale_temps
 
 log = logging.getLogger(__name__)
 STATUS_POLL = 0.25  # seconds between a waiting reader's looks at the producer's heartbeat
@@ -54,6 +55,10 @@ class BufferReader:
         self._last = None
         self._reported = None       # the last (epoch, batch) written to the progress file
         self._producer_seen = None  # (host, pid) of the last live producer seen while waiting
+        # A trainer killed while writing its progress leaves the temp file behind. The producer sweeps one
+        # only when it is a minute old (it cannot tell a live trainer's); this reader is the buffer's one
+        # progress writer from now on, so any there now is a dead trainer's.
+        remove_stale_temps(self.folder, (PROGRESS,))
 
     # -- manifest ------------------------------------------------------------
 
