@@ -80,8 +80,12 @@ def one_device_epoch(config):
     os.makedirs(os.path.join(folder, "run"))
     trainer = Trainer(settings.with_classes(reader.num_classes, "per the producer's manifest"), reader,
                       os.path.join(folder, "run"), TRAIN_BATCH)
-    init = checkpoint_state(trainer, os.path.join(folder, "init", "ckpt"))
-    summary = trainer.train_epoch(0)
+    try:
+        init = checkpoint_state(trainer, os.path.join(folder, "init", "ckpt"))
+        summary = trainer.train_epoch(0)
+    finally:
+        trainer.batch_log.close()
+        trainer.tensorboard.close()
     return init, checkpoint_state(trainer, os.path.join(folder, "final", "ckpt")), summary
 
 
