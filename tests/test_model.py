@@ -345,7 +345,7 @@ def test_mixed_precision_keeps_float32_variables_and_logits(compute_dtype):
 
 def test_works_under_xla():
     # One block per stage keeps every kind of layer XLA compiles (stem, strided blocks, projection shortcuts,
-    # renorm, head) and cuts the XLA compile, which dominates this test (11 s with 3, 4, 6, 3 blocks).
+    # renorm, head) at about half the XLA compile, which dominates this test (measured side by side: 22.8 -> 12.1 s).
     eager_net, xla_net = (build_model(stage_blocks=(1, 1, 1, 1), **TINY) for _ in range(2))
     images = random_images([4, 32, 32, 3])
     for net in (eager_net, xla_net):
