@@ -3,8 +3,9 @@ pinned against one device in tests/test_trainer_step.py, a data step and a weigh
 Trainer; as a third train.py run here it cost a quarter of this module's time.)
 
 Both runs train one epoch on the same global batches (one prefilled buffer, copied per
-run; each of the 2 workers reads its own slice producer's buffer, rows [8w, 8w+8) of each
-global batch of 16) from the same seeded initialisation, with batch statistics synchronised across
+run; each of the 2 workers, train.py processes, reads its own slice producer's buffer, rows [8w, 8w+8) of each
+global batch of 16; the one-device reference is a Trainer in this process reading the whole global batches)
+from the same seeded initialisation, with batch statistics synchronised across
 replicas ([batch_renorm] sync_replicas), so the only differences are float rounding
 (reduction order of the all-reduce and of the split batch moments). Tolerance: the
 weight change during the epoch agrees to 1% overall, and each variable's change to
@@ -30,8 +31,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from tests.helpers import (ROOT, csv_rows, free_ports, read_checkpoint, start_train_producer, train_cmd,
-                           write_train_config)
+from tests.helpers import (ROOT, TRAIN_BATCH, checkpoint_state, csv_rows, free_ports, read_checkpoint,
+                           start_train_producer, train_cmd, write_train_config)
 
 
 STEPS = 8
@@ -44,15 +45,16 @@ SCHEDULE = {"type": "constant", "base_lr": "0.005", "warmup_epochs": "0"}
 def setup(tmp_path_factory, tiny_data):
     base = tmp_path_factory.mktemp("dist")
     data = tiny_data
-    buffers = {}
+    buffers, producers = {}, {}
     for name, extra in (("whole", ()), ("slice0", ("--worker_index=0", "--worker_count=2")),
                         ("slice1", ("--worker_index=1", "--worker_count=2"))):
         prefill = write_train_config(str(base / name), data, batch_renorm={"sync_replicas": "true"},
                                      schedule=SCHEDULE, train={"buffer_size": str(STEPS)})
-        producer = start_train_producer(prefill, 0, 1, "--once", *extra)
+        producers[name] = start_train_producer(prefill, 0, 1, "--once", *extra)  # the three at once
+        buffers[name] = os.path.join(os.path.dirname(prefill), "buffer")
+    for producer in producers.values():
         _, err = producer.communicate(timeout=120)
         assert producer.returncode == 0, err[-2000:]
-        buffers[name] = os.path.join(os.path.dirname(prefill), "buffer")
 
     def config_for(name, buffer="whole", **train):
         folder = str(base / name)
@@ -63,17 +65,31 @@ def setup(tmp_path_factory, tiny_data):
     return base, data, config_for
 
 
-def initial_weights(config):
-    import tensorflow as tf
+def one_device_epoch(config):
+    """The reference, in this process: a one-device Trainer reads the whole buffer the way train.py does
+    (BufferReader, the manifest's class count) and trains epoch 0. (As a third train.py it cost a TensorFlow
+    import, a SavedModel export and a process: ~6 s of CPU, while the two workers need both cores.)
+    Returns its checkpoint's values before and after the epoch, and the epoch's summary."""
+    from data.buffer.reader import BufferReader
+    from engine.trainer import Trainer
     from settings import load_settings
-    from model import build_model, model_kwargs
-    net = build_model(**model_kwargs(load_settings(config).with_classes(4, "test")))
-    prefix = tf.train.Checkpoint(model=net).write(os.path.join(os.path.dirname(config), "init", "ckpt"))
-    return read_checkpoint(prefix)
+    settings = load_settings(config, decoder=False, devices=True, batch_size=TRAIN_BATCH)
+    reader = BufferReader(settings, TRAIN_BATCH)
+    reader.check_manifest(settings.mu, settings.sigma)
+    folder = os.path.dirname(config)
+    os.makedirs(os.path.join(folder, "run"))
+    trainer = Trainer(settings.with_classes(reader.num_classes, "per the producer's manifest"), reader,
+                      os.path.join(folder, "run"), TRAIN_BATCH)
+    try:
+        init = checkpoint_state(trainer, os.path.join(folder, "init", "ckpt"))
+        summary = trainer.train_epoch(0)
+    finally:
+        trainer.batch_log.close()
+        trainer.tensorboard.close()
+    return init, checkpoint_state(trainer, os.path.join(folder, "final", "ckpt")), summary
 
 
-def model_weights(base, run):
-    weights = read_checkpoint(os.path.join(str(base), "runs", run, "0", "checkpoint", "ckpt"))
+def model_weights(weights):
     return {k: v for k, v in weights.items() if k.startswith("model/")}
 
 
@@ -96,14 +112,16 @@ def assert_same_training(init, single, other):
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    """One epoch each: one device and 2 workers; all started at once."""
+    """One epoch each: the 2 workers (train.py processes) and the one-device reference (in this process), all at
+    once."""
     base, _, config_for = setup
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
-    jobs = {"single": (train_cmd(config_for("single", distribute="one_device"), "single", 0, 1), {})}
+    jobs = {}
     for index in range(2):
         config = config_for(f"worker{index}", f"slice{index}", distribute="multi_worker")
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         jobs[f"worker{index}"] = (train_cmd(config, "multi", 0, 1), {"TF_CONFIG": tf_config})
+    single = config_for("single", distribute="one_device")
     logs = {name: os.path.join(str(base), f"{name}.stderr") for name in jobs}
     procs = {}
     try:
@@ -111,6 +129,7 @@ def trained(setup):
             with open(logs[name], "w") as err:  # files, not pipes: a full pipe would stall a worker and its peer
                 procs[name] = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env},
                                                stdout=subprocess.DEVNULL, stderr=err)
+        init, reference, summary = one_device_epoch(single)
         for proc in procs.values():
             proc.wait(timeout=300)
     finally:
@@ -121,11 +140,11 @@ def trained(setup):
     errors = {name: open(path).read() for name, path in logs.items()}
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: {errors[name][-3000:]}"
-    return base, errors, initial_weights(os.path.join(str(base), "single", "config.txt"))
+    return base, errors, model_weights(init), model_weights(reference), summary
 
 
 def test_multi_worker_on_two_local_processes_matches_one_device(trained):
-    base, errors, init = trained
+    base, errors, init, single, summary = trained
     assert "global batch 16 on 2 replica(s)" in errors["worker0"]
     # Only the chief (worker 0) writes the run folder.
     assert sorted(os.listdir(os.path.join(str(base), "runs", "multi"))) == ["0", "batches.log", "log.csv",
@@ -133,11 +152,12 @@ def test_multi_worker_on_two_local_processes_matches_one_device(trained):
                                                                               "train.log"]
     assert sorted(os.listdir(os.path.join(str(base), "runs", "multi", "0"))) == ["checkpoint", "config.txt",
                                                                                    "saved_model"]
-    assert_same_training(init, model_weights(base, "single"), model_weights(base, "multi"))
+    multi = model_weights(read_checkpoint(os.path.join(str(base), "runs", "multi", "0", "checkpoint", "ckpt")))
+    assert_same_training(init, single, multi)
     # Each worker reads only its 8 rows, but loss and top-1 are over the global batch, as on one device.
-    single, multi = (csv_rows(os.path.join(str(base), "runs", run))[0] for run in ("single", "multi"))
+    row = csv_rows(os.path.join(str(base), "runs", "multi"))[0]
     for key in ("train_loss", "train_top1"):
-        assert abs(float(multi[key]) - float(single[key])) <= 1e-3 * abs(float(single[key])), key
+        assert abs(float(row[key]) - summary[key]) <= 1e-3 * abs(summary[key]), key
 
 
 def test_batch_not_divisible_by_replicas_is_a_clear_error():

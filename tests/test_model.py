@@ -344,7 +344,9 @@ def test_mixed_precision_keeps_float32_variables_and_logits(compute_dtype):
 
 
 def test_works_under_xla():
-    eager_net, xla_net = build_model(**TINY), build_model(**TINY)
+    # One block per stage keeps every kind of layer XLA compiles (stem, strided blocks, projection shortcuts,
+    # renorm, head) at about half the XLA compile, which dominates this test (measured side by side: 22.8 -> 12.1 s).
+    eager_net, xla_net = (build_model(stage_blocks=(1, 1, 1, 1), **TINY) for _ in range(2))
     images = random_images([4, 32, 32, 3])
     for net in (eager_net, xla_net):
         net.train_step.assign(10**6)  # relaxed r and d
@@ -359,8 +361,9 @@ def test_works_under_xla():
     np.testing.assert_allclose(xla_loss.numpy(), loss.numpy(), rtol=1e-3)
     for xla_grad, grad in zip(xla_grads, grads):  # XLA reorders float sums: compare at the gradient's scale
         np.testing.assert_allclose(xla_grad.numpy(), grad.numpy(), atol=1e-2 * float(np.abs(grad.numpy()).max()))
-    np.testing.assert_allclose(xla_net.blocks["conv5_block3"].brn3.moving_mean.numpy(),
-                               eager_net.blocks["conv5_block3"].brn3.moving_mean.numpy(), rtol=1e-3, atol=1e-5)
+    last = xla_net.block_order[-1]  # the statistics at the end of the network
+    np.testing.assert_allclose(xla_net.blocks[last].brn3.moving_mean.numpy(),
+                               eager_net.blocks[last].brn3.moving_mean.numpy(), rtol=1e-3, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 placed on the training device by the prefetch thread.
 
 Each twin pair trains 3 epochs of 4 fixed batches in this process with a 4-channel-wide ResNet-50: one
-Trainer uninterrupted, one resumed from the first's epoch-0 checkpoint. The resumed final checkpoint
-(weights, batch-renorm statistics, momentum slots, the loss scale and its counter of good steps) must
-equal the uninterrupted one. (As train.py subprocesses with producers and a SIGKILL mid-save, the pair
+Trainer uninterrupted, then the same Trainer resumed from its epoch-0 checkpoint (one compiled step per
+precision). The resumed final checkpoint (weights, batch-renorm statistics, momentum slots, the loss scale
+and its counter of good steps) must equal the uninterrupted one. (As train.py subprocesses with producers and a SIGKILL mid-save, the pair
 took 150 s; the kill and train.py's resume are proven once, in float32, by tests/test_train.py.)
 """
+import contextlib
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from settings.devices import resolve_mixed_precision
 from tests.fake_trainer import FakeReader, make_trainer
-from tests.helpers import checkpoint_state, write_train_config
+from tests.helpers import checkpoint_state, read_checkpoint, without_op_determinism, write_train_config
 
 A100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
 P100 = {"device_name": "Tesla P100-PCIE-16GB", "compute_capability": (6, 0)}
@@ -126,39 +127,40 @@ TWINS = {
 
 @pytest.fixture(scope="module", params=sorted(TWINS))
 def twins(request, tmp_path_factory):
-    """In-process, the way tests/test_recipe.py resumes: one Trainer trains epochs 0..2 uninterrupted, a
-    second restores the first's epoch-0 checkpoint and trains epochs 1..2. That a SIGKILL mid-save leaves
-    epoch 0's checkpoint whole and train.py resumes from it is proven in float32 by tests/test_train.py;
-    what these pin is that the float16 state (the loss scale and its counter of good steps) round-trips."""
-    from tensorflow.python.framework import config as tf_config
+    """In-process, the way tests/test_numerics.py resumes: one Trainer trains epochs 0..2 uninterrupted (its
+    final state is the reference), then restores its own epoch-0 checkpoint with Trainer.restore (which asserts
+    every checkpointed value found its variable) and trains epochs 1..2 again. One Trainer is one compiled step:
+    a second Trainer cost 3 s of CPU in float16 and 16 s with XLA (its compile; the 12 steps cost 0.4 s). The
+    rerun starts from the end of epoch 2, where every weight, statistic, slot and the loss scale's good-step
+    counter differ from their epoch-0 values, so any of them the restore missed shows.
+    That a SIGKILL mid-save leaves epoch 0's checkpoint whole and a fresh train.py resumes from it is proven in
+    float32 by tests/test_train.py; what these pin is that the float16 state (the loss scale and its counter of
+    good steps) round-trips."""
     from engine import run_folder
     train = TWINS[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
     # Op determinism is process-wide and has no public switch off: a deterministic Trainer built earlier in
     # this pytest process would make XLA refuse the max-pool gradient. Off for the XLA pair, then as it was.
-    was_deterministic = tf_config.is_op_determinism_enabled()
-    if train["deterministic"] == "false":
-        tf_config.disable_op_determinism()
-    whole = make_trainer(tmp, "whole", reader=FakeReader(STEPS), **train)
-    resumed = make_trainer(tmp, "resumed", reader=FakeReader(STEPS),
-                           **{k: v for k, v in train.items() if k != "profile_steps"})
-    prefix = run_folder.checkpoint_prefix(str(tmp / "epoch0"))
-    for epoch in range(EPOCHS):
-        whole.train_epoch(epoch)
-        if epoch == 0:
-            whole.epoch_var.assign(0)
-            whole.checkpoint.write(prefix)
-    whole.profiler.close()
-    resumed.restore(prefix, expected_epoch=0)
-    for epoch in range(1, EPOCHS):
-        resumed.train_epoch(epoch)
-    whole.epoch_var.assign(EPOCHS - 1)
-    resumed.epoch_var.assign(EPOCHS - 1)
-    states = {"a": checkpoint_state(whole, str(tmp / "final_whole" / "ckpt")),
-              "b": checkpoint_state(resumed, str(tmp / "final_resumed" / "ckpt"))}
-    if was_deterministic:
-        tf_config.enable_op_determinism()
-    yield {"name": request.param, "whole": whole, "resumed": resumed, **states}
+    with contextlib.ExitStack() as stack:
+        if train["deterministic"] == "false":
+            stack.enter_context(without_op_determinism())
+        trainer = make_trainer(tmp, "run", reader=FakeReader(STEPS), **train)
+        prefix = run_folder.checkpoint_prefix(str(tmp / "epoch0"))
+        for epoch in range(EPOCHS):
+            trainer.train_epoch(epoch)
+            if epoch == 0:
+                trainer.epoch_var.assign(0)
+                trainer.checkpoint.write(prefix)
+        trainer.profiler.close()
+        trainer.epoch_var.assign(EPOCHS - 1)
+        whole = checkpoint_state(trainer, str(tmp / "final_whole" / "ckpt"))
+        epoch0 = read_checkpoint(prefix)
+        trainer.restore(prefix, expected_epoch=0)
+        for epoch in range(1, EPOCHS):
+            trainer.train_epoch(epoch)
+        trainer.epoch_var.assign(EPOCHS - 1)
+        resumed = checkpoint_state(trainer, str(tmp / "final_resumed" / "ckpt"))
+    yield {"name": request.param, "trainer": trainer, "epoch0": epoch0, "a": whole, "b": resumed}
 
 
 def test_float16_run_resumed_equals_its_uninterrupted_twin_with_the_loss_scale(twins):
@@ -172,24 +174,31 @@ def test_float16_run_resumed_equals_its_uninterrupted_twin_with_the_loss_scale(t
         assert np.all(np.isfinite(reference[key])) if reference[key].dtype.kind == "f" else True, key
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
     assert int(reference["model/train_step/.ATTRIBUTES/VARIABLE_VALUE"]) == EPOCHS * STEPS
+    assert twins["trainer"].traces["train_step"] == 1  # the restore changed values, not the compiled step
+    # The rerun started from the end of epoch 2: a value the restore missed would differ. Only optimizer scalars
+    # may have stayed (constant learning rate, the loss scale without an overflow); the good-step counter moved.
+    unchanged = [k for k in reference if np.array_equal(reference[k], twins["epoch0"][k])]
+    assert all(k.startswith("optimizer/") and reference[k].ndim == 0 for k in unchanged), unchanged
+    assert not any(k in unchanged for k in loss_scale if "step_counter" in k)
 
 
 def test_the_resolved_precision_is_in_the_start_up_line_and_each_epochs_config(twins):
     import dataclasses
     from engine import recipe_line
-    trainer = twins["resumed"]
+    trainer = twins["trainer"]
     assert "mixed_precision mixed_float16 (set in the config)" in recipe_line.features(
         dataclasses.asdict(trainer.settings.train), trainer.precision_reason)
     for epoch in range(EPOCHS):
-        assert "mixed_precision = mixed_float16\n" in twins["whole"].config_text(epoch)
+        assert "mixed_precision = mixed_float16\n" in trainer.config_text(epoch)
 
 
 def test_profile_steps_write_a_trace_into_the_runs_tensorboard_folder(twins):
-    traces = [os.path.join(d, f) for run in (twins["whole"].run_path, twins["resumed"].run_path)
-              for d, _, files in os.walk(os.path.join(run, "tensorboard")) for f in files if f.endswith(".xplane.pb")]
-    if twins["name"] == "float16":  # only the whole run sets profile_steps
+    run = twins["trainer"].run_path
+    traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(run, "tensorboard")) for f in files
+              if f.endswith(".xplane.pb")]
+    if twins["name"] == "float16":  # steps 2..3: one trace, not another when the resumed epochs pass them again
         assert len(traces) == 1
-        assert traces[0].startswith(os.path.join(twins["whole"].run_path, "tensorboard", "plugins", "profile"))
+        assert traces[0].startswith(os.path.join(run, "tensorboard", "plugins", "profile"))
         assert os.path.getsize(traces[0]) > 0
     else:
         assert traces == []

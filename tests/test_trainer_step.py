@@ -41,12 +41,19 @@ def kernel_names(steps):
     return [k.split("/", 1)[1] for k in steps if k.startswith("kernel/")]
 
 
+def expected_kernels(stage_blocks):
+    """The stem, 3 convolutions per bottleneck block, each stage's projection shortcut, the head: 54 for
+    ResNet-50's 3, 4, 6, 3 blocks, 18 for the tests' 1, 1, 1, 1."""
+    return 1 + sum(3 * int(blocks) + 1 for blocks in stage_blocks) + 1
+
+
 @pytest.mark.parametrize("strategy", ["one_device", "mirrored"])
 def test_the_training_step_applies_weight_decay_to_every_kernel_once(steps, strategy):
     assert int(steps[f"{strategy}/replicas"]) == (1 if strategy == "one_device" else 2)
     names = [k.split("/", 2)[2] for k in steps if k.startswith(f"{strategy}/after/")]
     kernels = set(kernel_names(steps))
-    assert len(kernels) == 54 and kernels < set(names)  # 53 convolutions and the head
+    assert len(steps["stage_blocks"]) == 4  # ResNet-50's stages conv2..conv5
+    assert len(kernels) == expected_kernels(steps["stage_blocks"]) and kernels < set(names)
     for name in names:
         before, after = steps[f"decay_init/{name}"], steps[f"{strategy}/after/{name}"]
         if name == steps["head_bias"]:  # the only variable the loss reaches here
@@ -165,6 +172,8 @@ def main(out):
         seen = _record_inputs(single.net, (BATCH, crop, crop, 3))  # before the step's first trace
         init = {name: v.numpy() for name, v in _variables(single).items()}
         results.update({f"kernel/{v.name}": np.zeros(()) for v in single.net.kernels()})
+        stages = [name.split("_")[0] for name in single.net.block_order]  # conv2_block1 -> conv2
+        results["stage_blocks"] = np.array([stages.count(s) for s in sorted(set(stages))])
         last = single.net.blocks[single.net.block_order[-1]].brn3
         results["head_bias"] = np.array(single.net.head.bias.name)
         decay_init = dict(init, **{last.beta.name: np.full(last.beta.shape, -1000.0, np.float32)})
