@@ -148,15 +148,15 @@ def test_every_option_of_the_demo_tools_has_help_and_states_its_default_once(scr
 
 
 def test_a_trainer_without_producer_says_at_once_what_it_waits_for_and_creates_no_run_or_buffer_folder(tmp_path):
-    config = write_config(str(tmp_path), str(tmp_path / "data"), train={"wait_timeout": "2"})
+    config = write_config(str(tmp_path), str(tmp_path / "data"))  # its wait_timeout: 1 s
     result = run("train.py", "--config", config, "--run_folder=early", "--epoch_start=0", "--epoch_end=3",
                  "--batch_size=4")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0].endswith(f"train WARNING no producer has written {tmp_path / 'buffer' / 'manifest.json'} yet; "
                              f"start runtime_preprocessing.py --epoch_start=0 --epoch_end=3 --batch_size=4 with this "
-                             f"config (waiting up to 2 s, [train] wait_timeout).")
-    assert lines[-1].startswith(f"error: Waited 2 s for the buffer manifest in {tmp_path / 'buffer'} but the folder "
+                             f"config (waiting up to 1 s, [train] wait_timeout).")
+    assert lines[-1].startswith(f"error: Waited 1 s for the buffer manifest in {tmp_path / 'buffer'} but the folder "
                                 f"does not exist (no producer has started there; runtime_preprocessing.py creates it)")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "buffer").exists()  # the producer creates it
 
