@@ -270,8 +270,8 @@ def _trainer_finished(trainer, producer, code):
     if code == 0:
         say("trainer finished; producer stopped.")
         return 0
-    # Its stray workers would hold its stderr pipe open, and each read of its error line below waited 2 s for
-    # an end of output that never came (tests/test_demo.py's failure test: 5.8 s, 2.2 s without): they go now.
+    # Its stray workers would hold its stderr pipe open, and each read of its error line below waited 2 s for an
+    # end of output that never came (tests/test_demo.py's failure test, idle machine: 5.2 s, 1.0 s without).
     trainer.kill_group()
     shown = "error" if trainer.error_line() else "last lines of stderr"
     say(f"trainer failed (exit code {code}); producer stopped. The trainer's {shown}:")
