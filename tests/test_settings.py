@@ -119,3 +119,15 @@ def test_model_kwargs_from_the_shipped_configs():
         model_kwargs(full.with_classes(10, "test"))
     with pytest.raises(UserError):
         model_kwargs(demo)
+
+
+def test_stage_blocks_set_resnet50s_depth_and_are_refused_in_one_sentence_elsewhere(tmp_path):
+    config = write_solid_config(str(tmp_path), model={"stage_blocks": "3, 4, 23, 3", "width_multiplier": "0.0625"})
+    net = build_model(**model_kwargs(load_settings(config).with_classes(4, "test")))
+    assert len(net.block_order) == 33 and net.block_order[-4:] == (  # ResNet-101, blocks named by the same rule
+        "conv4_block23", "conv5_block1", "conv5_block2", "conv5_block3")
+    for arch, blocks in (("resnet50", "1, 1, 1"), ("concat_resnet", "1, 1, 1, 1")):
+        bad = write_solid_config(str(tmp_path), model={"arch": arch, "stage_blocks": blocks})
+        with pytest.raises(ConfigError, match=rf"\[model\] stage_blocks sets resnet50's 4 stages, received "
+                                              rf"'{blocks}' for arch = {arch}; give 4 counts"):
+            load_settings(bad)
