@@ -66,20 +66,20 @@ def setup(tmp_path_factory, tiny_data):
 
 
 def one_device_epoch(config):
-    """The reference, in this process: a one-device Trainer reads the whole buffer the way train.py does
-    (BufferReader, the manifest's class count) and trains epoch 0. (As a third train.py it cost a TensorFlow
-    import, a SavedModel export and a process: ~6 s of CPU, while the two workers need both cores.)
+    """The reference, in this process: a one-device Trainer reads the whole buffer opened as train.py opens it
+    (train.open_buffer: the manifest checked, its class count) and trains epoch 0. (As a third train.py it cost a
+    TensorFlow import, a SavedModel export and a process: ~6 s of CPU, while the two workers need both cores.)
     Returns its checkpoint's values before and after the epoch, and the epoch's summary."""
-    from data.buffer.reader import BufferReader
+    import types
+    import train
     from engine.trainer import Trainer
     from settings import load_settings
     settings = load_settings(config, decoder=False, devices=True, batch_size=TRAIN_BATCH)
-    reader = BufferReader(settings, TRAIN_BATCH)
-    reader.check_manifest(settings.mu, settings.sigma)
+    settings, reader = train.open_buffer(settings, types.SimpleNamespace(batch_size=TRAIN_BATCH, epoch_start=0,
+                                                                        epoch_end=1))
     folder = os.path.dirname(config)
     os.makedirs(os.path.join(folder, "run"))
-    trainer = Trainer(settings.with_classes(reader.num_classes, "per the producer's manifest"), reader,
-                      os.path.join(folder, "run"), TRAIN_BATCH)
+    trainer = Trainer(settings, reader, os.path.join(folder, "run"), TRAIN_BATCH)
     try:
         init = checkpoint_state(trainer, os.path.join(folder, "init", "ckpt"))
         summary = trainer.train_epoch(0)
